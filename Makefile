@@ -1,0 +1,49 @@
+# tb-lightning: every target builds .venv first when it is missing or older than pyproject.toml.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Pinned to the torch/torchvision this project is tested with (local wheels on the dev machines).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+
+.PHONY: install train test test-fast lint format tensorboard bench clean distclean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q $(TORCH_PINS)
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev]"
+	touch $(STAMP)
+
+## The main job, offline: phantom data (generated on first use), a short CPU-friendly run.
+train: $(STAMP)
+	$(BIN)/python -m tb_lightning.train experiment=quickstart $(ARGS)
+
+## The whole test suite (slow end-to-end tests included, as in CI).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+## Only the fast tests, for quick iteration.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+tensorboard: $(STAMP)
+	$(BIN)/tensorboard --logdir outputs/ $(ARGS)
+
+clean:
+	rm -rf outputs/train outputs/eval outputs/predict .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+## Also removes the virtualenv and the generated phantom data.
+distclean: clean
+	rm -rf $(VENV) data/phantom

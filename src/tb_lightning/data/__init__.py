@@ -1,0 +1,1 @@
+"""Data: image sources, the train/val split, decoding and transforms, the LightningDataModule."""

@@ -1,0 +1,136 @@
+"""Stratified, seeded train/val split, and its `split.csv` form (written and reloaded)."""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from tb_lightning.data.sources import CLASS_NAMES, Sample
+from tb_lightning.errors import ConfigError, DataError
+
+SPLIT_COLUMNS = ("path", "label", "class_name", "split", "patient_id", "source")
+
+
+def resolve_val_count(val_size: int | float, num_samples: int) -> int:
+    """`data.val_size` as a count: an int is a count (the seed's 600), a float a fraction."""
+    if isinstance(val_size, bool) or not isinstance(val_size, int | float):
+        raise ConfigError(
+            f"data.val_size={val_size!r} is not a number; use a count like 600 or a fraction "
+            "like 0.15."
+        )
+    if isinstance(val_size, float):
+        if not 0.0 < val_size < 1.0:
+            raise ConfigError(
+                f"data.val_size={val_size} is not a fraction in (0, 1); use e.g. 0.15, or an "
+                "integer count of validation images."
+            )
+        return max(1, round(val_size * num_samples))
+    if not 0 < val_size < num_samples:
+        raise ConfigError(
+            f"data.val_size={val_size} must be between 1 and {num_samples - 1} (the data has "
+            f"{num_samples} images); use a smaller count or a fraction like 0.15."
+        )
+    return val_size
+
+
+def allocate_per_class(class_counts: Sequence[int], val_count: int) -> list[int]:
+    """Split val_count over the classes in proportion to their sizes (largest remainder)."""
+    total = sum(class_counts)
+    exact = [n * val_count / total for n in class_counts]
+    alloc = [int(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: exact[i] - alloc[i], reverse=True)
+    for i in by_remainder[: val_count - sum(alloc)]:
+        alloc[i] += 1
+    return alloc
+
+
+def stratified_split(
+    labels: Sequence[int], val_size: int | float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Indices (train, val) with each class represented in proportion on both sides.
+
+    The same labels, val_size and seed always give the same split (Python's `random.Random` is
+    stable across platforms and versions).
+    """
+    val_count = resolve_val_count(val_size, len(labels))
+    by_class = [[i for i, y in enumerate(labels) if y == c] for c in range(len(CLASS_NAMES))]
+    per_class_val = allocate_per_class([len(idx) for idx in by_class], val_count)
+    rng = random.Random(seed)
+    train: list[int] = []
+    val: list[int] = []
+    for class_name, indices, n_val in zip(CLASS_NAMES, by_class, per_class_val, strict=True):
+        if n_val == 0 or n_val >= len(indices):
+            side = "validation" if n_val == 0 else "training"
+            raise ConfigError(
+                f"data.val_size={val_size} leaves no {class_name} image for {side} "
+                f"({len(indices)} {class_name} images of {len(labels)}); choose a val_size "
+                "that keeps every class on both sides."
+            )
+        shuffled = indices.copy()
+        rng.shuffle(shuffled)
+        val.extend(shuffled[:n_val])
+        train.extend(shuffled[n_val:])
+    # Shuffled, not sorted by class: a validation batch then holds both classes (AUROC is
+    # defined on Lightning's sanity-check batches too), and the order is still seeded.
+    rng.shuffle(val)
+    return sorted(train), val
+
+
+def write_split_csv(path: str | Path, train: Sequence[Sample], val: Sequence[Sample]) -> None:
+    """Write the split so that `data.split_file=<path>` reproduces it exactly."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(SPLIT_COLUMNS)
+        for split, samples in (("train", train), ("val", val)):
+            for s in samples:
+                writer.writerow(
+                    [s.path, s.label, CLASS_NAMES[s.label], split, s.patient_id, s.source]
+                )
+
+
+def read_split_csv(path: str | Path) -> tuple[list[Sample], list[Sample]]:
+    """Read a `split.csv` back into (train, val); every listed file must still exist."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"data.split_file={path} does not exist; pass the split.csv of an earlier run, or "
+            "data.split_file=null to make a new split."
+        )
+    sides: dict[str, list[Sample]] = {"train": [], "val": []}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing_columns = {"path", "label", "split"} - set(reader.fieldnames or [])
+        if missing_columns:
+            raise DataError(
+                f"data.split_file={path} lacks the column(s) {sorted(missing_columns)}; use a "
+                "split.csv written by tb_lightning.train."
+            )
+        for row in reader:
+            if row["split"] not in sides or row["label"] not in ("0", "1"):
+                raise DataError(
+                    f"data.split_file={path} has a row with split={row['split']!r} "
+                    f"label={row['label']!r} (allowed: split train/val, label 0/1); fix or "
+                    "regenerate the file."
+                )
+            image = Path(row["path"])
+            sample = Sample(
+                str(image),
+                int(row["label"]),
+                row.get("patient_id") or image.stem,
+                row.get("source") or "split_file",
+            )
+            sides[row["split"]].append(sample)
+    missing = [s.path for side in sides.values() for s in side if not Path(s.path).is_file()]
+    if missing:
+        raise DataError(
+            f"data.split_file={path} lists {len(missing)} file(s) that do not exist, e.g. "
+            f"{missing[0]}; restore the images or make a new split with data.split_file=null."
+        )
+    for side, samples in sides.items():
+        if not samples:
+            raise DataError(f"data.split_file={path} has no '{side}' rows; regenerate it.")
+    return sides["train"], sides["val"]

@@ -1,0 +1,1 @@
+"""Models: the network builder (AlexNet + head, weights), metrics, the LightningModule."""

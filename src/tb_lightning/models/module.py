@@ -1,0 +1,159 @@
+"""The LightningModule: the network, the class-weighted loss, and the metrics per split."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics import MeanMetric
+
+from tb_lightning.data.sources import CLASS_NAMES
+from tb_lightning.errors import ConfigError, UserError
+from tb_lightning.models.metrics import ClassificationMetrics
+from tb_lightning.models.net import build_net
+
+log = logging.getLogger(__name__)
+
+
+def to_plain_dict(value: Mapping[str, Any]) -> dict[str, Any]:
+    """Hydra hands over DictConfigs; checkpoints should hold plain Python values only."""
+    if isinstance(value, DictConfig):
+        return OmegaConf.to_container(value, resolve=True)  # type: ignore[return-value]
+    return dict(value)
+
+
+class TBClassifier(L.LightningModule):
+    """Binary TB classifier on one logit, trained with pos_weight-balanced BCE.
+
+    Args:
+        net: keyword arguments of `build_net` (`model.net.*`).
+        optimizer: a `_target_` optimizer config (`model.optimizer.*`), instantiated over the
+            trainable parameters.
+        threshold: TB probability at or above which an image is called Tuberculosis.
+    """
+
+    def __init__(
+        self, net: Mapping[str, Any], optimizer: Mapping[str, Any], threshold: float = 0.5
+    ) -> None:
+        super().__init__()
+        net, optimizer = to_plain_dict(net), to_plain_dict(optimizer)
+        lr = optimizer.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0:
+            raise ConfigError(f"model.optimizer.lr={lr!r} must be a number > 0, e.g. 1e-4.")
+        if not 0 < threshold < 1:
+            raise ConfigError(f"model.threshold={threshold!r} must be in (0, 1).")
+        self.save_hyperparameters({"net": net, "optimizer": optimizer, "threshold": threshold})
+        self.net = build_net(**net)
+        # Set from the DataModule's train split in setup(); saved in checkpoints with the weights.
+        self.register_buffer("pos_weight", torch.tensor(1.0))
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        self.train_metrics = ClassificationMetrics(threshold)
+        self.val_metrics = ClassificationMetrics(threshold)
+        # The last completed validation epoch: every metric, and the confusion matrix.
+        self.val_results: dict[str, Any] = {}
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "pos_weight"):
+            self.pos_weight.fill_(datamodule.pos_weight)
+            n_normal, n_tb = datamodule.class_counts("train")
+            log.info(
+                "Class weights from the train split (%d Normal, %d Tuberculosis): "
+                "Normal 1.0, Tuberculosis %.4f (BCE pos_weight)",
+                n_normal,
+                n_tb,
+                self.pos_weight.item(),
+            )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """TB logits, shape (N,)."""
+        return self.net(images)
+
+    def _shared_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], loss_metric: MeanMetric, metrics: Any
+    ) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.binary_cross_entropy_with_logits(
+            logits, labels.float(), pos_weight=self.pos_weight
+        )
+        loss_metric.update(loss.detach(), weight=labels.numel())
+        metrics.update(torch.sigmoid(logits.detach()), labels)
+        return loss
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        loss = self._shared_step(batch, self.train_loss, self.train_metrics)
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, self.val_loss, self.val_metrics)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        return torch.sigmoid(self(images))
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train", self.train_loss, self.train_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_results = self._log_epoch("val", self.val_loss, self.val_metrics)
+
+    def _log_epoch(
+        self, stage: str, loss_metric: MeanMetric, metrics: ClassificationMetrics
+    ) -> dict[str, Any]:
+        values = {"loss": loss_metric.compute(), **metrics.compute()}
+        confusion = metrics.confusion_matrix()
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=False)
+        if stage == "val" and not self.trainer.sanity_checking:
+            self._log_confusion_figure(stage, metrics)
+        loss_metric.reset()
+        metrics.reset()
+        # float32 values rounded to the 7 digits they hold: 0.52, not 0.5199999809.
+        results = {f"{stage}/{name}": float(f"{value:.7g}") for name, value in values.items()}
+        results[f"{stage}/confusion_matrix"] = confusion.tolist()
+        return results
+
+    def _log_confusion_figure(self, stage: str, metrics: ClassificationMetrics) -> None:
+        """The epoch's confusion matrix as an image in TensorBoard's Images tab."""
+        tensorboard = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if tensorboard is None:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on servers
+        import matplotlib.pyplot as plt
+
+        fig, _ = metrics.confmat.plot(labels=list(CLASS_NAMES))
+        tensorboard.experiment.add_figure(
+            f"{stage}/confusion_matrix", fig, global_step=self.current_epoch
+        )
+        plt.close(fig)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return instantiate(self.hparams.optimizer, params=trainable)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint of this project, loaded without running pickled code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"Checkpoint {path} does not exist; check ckpt_path.") from None
+    except pickle.UnpicklingError as err:
+        raise UserError(
+            f"Checkpoint {path} was refused because loading it could run code "
+            f"({str(err).splitlines()[0]}); use a checkpoint written by tb_lightning."
+        ) from None

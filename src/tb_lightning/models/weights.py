@@ -1,0 +1,99 @@
+"""Pretrained weights for the backbone: torchvision's ImageNet weights or a local state dict.
+
+Everything is loaded with `torch.load(weights_only=True)`, which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from torchvision.models import AlexNet_Weights
+
+from tb_lightning.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_WEIGHTS = {"alexnet": AlexNet_Weights.IMAGENET1K_V1}
+# Keys of a torchvision model that belong to its ImageNet classifier, replaced by our head.
+IGNORED_PREFIXES = ("classifier.",)
+
+
+def imagenet_cache_file(arch: str) -> Path:
+    """Where torchvision's download cache keeps the ImageNet weights of `arch`."""
+    url = IMAGENET_WEIGHTS[arch].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def load_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights, from its cache or downloaded into it."""
+    cache_file = imagenet_cache_file(arch)
+    try:
+        # Reads the cache when the file is there, downloads into it otherwise.
+        return IMAGENET_WEIGHTS[arch].get_state_dict(progress=True, weights_only=True)
+    except Exception as err:  # network errors come as URLError, OSError, HTTPError, ...
+        raise WeightsError(
+            f"model.net.weights=imagenet: the {arch} ImageNet weights are not in torchvision's "
+            f"cache and could not be downloaded ({type(err).__name__}: {err}); place "
+            f"{cache_file.name} in {cache_file.parent} (or set TORCH_HOME), pass a local file "
+            "with model.net.weights=/path/to/state_dict.pth, or train from random "
+            "initialisation with model.net.weights=null."
+        ) from None
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .pth file (or the `state_dict` of a Lightning checkpoint)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"model.net.weights={path} does not exist; pass the path of a .pth state dict, "
+            "imagenet, or null."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise WeightsError(
+            f"model.net.weights={path} is not a plain state dict and was refused because "
+            f"loading it could run code ({str(err).splitlines()[0]}); save it with "
+            "torch.save(model.state_dict(), path)."
+        ) from None
+    except (RuntimeError, OSError, EOFError) as err:
+        raise WeightsError(
+            f"model.net.weights={path} could not be read as a PyTorch file ({err}); check the file."
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        # A Lightning checkpoint of a TBClassifier: its weights sit under `net.`.
+        obj = {k.removeprefix("net."): v for k, v in obj["state_dict"].items()}
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(
+            f"model.net.weights={path} does not hold a state dict (a mapping of names to "
+            "tensors); save it with torch.save(model.state_dict(), path)."
+        )
+    return obj
+
+
+def load_backbone_weights(net: nn.Module, weights: str | Path, arch: str = "alexnet") -> None:
+    """Load `imagenet` or a state-dict path into net: all of `features.*`, and `head.*` if given."""
+    if str(weights) == "imagenet":
+        state, origin = load_imagenet_state_dict(arch), f"torchvision {arch} ImageNet weights"
+    else:
+        state, origin = load_state_dict_file(weights), str(weights)
+    own = net.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(k for k in own if k.startswith("features.") and k not in state)
+    mismatched = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
+    for problem, keys in (("lacks", missing), ("has unknown", unexpected), ("has", mismatched)):
+        if keys:
+            what = "keys with the wrong shape" if problem == "has" else "keys"
+            raise WeightsError(
+                f"model.net.weights={weights} {problem} {what} for {arch} (e.g. {keys[0]}, "
+                f"{len(keys)} in all); pass a state dict of torchvision's {arch} or of this "
+                "project's network at the same data.image_size."
+            )
+    net.load_state_dict(state, strict=False)
+    log.info("Loaded %d tensors from %s", len(state), origin)

@@ -1,0 +1,102 @@
+"""What every entry point shares: user errors as one sentence, config helpers."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tb_lightning.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+
+def quiet_known_warnings() -> None:
+    """Silence warnings that are expected here and would hide the ones that matter."""
+    # The frozen AlexNet features stay in eval mode on purpose (see models/net.py).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Lightning's own use of a torch API deprecated in newer torch releases.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # torchvision 0.29 deprecates its decoders in favour of torchcodec; this project pins
+    # torchvision <= 0.29.1, where they work and are the fast path (data/transforms.py).
+    warnings.filterwarnings("ignore", message=r"The image decoding and encoding capabilities")
+    # An advert for a cloud service printed at every Trainer start.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage()
+    )
+
+
+def user_message(err: UserError) -> str:
+    """The error's sentence, also when a DataLoader worker wrapped it in a traceback."""
+    text = str(err).strip()
+    if "Original Traceback" in text:  # re-raised from a worker: keep only the final line
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def run_task(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """Run task(cfg); a UserError ends the program with its one sentence and exit code 1."""
+    try:
+        return task(cfg)
+    except UserError as err:
+        log.error(user_message(err))
+        raise SystemExit(1) from None
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """Fail before any work when trainer.accelerator cannot run here."""
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator!r} is not one of {list(ACCELERATORS)}; "
+            "use e.g. trainer=cpu or trainer=gpu."
+        )
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but PyTorch sees no CUDA GPU here; use trainer=cpu "
+            "(or trainer.accelerator=auto), or run on a machine with an NVIDIA GPU and driver."
+        )
+
+
+def instantiate_config(config: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, letting our one-sentence UserErrors through unwrapped."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a callbacks/logger group that has a `_target_`."""
+    if not group:
+        return []
+    return [instantiate_config(entry) for entry in group.values() if entry and "_target_" in entry]
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {'model.net.dropout': 0.5, ...} for the TensorBoard HParams tab."""
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)  # type: ignore[assignment]
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, f"{name}."))
+        elif isinstance(value, bool | int | float | str) or value is None:
+            flat[name] = "null" if value is None else value
+        else:
+            flat[name] = str(value)
+    return flat

@@ -1,0 +1,128 @@
+"""`python -m tb_lightning.train`: compose the config, fit, evaluate the best checkpoint, report.
+
+Overrides are Hydra's: `python -m tb_lightning.train data.root=/data/TB trainer=gpu`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from tb_lightning.config import CONF_DIR
+from tb_lightning.data.datamodule import TBDataModule
+from tb_lightning.models.module import TBClassifier, load_checkpoint
+from tb_lightning.report import write_report
+from tb_lightning.task import (
+    check_accelerator,
+    flatten_config,
+    instantiate_config,
+    instantiate_group,
+    quiet_known_warnings,
+    run_task,
+)
+
+log = logging.getLogger(__name__)
+
+# Config sections shown as columns of TensorBoard's HParams tab.
+HPARAM_SECTIONS = ("data", "model", "trainer")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train as configured and return the best checkpoint's validation metrics."""
+    output_dir = Path(cfg.paths.output_dir)
+    log.info("Run directory: %s", output_dir)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    check_accelerator(cfg.trainer.get("accelerator"))
+
+    # Data first: a wrong data.root is reported before any weights are loaded or downloaded.
+    datamodule: TBDataModule = instantiate_config(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.write_split(output_dir / "split.csv")
+    # The module keeps net/optimizer as plain dicts (saved in checkpoints), so no recursion.
+    model: TBClassifier = instantiate_config(cfg.model, _recursive_=False)
+
+    trainer: L.Trainer = instantiate_config(
+        cfg.trainer,
+        callbacks=instantiate_group(cfg.get("callbacks")),
+        logger=instantiate_group(cfg.get("logger")) or False,
+    )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics = evaluate_best_checkpoint(trainer, model, datamodule, cfg)
+    report = write_report(output_dir, metrics)
+    log.info("Best checkpoint on the validation split:\n%s", report)
+    log_hparams(trainer, cfg, metrics)
+    log.info("Wrote %s", ", ".join(sorted(p.name for p in output_dir.iterdir())))
+    return metrics
+
+
+def evaluate_best_checkpoint(
+    trainer: L.Trainer, model: TBClassifier, datamodule: TBDataModule, cfg: DictConfig
+) -> dict[str, Any]:
+    """Validate the best checkpoint (or the final weights when none was saved).
+
+    A separate Trainer without loggers does it, so the training curves get no extra point.
+    """
+    monitored = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)]
+    best = monitored[0].best_model_path if monitored else ""
+    if not best:
+        log.warning("No checkpoint was saved (e.g. fast_dev_run); reporting the final weights.")
+    evaluator = L.Trainer(
+        accelerator=cfg.trainer.get("accelerator", "auto"),
+        devices=1,
+        precision=cfg.trainer.get("precision", "32-true"),
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    if best:
+        model.load_state_dict(load_checkpoint(best)["state_dict"])
+    evaluator.validate(model, datamodule=datamodule, verbose=False)
+    n_normal, n_tb = datamodule.class_counts("train")
+    v_normal, v_tb = datamodule.class_counts("val")
+    return {
+        **model.val_results,
+        "checkpoint": best or None,
+        "train_counts": {"Normal": n_normal, "Tuberculosis": n_tb},
+        "val_counts": {"Normal": v_normal, "Tuberculosis": v_tb},
+        "pos_weight": float(model.pos_weight),
+    }
+
+
+def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    """One row per run in TensorBoard's HParams tab: the config and the final val metrics."""
+    params = {"seed": cfg.get("seed")}
+    for section in HPARAM_SECTIONS:
+        params.update(flatten_config(cfg[section], f"{section}."))
+    final = {
+        f"hparams/{name}": value
+        for name, value in metrics.items()
+        if name.startswith("val/") and isinstance(value, float)
+    }
+    for logger in trainer.loggers:
+        if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
+            logger.log_hyperparams(params, metrics=final)
+        else:
+            logger.log_hyperparams(params)
+        logger.finalize("success")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    quiet_known_warnings()
+    metrics = run_task(train, cfg)
+    # The sweepers (e.g. Optuna) optimise what main returns.
+    value = metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Every config group composes and instantiates; bad values fail early naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from conftest import phantom_overrides
+from tb_lightning.config import CONF_DIR
+from tb_lightning.errors import ConfigError
+from tb_lightning.task import instantiate_group
+from tb_lightning.train import train
+
+
+def compose_train(overrides: list[str], output_dir: Path | str = "/tmp/unused") -> DictConfig:
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_every_group_has_its_options():
+    assert {"tb_cxr", "phantom", "folder"} <= set(options("data"))
+    assert {"default", "cpu", "gpu"} <= set(options("trainer"))
+    assert {"tensorboard", "csv"} <= set(options("logger"))
+    assert {"seed", "quickstart"} <= set(options("experiment"))
+    assert {"fdr", "overfit"} <= set(options("debug"))
+    assert options("model") == ["alexnet"]
+
+
+def test_defaults_are_the_seed_configuration():
+    cfg = compose_train([])
+    seed = compose_train(["experiment=seed"])
+    for key in ("data", "model", "trainer"):
+        assert cfg[key] == seed[key], key
+    assert cfg.data.image_size == 512 and cfg.data.batch_size == 18 and cfg.data.val_size == 600
+    assert cfg.model.net.weights == "imagenet" and cfg.model.net.freeze_features
+    assert cfg.seed == 42 and cfg.ckpt_path is None and cfg.optimized_metric == "val/auroc"
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_data_options_instantiate(option, tmp_path):
+    cfg = compose_train([f"data={option}", f"data.root={tmp_path}"])
+    datamodule = instantiate(cfg.data)
+    assert datamodule.source == option
+
+
+def test_model_instantiates_with_plain_hparams():
+    cfg = compose_train(["model.net.weights=null", "data.image_size=128"])
+    model = instantiate(cfg.model, _recursive_=False)
+    assert model.hparams.net["dropout"] == 0.5
+    assert type(model.hparams.optimizer) is dict
+    assert type(model.configure_optimizers()).__name__ == "Adam"
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainer_options_instantiate(option):
+    cfg = compose_train([f"trainer={option}"])
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        assert cfg.trainer.devices == 1
+        return
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert trainer.max_epochs == 10
+
+
+@pytest.mark.parametrize("option", options("logger"))
+def test_logger_options_instantiate(option, tmp_path):
+    cfg = compose_train([f"logger={option}"], output_dir=tmp_path)
+    loggers = instantiate_group(cfg.logger)
+    assert loggers and all(Path(lg.log_dir).parent == tmp_path for lg in loggers)
+
+
+def test_callbacks_instantiate(tmp_path):
+    cfg = compose_train([], output_dir=tmp_path)
+    names = {type(cb).__name__ for cb in instantiate_group(cfg.callbacks)}
+    assert {"ModelCheckpoint", "RichProgressBar"} <= names
+
+
+def test_quickstart_and_debug_presets():
+    quick = compose_train(["experiment=quickstart"])
+    assert quick.data.source == "phantom" and quick.model.net.weights is None
+    assert compose_train(["debug=fdr"]).trainer.fast_dev_run is True
+    assert compose_train(["debug=overfit"]).trainer.overfit_batches == 2
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.optimizer.lr=0", "model.optimizer.lr=0"),
+        ("model.optimizer.lr=-1e-3", "model.optimizer.lr=-0.001"),
+        ("model.net.dropout=1.5", "model.net.dropout=1.5"),
+        ("data.val_size=1000", "data.val_size=1000"),
+        ("data.image_size=32", "data.image_size=32"),
+        ("trainer.accelerator=quantum", "trainer.accelerator='quantum'"),
+    ],
+)
+def test_bad_values_fail_before_training_naming_the_key(phantom_root, tmp_path, override, key):
+    cfg = compose_train([*phantom_overrides(phantom_root), override], output_dir=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert str(err.value).startswith(key)
+    assert not (tmp_path / "checkpoints").exists()

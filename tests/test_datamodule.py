@@ -1,0 +1,155 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tb_lightning.data.datamodule import TBDataModule
+from tb_lightning.data.transforms import load_image
+from tb_lightning.errors import ConfigError, DataError
+
+
+def make_tree(root: Path, n_normal: int = 8, n_tb: int = 4, names=("Normal", "Tuberculosis")):
+    """A class-folder tree with mixed formats: grayscale PNG, RGB JPEG, upper-case suffixes."""
+    rng = np.random.default_rng(0)
+    for name, n in zip(names, (n_normal, n_tb), strict=True):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(n):
+            size = 80 + 10 * i
+            pixels = rng.integers(0, 255, (size, size), dtype=np.uint8)
+            if i % 3 == 0:
+                Image.fromarray(pixels, "L").save(folder / f"{name}-{i}.png")
+            elif i % 3 == 1:
+                Image.fromarray(np.stack([pixels] * 3, -1), "RGB").save(folder / f"{name}-{i}.JPG")
+            else:
+                Image.fromarray(pixels, "L").save(folder / f"{name}-{i}.jpeg")
+        (folder / ".DS_Store").write_bytes(b"junk")  # hidden files are ignored
+        (folder / "notes.txt").write_text("not an image")  # other extensions too
+    return root
+
+
+def test_folder_tree_split_and_class_weights(tmp_path):
+    make_tree(tmp_path / "db", n_normal=30, n_tb=10)
+    dm = TBDataModule(
+        source="tb_cxr",
+        root=str(tmp_path / "db"),
+        image_size=64,
+        batch_size=4,
+        val_size=8,
+        num_workers=0,
+    )
+    dm.setup("fit")
+    assert dm.class_counts("train") == [24, 8]
+    assert dm.class_counts("val") == [6, 2]
+    assert dm.pos_weight == pytest.approx(24 / 8)
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 64, 64) and images.dtype == torch.float32
+    assert set(labels.tolist()) <= {0, 1}
+
+
+def test_split_file_reproduces_the_split(tmp_path):
+    make_tree(tmp_path / "db", n_normal=20, n_tb=10)
+    kwargs = dict(root=str(tmp_path / "db"), image_size=64, val_size=0.3, num_workers=0)
+    first = TBDataModule(split_seed=1, **kwargs)
+    first.setup()
+    first.write_split(tmp_path / "split.csv")
+    again = TBDataModule(split_seed=999, split_file=str(tmp_path / "split.csv"), **kwargs)
+    again.setup()
+    assert again.train_samples == first.train_samples
+    assert again.val_samples == first.val_samples
+    other = TBDataModule(split_seed=2, **kwargs)
+    other.setup()
+    assert other.val_samples != first.val_samples
+
+
+def test_custom_class_names(tmp_path):
+    make_tree(tmp_path / "db", names=("healthy", "tb"))
+    dm = TBDataModule(
+        source="folder",
+        root=str(tmp_path / "db"),
+        class_names=["healthy", "tb"],
+        image_size=64,
+        val_size=4,
+        num_workers=0,
+    )
+    dm.setup()
+    assert dm.class_counts("train") + dm.class_counts("val") != [0, 0]
+
+
+def test_grayscale_and_rgb_decode_to_three_channels(tmp_path):
+    make_tree(tmp_path / "db", n_normal=3, n_tb=3)
+    for path in (tmp_path / "db").rglob("*-*.*"):
+        image = load_image(path)
+        assert image.shape[0] == 3 and image.dtype == torch.uint8
+
+
+def test_missing_root_names_path_and_fixes(tmp_path):
+    dm = TBDataModule(root=str(tmp_path / "nowhere"), num_workers=0)
+    with pytest.raises(DataError) as err:
+        dm.setup()
+    message = str(err.value)
+    assert str(tmp_path / "nowhere") in message
+    assert "kaggle.com" in message and "data=phantom" in message
+
+
+def test_missing_class_folder(tmp_path):
+    (tmp_path / "db" / "Normal").mkdir(parents=True)
+    with pytest.raises(DataError, match="no class folder 'Tuberculosis/'"):
+        TBDataModule(root=str(tmp_path / "db"), num_workers=0).setup()
+
+
+def test_empty_class_folder(tmp_path):
+    make_tree(tmp_path / "db")
+    for f in (tmp_path / "db" / "Tuberculosis").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match="holds no .png/.jpg/.jpeg images"):
+        TBDataModule(root=str(tmp_path / "db"), num_workers=0).setup()
+
+
+def test_unreadable_image_is_named_at_scan_time(tmp_path):
+    make_tree(tmp_path / "db")
+    bad = tmp_path / "db" / "Normal" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match="broken.png"):
+        TBDataModule(root=str(tmp_path / "db"), num_workers=0).setup()
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"image_size": 32}, "data.image_size"),
+        ({"batch_size": 0}, "data.batch_size"),
+        ({"num_workers": -1}, "data.num_workers"),
+        ({"class_names": ["a"]}, "data.class_names"),
+        ({"source": "kaggle"}, "data.source"),
+    ],
+)
+def test_bad_data_values_name_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        TBDataModule(**kwargs)
+
+
+def test_phantom_source(phantom_root):
+    from conftest import PHANTOM_NORMAL, PHANTOM_SIZE, PHANTOM_TB
+
+    dm = TBDataModule(
+        source="phantom",
+        root=str(phantom_root),
+        image_size=PHANTOM_SIZE,
+        val_size=12,
+        num_workers=0,
+        phantom={
+            "num_normal": PHANTOM_NORMAL,
+            "num_tb": PHANTOM_TB,
+            "image_size": PHANTOM_SIZE,
+            "progress": False,
+        },
+    )
+    dm.prepare_data()
+    dm.setup()
+    assert (
+        sum(dm.class_counts("train")) + sum(dm.class_counts("val")) == PHANTOM_NORMAL + PHANTOM_TB
+    )
+    assert dm.class_counts("val") == [8, 4]

@@ -1,0 +1,121 @@
+import pickle
+import urllib.error
+
+import pytest
+import torch
+from torchvision import models
+
+from tb_lightning.errors import ConfigError, WeightsError
+from tb_lightning.models import weights as weights_module
+from tb_lightning.models.net import alexnet_feature_size, build_net
+
+
+def count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def test_seed_parameter_counts_at_512():
+    net = build_net(weights=None, image_size=512)
+    trainable = count(p for p in net.parameters() if p.requires_grad)
+    frozen = count(p for p in net.parameters() if not p.requires_grad)
+    assert count(net.parameters()) == 31_846_717
+    assert trainable == 29_377_021
+    assert frozen == 2_469_696
+
+
+def test_head_input_follows_image_size():
+    assert alexnet_feature_size(512) == 15
+    assert alexnet_feature_size(224) == 6
+    net = build_net(weights=None, image_size=224)
+    assert net.head[1].in_features == 256 * 6 * 6
+    assert net(torch.zeros(2, 3, 224, 224)).shape == (2,)
+    assert alexnet_feature_size(63) == 1
+
+
+def test_frozen_features_stay_in_eval_mode_and_get_no_gradient():
+    net = build_net(weights=None, image_size=128, freeze_features=True)
+    net.train()
+    assert not net.features.training and net.head.training
+    net(torch.randn(2, 3, 128, 128)).sum().backward()
+    assert all(p.grad is None for p in net.features.parameters())
+    assert all(p.grad is not None for p in net.head.parameters())
+
+
+def test_unfrozen_features_train():
+    net = build_net(weights=None, image_size=128, freeze_features=False)
+    assert all(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"dropout": 1.0}, "model.net.dropout"),
+        ({"dropout": -0.1}, "model.net.dropout"),
+        ({"hidden_dim": 0}, "model.net.hidden_dim"),
+        ({"image_size": 62}, "data.image_size"),
+        ({"arch": "vgg"}, "model.net.arch"),
+    ],
+)
+def test_bad_net_values_name_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_net(weights=None, **{"image_size": 128, **kwargs})
+
+
+def test_weights_from_a_torchvision_state_dict_file(tmp_path):
+    reference = models.alexnet(weights=None)
+    path = tmp_path / "alexnet.pth"
+    torch.save(reference.state_dict(), path)  # includes the ImageNet classifier, ignored
+    net = build_net(weights=str(path), image_size=128)
+    for key, value in reference.features.state_dict().items():
+        assert torch.equal(net.features.state_dict()[key], value)
+
+
+def test_weights_with_wrong_shapes_or_keys_are_refused(tmp_path):
+    bad = models.alexnet(weights=None).state_dict()
+    bad["features.0.weight"] = torch.zeros(1)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match="wrong shape"):
+        build_net(weights=str(tmp_path / "bad.pth"), image_size=128)
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match="model.net.weights"):
+        build_net(weights=str(tmp_path / "other.pth"), image_size=128)
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_net(weights=str(tmp_path / "missing.pth"), image_size=128)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    with path.open("wb") as f:
+        pickle.dump({"features.0.weight": Exploit()}, f)
+    with pytest.raises(WeightsError, match="refused"):
+        build_net(weights=str(path), image_size=128)
+
+
+def test_imagenet_offline_names_cache_file_and_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError) as err:
+        build_net(weights="imagenet", image_size=128)
+    message = str(err.value)
+    assert "alexnet-owt-7be5be79.pth" in message
+    assert str(tmp_path / "hub" / "checkpoints") in message
+    assert "model.net.weights=null" in message
+
+
+def test_imagenet_weights_come_from_torchvisions_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = weights_module.imagenet_cache_file("alexnet")
+    cached.parent.mkdir(parents=True)
+    reference = models.alexnet(weights=None)
+    torch.save(reference.state_dict(), cached)
+    net = build_net(weights="imagenet", image_size=128)
+    assert torch.equal(net.features[0].weight, reference.features[0].weight)

@@ -1,0 +1,216 @@
+"""`python -m tb_lightning.train` end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import phantom_overrides, run_cli
+from tb_lightning.data.dataset import ImageTableDataset
+from tb_lightning.data.sources import Sample
+from tb_lightning.data.transforms import build_transform
+from tb_lightning.models.module import TBClassifier, load_checkpoint
+
+EXPECTED_SCALARS = {
+    "train/loss",
+    "train/acc",
+    "train/auroc",
+    "val/loss",
+    "val/acc",
+    "val/auroc",
+    "val/precision/Normal",
+    "val/recall/Normal",
+    "val/f1/Normal",
+    "val/precision/Tuberculosis",
+    "val/recall/Tuberculosis",
+    "val/f1/Tuberculosis",
+}
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(phantom_root, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_cli(
+        "tb_lightning.train",
+        *phantom_overrides(phantom_root),
+        "trainer.max_epochs=2",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert_ok(result)
+    return run_dir
+
+
+def test_run_dir_holds_every_artefact(two_epoch_run):
+    names = {p.name for p in two_epoch_run.iterdir()}
+    assert {
+        ".hydra",
+        "checkpoints",
+        "tensorboard",
+        "split.csv",
+        "metrics.json",
+        "report.txt",
+    } <= names
+    assert {p.name for p in (two_epoch_run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    assert load_checkpoint(two_epoch_run / "checkpoints" / "last.ckpt")["epoch"] == 1
+    report = (two_epoch_run / "report.txt").read_text()
+    assert report.startswith("Validation loss: ")
+    assert "for class Tuberculosis:" in report
+
+
+def test_split_csv_is_stratified(two_epoch_run):
+    rows = list(csv.DictReader((two_epoch_run / "split.csv").open()))
+    val = [r for r in rows if r["split"] == "val"]
+    assert len(rows) == 36 and len(val) == 12
+    assert sum(r["label"] == "1" for r in val) == 4
+
+
+def test_metrics_json_matches_sklearn_on_the_best_checkpoints_predictions(two_epoch_run):
+    metrics = json.loads((two_epoch_run / "metrics.json").read_text())
+    checkpoint = load_checkpoint(two_epoch_run / "checkpoints" / "best.ckpt")
+    hparams = checkpoint["hyper_parameters"]
+    model = TBClassifier(**{**hparams, "net": {**hparams["net"], "weights": None}})
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    rows = [r for r in csv.DictReader((two_epoch_run / "split.csv").open()) if r["split"] == "val"]
+    samples = [Sample(r["path"], int(r["label"]), r["patient_id"], r["source"]) for r in rows]
+    dataset = ImageTableDataset(samples, build_transform(hparams["net"]["image_size"]))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    target = np.array([s.label for s in samples])
+    with torch.no_grad():
+        probs = torch.sigmoid(model(images)).numpy()
+    preds = (probs >= 0.5).astype(int)
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(
+        target, preds, labels=[0, 1], zero_division=0
+    )
+    weights = np.where(target == 1, metrics["pos_weight"], 1.0)
+    loss = skm.log_loss(target, probs.astype(np.float64), labels=[0, 1], sample_weight=weights)
+    loss *= weights.sum() / len(weights)  # BCE with pos_weight is a plain mean over images
+    assert metrics["val/acc"] == pytest.approx(skm.accuracy_score(target, preds), abs=1e-6)
+    assert metrics["val/auroc"] == pytest.approx(skm.roc_auc_score(target, probs), abs=1e-5)
+    assert metrics["val/loss"] == pytest.approx(loss, rel=1e-4)
+    for i, name in enumerate(("Normal", "Tuberculosis")):
+        assert metrics[f"val/precision/{name}"] == pytest.approx(precision[i], abs=1e-6)
+        assert metrics[f"val/recall/{name}"] == pytest.approx(recall[i], abs=1e-6)
+        assert metrics[f"val/f1/{name}"] == pytest.approx(f1[i], abs=1e-6)
+    expected_cm = skm.confusion_matrix(target, preds, labels=[0, 1]).tolist()
+    assert metrics["val/confusion_matrix"] == expected_cm
+    assert metrics["pos_weight"] == pytest.approx(16 / 8)  # 24-8 Normal / 12-4 TB in train
+
+
+def test_tensorboard_has_scalars_confusion_images_and_hparams(two_epoch_run):
+    events = EventAccumulator(str(two_epoch_run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert set(tags["scalars"]) >= EXPECTED_SCALARS
+    assert len(events.Scalars("val/auroc")) == 2  # one point per epoch
+    assert "val/confusion_matrix" in tags["images"]
+    assert len(events.Images("val/confusion_matrix")) == 2
+    hparams = events.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    assert b"model.optimizer.lr" in hparams["_hparams_/session_start_info"]
+    assert "hparams/val/auroc" in tags["scalars"]
+
+
+def test_resume_from_last_checkpoint(two_epoch_run, phantom_root, tmp_path):
+    result = run_cli(
+        "tb_lightning.train",
+        *phantom_overrides(phantom_root),
+        "trainer.max_epochs=3",
+        f"ckpt_path={two_epoch_run / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert_ok(result)
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["epoch"] == 2  # only the third epoch ran
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    # 3 training steps per epoch: the third epoch's validation is logged at step 8.
+    assert events.Scalars("val/auroc")[-1].step == 8
+
+
+def test_fast_dev_run(phantom_root, tmp_path):
+    result = run_cli(
+        "tb_lightning.train",
+        *phantom_overrides(phantom_root),
+        "debug=fdr",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert_ok(result)
+    assert (tmp_path / "report.txt").is_file()
+    assert "reporting the final weights" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics(two_epoch_run, phantom_root, tmp_path):
+    result = run_cli(
+        "tb_lightning.train",
+        *phantom_overrides(phantom_root),
+        "trainer.max_epochs=2",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert_ok(result)
+    first = json.loads((two_epoch_run / "metrics.json").read_text())
+    second = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("val/loss", "val/acc", "val/auroc", "val/f1/Tuberculosis"):
+        assert second[key] == pytest.approx(first[key], abs=1e-6)
+
+
+def test_user_errors_are_one_clear_sentence(tmp_path):
+    result = run_cli(
+        "tb_lightning.train",
+        "data=tb_cxr",
+        "data.root=/no/such/folder",
+        "model.net.weights=imagenet",
+        f"hydra.run.dir={tmp_path}",
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "data.root=/no/such/folder does not exist" in output
+    assert "kaggle.com" in output and "data=phantom" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_gpu_without_gpu_is_one_clear_sentence(phantom_root, tmp_path):
+    result = run_cli(
+        "tb_lightning.train",
+        *phantom_overrides(phantom_root),
+        "trainer=gpu",
+        f"hydra.run.dir={tmp_path}",
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "trainer.accelerator=gpu but PyTorch sees no CUDA GPU here; use trainer=cpu" in output
+    assert "Traceback" not in output
+
+
+def test_real_images_short_run(shared_data, tmp_path):
+    result = run_cli(
+        "tb_lightning.train",
+        "data=folder",
+        f"data.root={shared_data / 'nlm-tb-128'}",
+        "data.image_size=128",
+        "data.val_size=0.2",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "model.net.weights=null",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "callbacks.progress_bar=null",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert_ok(result)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["val_counts"] == {"Normal": 51, "Tuberculosis": 49}
+    assert 0.0 <= metrics["val/auroc"] <= 1.0
