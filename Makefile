@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 # Pinned to the torch/torchvision this project is tested with (local wheels on the dev machines).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 ARGS ?=
+# Import this checkout's code even when .venv was installed editable from another checkout.
+export PYTHONPATH := $(CURDIR)/src
 
 .PHONY: install train test test-fast lint format tensorboard bench clean distclean
 

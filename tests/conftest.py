@@ -57,7 +57,12 @@ def shared_data() -> Path:
 
 def run_cli(module: str, *overrides: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
     """Run `python -m <module> <overrides>` as a user would, capturing its output."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore::DeprecationWarning",
+        # The subprocess imports the same checkout's code as the tests.
+        "PYTHONPATH": str(PROJECT_ROOT / "src"),
+    }
     return subprocess.run(
         [sys.executable, "-m", module, *overrides],
         cwd=cwd,
