@@ -15,6 +15,9 @@ from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
 from tb_lightning.data.datamodule import TBDataModule
+from tb_lightning.evaluation.operating import select_operating_threshold
+from tb_lightning.evaluation.thresholds import check_policy
+from tb_lightning.inference import pick_device
 from tb_lightning.models.module import TBClassifier, load_checkpoint
 from tb_lightning.report import write_report
 from tb_lightning.task import (
@@ -39,6 +42,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     check_accelerator(cfg.trainer.get("accelerator"))
+    threshold_cfg = cfg.get("threshold") or {}
+    check_policy(threshold_cfg.get("policy", "youden"), threshold_cfg.get("target", 0.95))
 
     # Data first: a wrong data.root is reported before any weights are loaded or downloaded.
     datamodule: TBDataModule = instantiate_config(cfg.data)
@@ -56,6 +61,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics = evaluate_best_checkpoint(trainer, model, datamodule, cfg)
+    if trainer.is_global_zero:  # one process writes the checkpoint
+        metrics["operating_threshold"] = select_operating_threshold(
+            model,
+            [s.path for s in datamodule.val_samples or []],
+            [s.label for s in datamodule.val_samples or []],
+            datamodule.image_size,
+            threshold_cfg.get("policy", "youden"),
+            threshold_cfg.get("target", 0.95),
+            metrics["checkpoint"],
+            datamodule.batch_size,
+            datamodule.num_workers,
+            pick_device(cfg.trainer.get("accelerator", "auto")),
+        )
     report = write_report(output_dir, metrics)
     log.info("Best checkpoint on the validation split:\n%s", report)
     log_hparams(trainer, cfg, metrics)

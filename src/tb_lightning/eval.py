@@ -1,0 +1,61 @@
+"""`python -m tb_lightning.eval ckpt_path=<run>/checkpoints/best.ckpt`: evaluate without retraining.
+
+Writes metrics.json, report.txt, predictions.csv, figures/*.png and tensorboard/ into
+outputs/eval/runs/<timestamp>/ and prints the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from tb_lightning.config import CONF_DIR
+from tb_lightning.evaluation.evaluate import evaluate_samples, resolve_split, val_samples
+from tb_lightning.inference import load_model, pick_device, resolve_threshold
+from tb_lightning.task import check_accelerator, instantiate_config, quiet_known_warnings, run_task
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    output_dir = Path(cfg.paths.output_dir)
+    check_accelerator(cfg.trainer.accelerator)
+    loaded = load_model(cfg.get("ckpt_path"))
+    threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
+    split = resolve_split(cfg.eval.get("split"), cfg.get("data") is not None)
+    if split == "all":
+        samples = instantiate_config(cfg.data).scan()
+        log.info("Evaluating on all %d images of %s", len(samples), cfg.data.root)
+    else:
+        samples, split_path = val_samples(loaded.run_dir, cfg.eval.get("split_file"))
+        log.info("Evaluating on the %d val images of %s", len(samples), split_path)
+    metrics, report = evaluate_samples(
+        loaded,
+        samples,
+        threshold,
+        threshold_source,
+        output_dir,
+        split,
+        n_bootstrap=cfg.eval.bootstrap,
+        seed=cfg.seed,
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.eval.num_workers,
+        device=pick_device(cfg.trainer.accelerator),
+    )
+    log.info("Evaluation of %s:\n%s", loaded.checkpoint_path, report)
+    log.info("Wrote %s in %s", ", ".join(sorted(p.name for p in output_dir.iterdir())), output_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    quiet_known_warnings()
+    run_task(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Percentile bootstrap confidence intervals for the screening metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tb_lightning.evaluation.stats import weighted_metrics
+
+
+def bootstrap_weights(target: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """(n_resamples, n) multiplicities of a bootstrap stratified by class.
+
+    Each class is resampled with replacement to its own size, so every replicate keeps the
+    observed numbers of Normal and TB images: sensitivity and specificity are defined in every
+    replicate even when TB images are few (an unstratified draw can hold no TB image at all).
+    A multinomial draw of n over n equally likely images *is* the multiplicity vector of one
+    bootstrap resample of size n.
+    """
+    rng = np.random.default_rng(seed)
+    target = np.asarray(target)
+    weights = np.zeros((n_resamples, len(target)))
+    for label in (0, 1):
+        idx = np.flatnonzero(target == label)
+        if len(idx):
+            weights[:, idx] = rng.multinomial(
+                len(idx), np.full(len(idx), 1 / len(idx)), size=n_resamples
+            )
+    return weights
+
+
+def bootstrap_ci(
+    probs: np.ndarray,
+    target: np.ndarray,
+    threshold: float,
+    n_resamples: int = 2000,
+    seed: int = 42,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """name -> (low, high): the percentile interval of each metric over the resamples.
+
+    Replicates where a metric is undefined (e.g. PPV with nothing called TB) are left out of
+    that metric's interval; a metric undefined in every replicate gets (nan, nan).
+    """
+    if n_resamples < 1:
+        raise ValueError("n_resamples must be >= 1")
+    weights = bootstrap_weights(target, n_resamples, seed)
+    replicates = weighted_metrics(probs, target, threshold, weights)
+    tail = 100 * (1 - level) / 2
+    intervals = {}
+    for name, values in replicates.items():
+        values = values[~np.isnan(values)]
+        if len(values) == 0:
+            intervals[name] = (float("nan"), float("nan"))
+        else:
+            low, high = np.percentile(values, [tail, 100 - tail])
+            intervals[name] = (float(low), float(high))
+    return intervals

@@ -1,0 +1,163 @@
+"""The evaluation figures (matplotlib), written as PNG files and into TensorBoard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from tb_lightning.data.sources import CLASS_NAMES  # noqa: E402
+from tb_lightning.evaluation.stats import curve_points  # noqa: E402
+
+
+def confusion_figure(confusion: list[list[int]], threshold: float) -> Figure:
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    matrix = np.asarray(confusion)
+    ax.imshow(matrix, cmap="Blues")
+    for (row, col), value in np.ndenumerate(matrix):
+        color = "white" if value > matrix.max() / 2 else "black"
+        ax.text(col, row, str(value), ha="center", va="center", color=color, fontsize=14)
+    ax.set_xticks([0, 1], CLASS_NAMES)
+    ax.set_yticks([0, 1], CLASS_NAMES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix at p_tb >= {threshold:.3g}")
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(probs: np.ndarray, target: np.ndarray, metrics: dict[str, Any]) -> Figure:
+    tps, fps, _ = curve_points(probs, target.astype(bool), np.ones((1, len(probs))))
+    tpr = np.r_[0, tps[0] / tps[0, -1]]
+    fpr = np.r_[0, fps[0] / fps[0, -1]]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"ROC (AUROC {metrics['auroc']:.3f})")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey")
+    ax.plot(
+        1 - metrics["specificity"],
+        metrics["sensitivity"],
+        "o",
+        color="red",
+        label=f"operating point (p_tb >= {metrics['threshold']:.3g})",
+    )
+    # The WHO minimum for CXR screening: sensitivity >= 0.90 with specificity >= 0.70.
+    ax.fill_between([0, 0.3], 0.9, 1, color="green", alpha=0.1, label="WHO screening minimum")
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower right")
+    ax.set_title("ROC curve")
+    fig.tight_layout()
+    return fig
+
+
+def pr_figure(probs: np.ndarray, target: np.ndarray, metrics: dict[str, Any]) -> Figure:
+    tps, fps, _ = curve_points(probs, target.astype(bool), np.ones((1, len(probs))))
+    recall = np.r_[0, tps[0] / tps[0, -1]]
+    precision = np.r_[1, tps[0] / (tps[0] + fps[0])]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.step(recall, precision, where="pre", label=f"AP {metrics['average_precision']:.3f}")
+    ax.plot(metrics["sensitivity"], metrics["ppv"], "o", color="red", label="operating point")
+    ax.axhline(target.mean(), ls=":", color="grey", label=f"prevalence {target.mean():.2f}")
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (PPV)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left")
+    ax.set_title("Precision-recall curve")
+    fig.tight_layout()
+    return fig
+
+
+def distribution_figure(probs: np.ndarray, target: np.ndarray, threshold: float) -> Figure:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(0, 1, 26)
+    for label, name in enumerate(CLASS_NAMES):
+        ax.hist(probs[target == label], bins=bins, alpha=0.6, label=f"true {name}")
+    ax.axvline(threshold, color="red", ls="--", label=f"threshold {threshold:.3g}")
+    ax.set_xlabel("predicted TB probability (p_tb)")
+    ax.set_ylabel("images")
+    ax.legend()
+    ax.set_title("Predicted TB probability per true class")
+    fig.tight_layout()
+    return fig
+
+
+def calibration_bins(
+    probs: np.ndarray, target: np.ndarray, n_bins: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean predicted probability, observed TB fraction, count) per non-empty equal-width bin."""
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.searchsorted(edges[1:-1], probs)  # bins (lo, hi], as sklearn's calibration_curve
+    counts = np.bincount(which, minlength=n_bins)
+    keep = counts > 0
+    mean_prob = np.bincount(which, weights=probs, minlength=n_bins)[keep] / counts[keep]
+    observed = np.bincount(which, weights=target, minlength=n_bins)[keep] / counts[keep]
+    return mean_prob, observed, counts[keep]
+
+
+def calibration_figure(probs: np.ndarray, target: np.ndarray) -> Figure:
+    mean_prob, observed, counts = calibration_bins(probs, target)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfectly calibrated")
+    ax.plot(mean_prob, observed, "o-", label="model")
+    for x, y, n in zip(mean_prob, observed, counts, strict=True):
+        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel("mean predicted TB probability (10 bins)")
+    ax.set_ylabel("fraction of images that are TB")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    ax.set_title("Calibration (reliability) curve")
+    fig.tight_layout()
+    return fig
+
+
+def evaluation_figures(
+    probs: np.ndarray, target: np.ndarray, metrics: dict[str, Any]
+) -> dict[str, Figure]:
+    """name -> figure for the overall metrics (see evaluation/report.py for `metrics`)."""
+    return {
+        "confusion_matrix": confusion_figure(metrics["confusion_matrix"], metrics["threshold"]),
+        "roc_curve": roc_figure(probs, target, metrics),
+        "pr_curve": pr_figure(probs, target, metrics),
+        "p_tb_distribution": distribution_figure(probs, target, metrics["threshold"]),
+        "calibration_curve": calibration_figure(probs, target),
+    }
+
+
+def write_figures(
+    figures: dict[str, Figure],
+    output_dir: Path,
+    scalars: dict[str, float] | None = None,
+    text: str | None = None,
+) -> list[Path]:
+    """Save each figure as <output_dir>/figures/<name>.png, and figures, scalars and the report
+    text into TensorBoard (<output_dir>/tensorboard/)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    figure_dir = output_dir / "figures"
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    writer = SummaryWriter(str(output_dir / "tensorboard"))
+    try:
+        for name, fig in figures.items():
+            path = figure_dir / f"{name}.png"
+            fig.savefig(path, dpi=120)
+            paths.append(path)
+            writer.add_figure(f"eval/{name}", fig, close=True)
+        for name, value in (scalars or {}).items():
+            writer.add_scalar(name, value)
+        if text:
+            # Markdown: indent by four spaces to keep the report's columns.
+            writer.add_text("eval/report", "\n".join("    " + line for line in text.splitlines()))
+    finally:
+        writer.close()
+    return paths

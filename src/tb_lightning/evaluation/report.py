@@ -1,0 +1,161 @@
+"""Screening metrics with confidence intervals, the WHO check, and the printed report."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from tb_lightning.data.sources import CLASS_NAMES
+from tb_lightning.evaluation.bootstrap import bootstrap_ci
+from tb_lightning.evaluation.stats import COUNTS, RANKING, RATES, weighted_metrics
+
+# WHO target product profile for CXR/CAD screening: the minimum is sensitivity >= 0.90 with
+# specificity >= 0.70 (its triage target asks for sensitivity above 0.95).
+WHO_MIN_SENSITIVITY = 0.90
+WHO_MIN_SPECIFICITY = 0.70
+
+LABELS = {
+    "auroc": "AUROC",
+    "average_precision": "Average precision",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "ppv": "PPV",
+    "npv": "NPV",
+    "accuracy": "Accuracy",
+}
+
+
+def _num(value: Any) -> float | None:
+    """JSON-friendly float: NaN (undefined) becomes null."""
+    value = float(value)
+    return None if np.isnan(value) else value
+
+
+def screening_summary(
+    probs: np.ndarray, target: np.ndarray, threshold: float, n_bootstrap: int, seed: int
+) -> dict[str, Any]:
+    """Every screening number for one set of images, each with its bootstrap 95% CI."""
+    target = np.asarray(target).astype(int)
+    point = weighted_metrics(probs, target, threshold)
+    ci = bootstrap_ci(probs, target, threshold, n_bootstrap, seed)
+    tn, fp, fn, tp = (int(point[name]) for name in COUNTS)
+    summary: dict[str, Any] = {
+        "images": int(len(target)),
+        "counts": {CLASS_NAMES[0]: int((target == 0).sum()), CLASS_NAMES[1]: int(target.sum())},
+        "threshold": float(threshold),
+        **{name: _num(point[name]) for name in RANKING + RATES},
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+        "ci": {name: [_num(lo), _num(hi)] for name, (lo, hi) in ci.items()},
+    }
+    sens, spec = summary["sensitivity"], summary["specificity"]
+    low_sens, low_spec = summary["ci"]["sensitivity"][0], summary["ci"]["specificity"][0]
+    summary["who_screening_minimum"] = {
+        "sensitivity": WHO_MIN_SENSITIVITY,
+        "specificity": WHO_MIN_SPECIFICITY,
+        "met": bool(
+            sens is not None
+            and spec is not None
+            and sens >= WHO_MIN_SENSITIVITY
+            and spec >= WHO_MIN_SPECIFICITY
+        ),
+        # Stricter: even the lower ends of both intervals reach the minimum.
+        "met_by_lower_ci": bool(
+            low_sens is not None
+            and low_spec is not None
+            and low_sens >= WHO_MIN_SENSITIVITY
+            and low_spec >= WHO_MIN_SPECIFICITY
+        ),
+    }
+    return summary
+
+
+def seed_report_metrics(
+    logits: np.ndarray, target: np.ndarray, threshold: float, pos_weight: float, prefix: str
+) -> dict[str, Any]:
+    """The numbers of the seed's report (report.format_seed_report) at the given threshold.
+
+    The loss is the training loss: binary cross-entropy on the logit with the checkpoint's
+    pos_weight, averaged over images.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    target = np.asarray(target).astype(int)
+    # log(sigmoid(x)) = -log1p(exp(-x)), written stably with logaddexp.
+    log_p, log_not_p = -np.logaddexp(0, -logits), -np.logaddexp(0, logits)
+    loss = -np.mean(pos_weight * target * log_p + (1 - target) * log_not_p)
+    called = (1 / (1 + np.exp(-logits))) >= threshold
+    metrics: dict[str, Any] = {
+        f"{prefix}/loss": float(loss),
+        f"{prefix}/acc": float(np.mean(called == target.astype(bool))),
+    }
+    for label, name in enumerate(CLASS_NAMES):
+        is_class, said_class = target == label, called == bool(label)
+        hits = float(np.sum(is_class & said_class))
+        precision = hits / said_class.sum() if said_class.sum() else 0.0
+        recall = hits / is_class.sum() if is_class.sum() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        metrics[f"{prefix}/precision/{name}"] = precision
+        metrics[f"{prefix}/recall/{name}"] = recall
+        metrics[f"{prefix}/f1/{name}"] = f1
+    return metrics
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _interval(ci: Sequence[float | None], digits: int = 3) -> str:
+    return f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
+
+
+def format_screening_table(summary: Mapping[str, Any], n_bootstrap: int) -> str:
+    """The screening metrics at the operating threshold, with their 95% CIs and the WHO check."""
+    (tn, fp), (fn, tp) = summary["confusion_matrix"]
+    fractions = {
+        "sensitivity": f"{tp}/{tp + fn}",
+        "specificity": f"{tn}/{tn + fp}",
+        "ppv": f"{tp}/{tp + fp}",
+        "npv": f"{tn}/{tn + fn}",
+        "accuracy": f"{tp + tn}/{tp + tn + fp + fn}",
+    }
+    lines = [
+        f"{'metric':<19}{'value':>7}   95% CI ({n_bootstrap} bootstrap resamples)",
+    ]
+    for name in RANKING + RATES:
+        lines.append(
+            f"{LABELS[name]:<19}{_fmt(summary[name]):>7}   {_interval(summary['ci'][name]):<16}"
+            f"{fractions.get(name, '')}"
+        )
+    ci = summary["ci"]
+    lines.append(
+        "Confusion counts:  "
+        + ", ".join(
+            f"{name.upper()} {value} {_interval(ci[name], 0)}"
+            for name, value in zip(COUNTS, (tn, fp, fn, tp), strict=True)
+        )
+    )
+    who = summary["who_screening_minimum"]
+    verdict = "MET" if who["met"] else "NOT met"
+    strict = "met" if who["met_by_lower_ci"] else "not met"
+    lines.append(
+        f"WHO screening minimum (sensitivity >= {who['sensitivity']:.2f}, specificity >= "
+        f"{who['specificity']:.2f}): {verdict} (by the lower 95% bounds: {strict})"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def format_per_source(per_source: Mapping[str, Mapping[str, Any]]) -> str:
+    """One row per source: images, TB count, AUROC, sensitivity and specificity with CIs."""
+    lines = [
+        f"{'source':<14}{'images':>7}{'TB':>6}{'AUROC':>8}   {'sensitivity [95% CI]':<25}"
+        "specificity [95% CI]"
+    ]
+    for name, s in per_source.items():
+        sens = f"{_fmt(s['sensitivity'])} {_interval(s['ci']['sensitivity'])}"
+        spec = f"{_fmt(s['specificity'])} {_interval(s['ci']['specificity'])}"
+        lines.append(
+            f"{name:<14}{s['images']:>7}{s['counts'][CLASS_NAMES[1]]:>6}"
+            f"{_fmt(s['auroc']):>8}   {sens:<25}{spec}"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,59 @@
+"""Operating-threshold policies, applied to validation predictions at the end of training."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tb_lightning.errors import ConfigError
+from tb_lightning.evaluation.stats import curve_points
+
+POLICIES = ("youden", "max_f1", "sensitivity")
+
+
+def check_policy(policy: str, target: float | None = None) -> None:
+    """Fail early (before training) on an unknown policy or a sensitivity target out of range."""
+    if policy not in POLICIES:
+        raise ConfigError(f"threshold.policy={policy!r} is not one of {list(POLICIES)}.")
+    if policy == "sensitivity" and (
+        isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target <= 1
+    ):
+        raise ConfigError(
+            f"threshold.target={target!r} must be a sensitivity in (0, 1], e.g. 0.95, "
+            "for threshold.policy=sensitivity."
+        )
+
+
+def choose_threshold(
+    probs: np.ndarray, target: np.ndarray, policy: str = "youden", sensitivity: float = 0.95
+) -> float:
+    """The TB-probability threshold (call TB when p >= it) that the policy picks.
+
+    Candidates are the distinct predicted probabilities, so the threshold reproduces exactly the
+    chosen point of the validation ROC curve.
+    - youden: maximises sensitivity + specificity - 1;
+    - max_f1: maximises the F1 score of the Tuberculosis class;
+    - sensitivity: the highest threshold whose sensitivity is >= `sensitivity` (so the best
+      specificity that meets the target).
+    Ties go to the higher threshold (fewer false alarms).
+    """
+    check_policy(policy, sensitivity)
+    probs = np.asarray(probs, dtype=np.float64)
+    target = np.asarray(target).astype(bool)
+    if target.all() or not target.any():
+        raise ValueError("choosing a threshold needs both Normal and TB images")
+    tps, fps, thresholds = curve_points(probs, target, np.ones((1, len(probs))))
+    tps, fps = tps[0], fps[0]
+    n_pos, n_neg = tps[-1], fps[-1]
+    tpr, fpr = tps / n_pos, fps / n_neg
+    if policy == "youden":
+        best = int(np.argmax(tpr - fpr))  # argmax takes the first: the highest threshold
+    elif policy == "max_f1":
+        best = int(np.argmax(2 * tps / (tps + fps + n_pos)))
+    else:
+        best = int(np.flatnonzero(tpr >= sensitivity - 1e-12)[0])
+    return clip_threshold(float(thresholds[best]))
+
+
+def clip_threshold(value: float) -> float:
+    """Keep a threshold inside (0, 1) (float32 sigmoids saturate at exactly 0 or 1)."""
+    return float(min(max(value, 1e-7), np.nextafter(np.float32(1), np.float32(0))))

@@ -1,0 +1,41 @@
+"""`python -m tb_lightning.export ckpt_path=<ckpt> format=onnx|torchscript`.
+
+Writes model.onnx (or model.pt) and model.json into outputs/export/runs/<timestamp>/.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from tb_lightning.config import CONF_DIR
+from tb_lightning.exporting import export_model
+from tb_lightning.inference import load_model, resolve_threshold
+from tb_lightning.task import quiet_known_warnings, run_task
+
+log = logging.getLogger(__name__)
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    output_dir = Path(cfg.paths.output_dir)
+    loaded = load_model(cfg.get("ckpt_path"))
+    threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
+    sidecar = export_model(
+        loaded, cfg.format, output_dir, threshold, threshold_source, cfg.check_images
+    )
+    log.info("Wrote %s in %s", ", ".join(sorted(p.name for p in output_dir.iterdir())), output_dir)
+    return sidecar
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
+def main(cfg: DictConfig) -> None:
+    quiet_known_warnings()
+    run_task(export, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Export a trained classifier as one self-contained file (ONNX or TorchScript) plus a sidecar
+JSON that documents the preprocessing, the class names and the operating threshold; then check
+that the exported file reproduces the Lightning module's outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tb_lightning.data.sources import CLASS_NAMES
+from tb_lightning.data.split import read_split_csv
+from tb_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_image
+from tb_lightning.errors import ConfigError
+from tb_lightning.inference import LoadedModel
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+# float32 on CPU: the exported graph and the module differ only by operator rounding.
+TOLERANCE = 1e-5
+
+
+class ProbabilityModel(nn.Module):
+    """The network with the sigmoid: normalised images (N, 3, S, S) -> TB probability (N,)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(images))
+
+
+def check_images(loaded: LoadedModel, count: int) -> tuple[torch.Tensor, list[str]]:
+    """A few preprocessed val images of the training run, or seeded noise when none is found."""
+    split_csv = loaded.run_dir / "split.csv"
+    if split_csv.is_file():
+        _, val = read_split_csv(split_csv)
+        paths = [s.path for s in val[:count]]
+        transform = build_transform(loaded.image_size)
+        return torch.stack([transform(load_image(p)) for p in paths]), paths
+    log.warning("No split.csv beside the checkpoint; checking the export on random inputs.")
+    generator = torch.Generator().manual_seed(0)
+    size = loaded.image_size
+    return torch.randn(count, 3, size, size, generator=generator), ["random"] * count
+
+
+def export_file(model: nn.Module, example: torch.Tensor, fmt: str, path: Path) -> None:
+    """Write the model to path; the batch dimension stays dynamic."""
+    if fmt == "onnx":
+        # The exporter logs every optimisation pass at INFO; only its warnings matter here.
+        for name in ("torch.onnx", "onnxscript", "onnx_ir"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["image"],
+            output_names=["p_tb"],
+            dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+            external_data=False,  # one file: the weights inside the .onnx
+            dynamo=True,
+            verbose=False,
+        )
+    else:
+        # torch 2.14 marks TorchScript deprecated in favour of torch.export, but it is still the
+        # format C++ (libtorch) deployments load; ONNX is the forward-looking choice.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated")
+            traced = torch.jit.trace(model, example)
+            traced.save(str(path))
+
+
+def run_exported(fmt: str, path: Path, images: torch.Tensor) -> np.ndarray:
+    """Load the file back on its own (no tb_lightning code) and run it."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(["p_tb"], {"image": images.numpy()})[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated")
+        module = torch.jit.load(str(path), map_location="cpu")
+    with torch.inference_mode():
+        return module(images).numpy()
+
+
+def export_model(
+    loaded: LoadedModel,
+    fmt: str,
+    output_dir: Path,
+    threshold: float,
+    threshold_source: str,
+    num_check_images: int = 4,
+) -> dict[str, Any]:
+    """Write model.onnx|model.pt and model.json into output_dir; return the sidecar's content."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r} is not one of {list(FORMATS)}.")
+    if (
+        isinstance(num_check_images, bool)
+        or not isinstance(num_check_images, int)
+        or (num_check_images < 1)
+    ):
+        raise ConfigError(f"check_images={num_check_images!r} must be an integer >= 1.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = ProbabilityModel(loaded.model.net).cpu().eval()
+    images, image_paths = check_images(loaded, num_check_images)
+    path = output_dir / FORMATS[fmt]
+    export_file(model, images[:1], fmt, path)
+
+    # The reference: the Lightning module itself, as eval and predict run it.
+    with torch.inference_mode():
+        expected = torch.sigmoid(loaded.model.cpu()(images)).numpy()
+    got = run_exported(fmt, path, images)
+    max_diff = float(np.max(np.abs(got - expected)))
+    if got.shape != expected.shape or not max_diff <= TOLERANCE:
+        raise RuntimeError(
+            f"The exported {fmt} model differs from the Lightning module by {max_diff:.3g} "
+            f"(tolerance {TOLERANCE}) on {len(images)} images; the export is not usable."
+        )
+    size = loaded.image_size
+    sidecar = {
+        "format": fmt,
+        "model_file": path.name,
+        "checkpoint": str(loaded.checkpoint_path),
+        "input": {
+            "name": "image",
+            "shape": ["batch", 3, size, size],
+            "dtype": "float32",
+            "layout": "NCHW, RGB channels",
+        },
+        "preprocessing": {
+            "steps": [
+                "decode the image as 8-bit RGB (grayscale repeated to 3 channels)",
+                f"resize to {size}x{size} (bilinear, antialiased; aspect ratio not kept)",
+                "scale to [0, 1] (divide by 255)",
+                "normalise each channel: (x - mean) / std",
+            ],
+            "image_size": size,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        },
+        "output": {"name": "p_tb", "shape": ["batch"], "meaning": "probability of Tuberculosis"},
+        "class_names": list(CLASS_NAMES),
+        "threshold": threshold,
+        "threshold_source": threshold_source,
+        "decision_rule": f"{CLASS_NAMES[1]} when p_tb >= threshold, else {CLASS_NAMES[0]}",
+        "check": {
+            "images": image_paths,
+            "max_abs_difference": max_diff,
+            "tolerance": TOLERANCE,
+        },
+    }
+    (output_dir / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    log.info(
+        "Exported %s -> %s (+ model.json); matches the Lightning module on %d images "
+        "(max |difference| %.2g)",
+        loaded.checkpoint_path,
+        path,
+        len(images),
+        max_diff,
+    )
+    return sidecar

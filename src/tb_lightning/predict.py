@@ -1,0 +1,51 @@
+"""`python -m tb_lightning.predict ckpt_path=<ckpt> input=<file|folder|csv> [saliency=true]`.
+
+Writes predictions.csv (path, p_tb, predicted label and class, threshold), skipped.csv for files
+that could not be read, and with saliency=true a Grad-CAM overlay per image in saliency/.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from tb_lightning.config import CONF_DIR
+from tb_lightning.inference import load_model, pick_device, resolve_threshold
+from tb_lightning.prediction import collect_inputs, run_prediction
+from tb_lightning.task import check_accelerator, quiet_known_warnings, run_task
+
+log = logging.getLogger(__name__)
+
+
+def predict(cfg: DictConfig) -> Path:
+    output_dir = Path(cfg.paths.output_dir)
+    check_accelerator(cfg.trainer.accelerator)
+    paths = collect_inputs(cfg.get("input"))
+    loaded = load_model(cfg.get("ckpt_path"))
+    threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
+    log.info("Operating threshold p_tb >= %.4f (%s)", threshold, threshold_source)
+    run_prediction(
+        loaded,
+        paths,
+        threshold,
+        output_dir,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        saliency=bool(cfg.saliency),
+        device=pick_device(cfg.trainer.accelerator),
+    )
+    log.info("Wrote %s in %s", ", ".join(sorted(p.name for p in output_dir.iterdir())), output_dir)
+    return output_dir
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
+def main(cfg: DictConfig) -> None:
+    quiet_known_warnings()
+    run_task(predict, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""What `python -m tb_lightning.predict` does: list the inputs, predict, write the CSVs."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import torch
+
+from tb_lightning.data.sources import CLASS_NAMES, IMAGE_EXTENSIONS
+from tb_lightning.errors import ConfigError, DataError
+from tb_lightning.inference import LoadedModel, Predictions, predict_images
+from tb_lightning.saliency import write_saliency_maps
+
+log = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = ("path", "p_tb", "predicted_label", "predicted_class", "threshold")
+
+
+def collect_inputs(input_path: str | Path | None) -> list[str]:
+    """The image paths named by `input`: one file, a folder (recursive), or a CSV's path column.
+
+    Folder entries without an image extension are left out (and counted in the log); files that
+    are named but cannot be read are kept here and reported as skipped after prediction.
+    """
+    if not input_path:
+        raise ConfigError("input is not set; pass input=<image file, folder or CSV of paths>.")
+    path = Path(input_path).expanduser().resolve()
+    if not path.exists():
+        raise DataError(
+            f"input={path} does not exist; pass an image file, a folder of images or a CSV "
+            "with a `path` column."
+        )
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        images = [str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if len(files) > len(images):
+            log.info("Ignored %d non-image file(s) in %s", len(files) - len(images), path)
+        if not images:
+            raise DataError(f"input={path} holds no .png/.jpg/.jpeg images.")
+        return images
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if "path" not in (reader.fieldnames or []):
+                raise DataError(
+                    f"input={path} has no `path` column; write one image path per row under a "
+                    "`path` header."
+                )
+            rows = [row["path"] for row in reader if row["path"]]
+        if not rows:
+            raise DataError(f"input={path} lists no image paths.")
+        # Relative paths are relative to the CSV file, so a manifest travels with its images.
+        return [str((path.parent / Path(r).expanduser()).resolve()) for r in rows]
+    return [str(path)]
+
+
+def write_predictions(
+    output_dir: Path,
+    paths: list[str],
+    predictions: Predictions,
+    threshold: float,
+    saliency: list[Path] | None = None,
+) -> tuple[Path, Path | None]:
+    """predictions.csv for the readable images and skipped.csv (path, reason) for the rest."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    predictions_csv = output_dir / "predictions.csv"
+    columns = list(PREDICTION_COLUMNS) + (["saliency"] if saliency is not None else [])
+    readable_saliency = iter(saliency or [])
+    with predictions_csv.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for path, p, ok in zip(paths, predictions.probs, predictions.readable, strict=True):
+            if not ok:
+                continue
+            label = int(p >= threshold)
+            row = [path, f"{p:.6f}", label, CLASS_NAMES[label], threshold]
+            if saliency is not None:
+                row.append(str(next(readable_saliency)))
+            writer.writerow(row)
+    skipped = [
+        (p, r)
+        for p, r, ok in zip(paths, predictions.reasons, predictions.readable, strict=True)
+        if not ok
+    ]
+    if not skipped:
+        return predictions_csv, None
+    skipped_csv = output_dir / "skipped.csv"
+    with skipped_csv.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "reason"])
+        writer.writerows(skipped)
+    return predictions_csv, skipped_csv
+
+
+def run_prediction(
+    loaded: LoadedModel,
+    paths: list[str],
+    threshold: float,
+    output_dir: Path,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    saliency: bool = False,
+    device: torch.device | None = None,
+) -> Predictions:
+    """Predict every path, write the CSVs (and Grad-CAM overlays); unreadable files are skipped."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1.")
+    predictions = predict_images(
+        loaded.model, paths, loaded.image_size, batch_size, num_workers, device
+    )
+    readable = [p for p, ok in zip(paths, predictions.readable, strict=True) if ok]
+    maps = None
+    if saliency:
+        maps = write_saliency_maps(
+            loaded.model.net,
+            readable,
+            loaded.image_size,
+            output_dir / "saliency",
+            batch_size=min(batch_size, 16),
+            device=device,
+        )
+    predictions_csv, skipped_csv = write_predictions(
+        output_dir, paths, predictions, threshold, maps
+    )
+    n_tb = int((predictions.probs[predictions.readable] >= threshold).sum())
+    log.info(
+        "Predicted %d image(s): %d Tuberculosis, %d Normal at p_tb >= %.4f -> %s",
+        len(readable),
+        n_tb,
+        len(readable) - n_tb,
+        threshold,
+        predictions_csv,
+    )
+    if skipped_csv:
+        skipped = [(p, r) for p, r in zip(paths, predictions.reasons, strict=True) if r]
+        listing = "\n".join(f"  {reason}" for _, reason in skipped[:20])
+        more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        log.warning(
+            "Skipped %d unreadable file(s), listed in %s:\n%s%s",
+            len(skipped),
+            skipped_csv,
+            listing,
+            more,
+        )
+    return predictions
