@@ -1,0 +1,289 @@
+"""`python -m tb_lightning.eval|predict|export` on a checkpoint trained here on phantoms."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from sklearn import metrics as skm
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import phantom_overrides, run_cli
+from tb_lightning.config import CONF_DIR
+from tb_lightning.data.sources import Sample
+from tb_lightning.data.split import read_split_csv
+from tb_lightning.data.transforms import build_transform, load_image
+from tb_lightning.errors import ConfigError, DataError, UserError
+from tb_lightning.evaluation.evaluate import evaluate_samples, resolve_split
+from tb_lightning.export import export
+from tb_lightning.exporting import export_model
+from tb_lightning.inference import load_model, resolve_threshold
+from tb_lightning.models.module import load_checkpoint
+from tb_lightning.prediction import collect_inputs, run_prediction
+
+FIGURES = {"confusion_matrix", "roc_curve", "pr_curve", "p_tb_distribution", "calibration_curve"}
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def trained_run(phantom_root, tmp_path_factory) -> Path:
+    """One short training run; its best.ckpt is what every test here evaluates."""
+    run_dir = tmp_path_factory.mktemp("train")
+    result = run_cli(
+        "tb_lightning.train",
+        *phantom_overrides(phantom_root),
+        "trainer.max_epochs=1",
+        "threshold.policy=max_f1",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert_ok(result)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_run):
+    return load_model(trained_run / "checkpoints" / "best.ckpt")
+
+
+def model_probs(loaded, paths) -> np.ndarray:
+    """TB probabilities computed here, independently of the eval/predict code."""
+    transform = build_transform(loaded.image_size)
+    images = torch.stack([transform(load_image(p)) for p in paths])
+    with torch.no_grad():
+        return torch.sigmoid(loaded.model(images)).numpy().astype(np.float64)
+
+
+def test_training_stores_the_operating_threshold(trained_run, loaded):
+    checkpoint = load_checkpoint(trained_run / "checkpoints" / "best.ckpt")
+    stored = checkpoint["operating_threshold"]
+    assert stored["policy"] == "max_f1" and stored["val_images"] == 12
+    # It is the max-F1 threshold over the val predictions, checked by brute force.
+    _, val = read_split_csv(trained_run / "split.csv")
+    probs, target = model_probs(loaded, [s.path for s in val]), [s.label for s in val]
+    f1 = [skm.f1_score(target, probs >= t) for t in probs]
+    assert skm.f1_score(target, probs >= stored["value"]) == pytest.approx(max(f1))
+    assert json.loads((trained_run / "metrics.json").read_text())["operating_threshold"] == stored
+    assert "operating_threshold" not in load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
+
+
+def test_eval_cli_on_the_val_split(trained_run, loaded, tmp_path):
+    result = run_cli(
+        "tb_lightning.eval",
+        f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+        "eval.bootstrap=300",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert_ok(result)
+    output = result.stdout + result.stderr
+    for text in (
+        "Validation loss:",
+        "for class Tuberculosis:",
+        "Sensitivity",
+        "Specificity",
+        "PPV",
+        "NPV",
+        "Average precision",
+        "WHO screening minimum",
+        "95% CI",
+    ):
+        assert text in output
+    assert {"metrics.json", "report.txt", "predictions.csv", "figures", "tensorboard"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    assert {p.stem for p in (tmp_path / "figures").glob("*.png")} == FIGURES
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    stored = load_checkpoint(trained_run / "checkpoints" / "best.ckpt")["operating_threshold"]
+    threshold = metrics["threshold"]
+    assert threshold == stored["value"] and "max_f1" in metrics["threshold_source"]
+    # Every number against scikit-learn on probabilities computed independently.
+    _, val = read_split_csv(trained_run / "split.csv")
+    target = np.array([s.label for s in val])
+    probs = model_probs(loaded, [s.path for s in val])
+    preds = (probs >= threshold).astype(int)
+    overall = metrics["overall"]
+    assert overall["images"] == 12 and overall["counts"] == {"Normal": 8, "Tuberculosis": 4}
+    assert overall["auroc"] == pytest.approx(skm.roc_auc_score(target, probs), abs=1e-6)
+    assert overall["average_precision"] == pytest.approx(
+        skm.average_precision_score(target, probs), abs=1e-6
+    )
+    assert overall["sensitivity"] == pytest.approx(skm.recall_score(target, preds))
+    assert overall["specificity"] == pytest.approx(skm.recall_score(target, preds, pos_label=0))
+    assert overall["accuracy"] == pytest.approx(skm.accuracy_score(target, preds))
+    assert overall["confusion_matrix"] == skm.confusion_matrix(target, preds).tolist()
+    assert metrics["eval/confusion_matrix"] == overall["confusion_matrix"]
+    assert metrics["eval/f1/Tuberculosis"] == pytest.approx(skm.f1_score(target, preds))
+    for name in ("auroc", "sensitivity", "specificity", "accuracy"):
+        low, high = overall["ci"][name]
+        assert low <= overall[name] <= high, name
+    assert metrics["bootstrap"]["resamples"] == 300
+    assert set(overall["who_screening_minimum"]) >= {"met", "met_by_lower_ci"}
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {f"eval/{name}" for name in FIGURES} <= set(events.Tags()["images"])
+    assert "eval/auroc" in events.Tags()["scalars"]
+
+
+def test_eval_per_source_with_threshold_override(loaded, phantom_root, tmp_path):
+    """NLM-named files (CHNCXR_/MCUCXR_) get per-source metrics; threshold.value wins."""
+    data = tmp_path / "nlm"
+    for label, folder in enumerate(("Normal", "Tuberculosis")):
+        (data / folder).mkdir(parents=True)
+        for i, src in enumerate(sorted((phantom_root / folder).glob("*.png"))[:6]):
+            prefix = "CHNCXR" if i % 2 else "MCUCXR"
+            shutil.copy(src, data / folder / f"{prefix}_{i:04d}_{label}.png")
+    samples = [
+        Sample(str(p), label, p.stem, "folder")
+        for label, folder in enumerate(("Normal", "Tuberculosis"))
+        for p in sorted((data / folder).glob("*.png"))
+    ]
+    threshold, source = resolve_threshold(loaded, 0.3)
+    assert (threshold, source) == (0.3, "threshold.value (command line)")
+    metrics, report = evaluate_samples(
+        loaded, samples, threshold, source, tmp_path / "out", "all", n_bootstrap=200
+    )
+    assert set(metrics["per_source"]) == {"montgomery", "shenzhen"}
+    assert metrics["per_source"]["shenzhen"]["images"] == 6
+    assert "Per source:" in report and "shenzhen" in report
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert {r["source"] for r in rows} == {"montgomery", "shenzhen"}
+    assert all(r["predicted_label"] == str(int(float(r["p_tb"]) >= 0.3)) for r in rows)
+
+
+def test_eval_user_errors(loaded):
+    with pytest.raises(ConfigError, match="eval.split=all needs a data source"):
+        resolve_split("all", has_data=False)
+    with pytest.raises(ConfigError, match="threshold.value=1.5 must be in"):
+        resolve_threshold(loaded, 1.5)
+    with pytest.raises(UserError, match="does not exist; check ckpt_path"):
+        load_model("/no/such.ckpt")
+
+
+def test_predict_cli_with_saliency_skips_unreadable_files(
+    trained_run, loaded, phantom_root, tmp_path
+):
+    images = tmp_path / "in"
+    images.mkdir()
+    good = sorted((phantom_root / "Tuberculosis").glob("*.png"))[:2]
+    good += sorted((phantom_root / "Normal").glob("*.png"))[:1]
+    for path in good:
+        shutil.copy(path, images / path.name)
+    (images / "broken.png").write_bytes(b"not an image")
+    (images / "truncated.png").write_bytes(good[0].read_bytes()[:200])
+    (images / "notes.txt").write_text("not an image, ignored")
+    out = tmp_path / "run"
+    result = run_cli(
+        "tb_lightning.predict",
+        f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+        f"input={images}",
+        "saliency=true",
+        "batch_size=2",
+        f"hydra.run.dir={out}",
+    )
+    assert_ok(result)
+    output = result.stdout + result.stderr
+    assert "Skipped 2 unreadable file(s)" in output and "broken.png" in output
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in good)
+    expected = model_probs(loaded, [r["path"] for r in rows])
+    stored = load_checkpoint(trained_run / "checkpoints" / "best.ckpt")["operating_threshold"]
+    for row, p in zip(rows, expected, strict=True):
+        assert float(row["p_tb"]) == pytest.approx(p, abs=1e-5)
+        assert float(row["threshold"]) == pytest.approx(stored["value"])
+        assert row["predicted_label"] == str(int(p >= stored["value"]))
+        assert row["predicted_class"] in ("Normal", "Tuberculosis")
+        overlay = Image.open(row["saliency"])
+        assert overlay.size == (128, 128) and overlay.mode == "RGB"
+    skipped = list(csv.DictReader((out / "skipped.csv").open()))
+    assert {Path(r["path"]).name for r in skipped} == {"broken.png", "truncated.png"}
+    assert all(r["reason"].startswith("Cannot read image") for r in skipped)
+
+
+def test_predict_csv_input_and_user_errors(loaded, phantom_root, tmp_path):
+    manifest = tmp_path / "list.csv"
+    first = sorted((phantom_root / "Normal").glob("*.png"))[0]
+    manifest.write_text(f"path\n{first}\nmissing.png\n")
+    paths = collect_inputs(manifest)
+    assert paths == [str(first), str(tmp_path / "missing.png")]
+    predictions = run_prediction(loaded, paths, 0.5, tmp_path / "out")
+    assert predictions.readable.tolist() == [True, False]
+    assert "does not exist" in predictions.reasons[1]
+    with pytest.raises(DataError, match="input=/no/such/folder does not exist"):
+        collect_inputs("/no/such/folder")
+    with pytest.raises(ConfigError, match="input is not set"):
+        collect_inputs(None)
+
+
+@pytest.mark.parametrize("folder", ["tbx11k-512", "shenzhen-512"])
+def test_predict_on_real_images(shared_data, loaded, folder, tmp_path):
+    """512 px RGB (TBX11K) and grayscale, mixed-size (Shenzhen) PNGs all read and predict."""
+    root = shared_data / folder
+    if not root.is_dir():
+        pytest.skip(f"{root} not found")
+    paths = collect_inputs(root)
+    assert len(paths) == len(list(root.rglob("*.png")))
+    predictions = run_prediction(loaded, paths, 0.5, tmp_path, batch_size=8, saliency=True)
+    assert predictions.readable.all()
+    assert np.isfinite(predictions.probs).all()
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert len(rows) == len(paths) and len(list((tmp_path / "saliency").glob("*.png"))) == len(
+        paths
+    )
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_entry_point_torchscript(trained_run, loaded, tmp_path):
+    # The entry point's task on conf/export.yaml, in this process: a third CLI start-up
+    # (~10 s of imports) would add nothing that the eval and predict CLI tests do not cover.
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "export",
+            [
+                f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+                "format=torchscript",
+                f"paths.output_dir={tmp_path}",
+            ],
+        )
+    export(cfg)
+    sidecar = json.loads((tmp_path / "model.json").read_text())
+    assert sidecar["model_file"] == "model.pt"
+    assert sidecar["class_names"] == ["Normal", "Tuberculosis"]
+    assert sidecar["preprocessing"]["image_size"] == 128
+    assert sidecar["threshold"] == loaded.stored_threshold["value"]
+    assert sidecar["check"]["max_abs_difference"] <= 1e-5
+    module = torch.jit.load(str(tmp_path / "model.pt"))
+    images = torch.randn(3, 3, 128, 128)  # another batch size than the traced one
+    with torch.no_grad():
+        expected = torch.sigmoid(loaded.model(images))
+    torch.testing.assert_close(module(images), expected)
+
+
+def test_export_onnx(trained_run, loaded, tmp_path):
+    sidecar = export_model(loaded, "onnx", tmp_path, 0.4, "test", num_check_images=2)
+    assert sidecar["model_file"] == "model.onnx" and sidecar["threshold"] == 0.4
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "model.onnx",
+        "model.json",
+    }  # weights inside the .onnx: no external data file
+    # Run the file on images it was not checked on, preprocessing as model.json says.
+    _, val = read_split_csv(trained_run / "split.csv")
+    paths = [s.path for s in val[-3:]]
+    transform = build_transform(sidecar["preprocessing"]["image_size"])
+    images = torch.stack([transform(load_image(p)) for p in paths]).numpy()
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    got = session.run(None, {"image": images})[0]
+    np.testing.assert_allclose(got, model_probs(loaded, paths), atol=1e-5)
+    with pytest.raises(ConfigError, match="format='tflite' is not one of"):
+        export_model(loaded, "tflite", tmp_path, 0.4, "test")
