@@ -43,7 +43,7 @@ tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir outputs/ $(ARGS)
 
 clean:
-	rm -rf outputs/train outputs/eval outputs/predict .pytest_cache .ruff_cache
+	rm -rf outputs/train outputs/eval outputs/predict outputs/export .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
 
 ## Also removes the virtualenv and the generated phantom data.
