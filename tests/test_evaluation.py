@@ -116,7 +116,7 @@ def test_seed_report_metrics_match_sklearn(scores):
     probs, target = scores
     probs = np.clip(probs, 0.01, 0.99)
     logits = np.log(probs / (1 - probs))
-    ours = seed_report_metrics(logits, target, 0.4, pos_weight=2.0, prefix="eval")
+    ours = seed_report_metrics(logits, probs, target, 0.4, pos_weight=2.0, prefix="eval")
     preds = (probs >= 0.4).astype(int)
     precision, recall, f1, _ = skm.precision_recall_fscore_support(target, preds, labels=[0, 1])
     weights = np.where(target == 1, 2.0, 1.0)
@@ -133,22 +133,24 @@ def test_threshold_policies_on_constructed_scores():
     # Normal: 0.1 .. 0.6; TB: 0.35, 0.55, 0.7, 0.8.
     probs = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.35, 0.55, 0.7, 0.8])
     target = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
-    # At 0.55: sensitivity 3/4, specificity 5/6 -> J = 0.583, the best (0.7 gives 0.5,
-    # 0.35 gives 1 - 3/6 = 0.5); F1 = 6/8 = 0.75, also the best (0.35: 8/11, 0.7: 4/6).
-    assert choose_threshold(probs, target, "youden") == 0.55
-    assert choose_threshold(probs, target, "max_f1") == 0.55
+    # Calling TB from 0.55 up: sensitivity 3/4, specificity 5/6 -> J = 0.583, the best (from
+    # 0.7: 0.5, from 0.35: 1 - 3/6 = 0.5); F1 = 6/8 = 0.75, also the best (0.35: 8/11,
+    # 0.7: 4/6). The threshold lies halfway to the next lower score (0.5).
+    assert choose_threshold(probs, target, "youden") == pytest.approx(0.525)
+    assert choose_threshold(probs, target, "max_f1") == pytest.approx(0.525)
     # Highest threshold with sensitivity >= target.
-    assert choose_threshold(probs, target, "sensitivity", 0.75) == 0.55
-    assert choose_threshold(probs, target, "sensitivity", 0.5) == 0.7
-    assert choose_threshold(probs, target, "sensitivity", 1.0) == 0.35
+    assert choose_threshold(probs, target, "sensitivity", 0.75) == pytest.approx(0.525)
+    assert choose_threshold(probs, target, "sensitivity", 0.5) == pytest.approx(0.65)
+    assert choose_threshold(probs, target, "sensitivity", 1.0) == pytest.approx(0.325)
+    assert choose_threshold([0.2, 0.1, 0.6], [1, 1, 0], "sensitivity", 1.0) == 0.05
 
 
 def test_max_f1_and_youden_differ_when_tb_is_rare():
     # Youden weighs sensitivity and specificity alike; F1 cares for the rare TB class' precision.
     probs = np.r_[[0.9, 0.6], np.linspace(0.0, 0.5, 40), [0.55, 0.58, 0.62, 0.65]]
     target = np.r_[[1, 1], np.zeros(40), np.zeros(4)].astype(int)
-    assert choose_threshold(probs, target, "youden") == 0.6
-    assert choose_threshold(probs, target, "max_f1") == 0.9
+    assert choose_threshold(probs, target, "youden") == pytest.approx((0.6 + 0.58) / 2)
+    assert choose_threshold(probs, target, "max_f1") == pytest.approx((0.9 + 0.65) / 2)
 
 
 def test_policies_agree_with_brute_force(scores):
@@ -162,11 +164,15 @@ def test_policies_agree_with_brute_force(scores):
     def youden(preds):
         return skm.recall_score(target, preds) + skm.recall_score(target, preds, pos_label=0)
 
-    assert choose_threshold(probs, target, "youden") == best(youden)
-    assert choose_threshold(probs, target, "max_f1") == best(lambda p: skm.f1_score(target, p))
-    chosen = choose_threshold(probs, target, "sensitivity", 0.9)
+    def same_calls(threshold, score_threshold):
+        # The policy's threshold calls TB exactly the images at or above the chosen score.
+        assert ((probs >= threshold) == (probs >= score_threshold)).all()
+        assert threshold < score_threshold
+
+    same_calls(choose_threshold(probs, target, "youden"), best(youden))
+    same_calls(choose_threshold(probs, target, "max_f1"), best(lambda p: skm.f1_score(target, p)))
     meeting = [t for t in candidates if skm.recall_score(target, probs >= t) >= 0.9]
-    assert chosen == max(meeting)
+    same_calls(choose_threshold(probs, target, "sensitivity", 0.9), max(meeting))
 
 
 def test_bad_policy_is_one_sentence():

@@ -139,7 +139,8 @@ class Predictions:
 
     @property
     def probs(self) -> np.ndarray:
-        return 1 / (1 + np.exp(-self.logits))
+        """TB probabilities as the module computes them (float32 sigmoid), held as float64."""
+        return torch.sigmoid(torch.from_numpy(self.logits.astype(np.float32))).double().numpy()
 
 
 def predict_images(

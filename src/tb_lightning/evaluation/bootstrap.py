@@ -6,8 +6,12 @@ import numpy as np
 
 from tb_lightning.evaluation.stats import weighted_metrics
 
+CHUNK = 250  # bootstrap resamples evaluated at once
 
-def bootstrap_weights(target: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+
+def bootstrap_weights(
+    target: np.ndarray, n_resamples: int, seed: int | np.random.SeedSequence
+) -> np.ndarray:
     """(n_resamples, n) multiplicities of a bootstrap stratified by class.
 
     Each class is resampled with replacement to its own size, so every replicate keeps the
@@ -43,8 +47,15 @@ def bootstrap_ci(
     """
     if n_resamples < 1:
         raise ValueError("n_resamples must be >= 1")
-    weights = bootstrap_weights(target, n_resamples, seed)
-    replicates = weighted_metrics(probs, target, threshold, weights)
+    # In chunks, so that memory stays ~CHUNK x n floats however many images there are. Each
+    # chunk has its own seed derived from `seed`: the result depends on the seed only.
+    chunks = []
+    seeds = np.random.SeedSequence(seed).spawn((n_resamples + CHUNK - 1) // CHUNK)
+    for i, chunk_seed in enumerate(seeds):
+        size = min(CHUNK, n_resamples - i * CHUNK)
+        weights = bootstrap_weights(target, size, chunk_seed)
+        chunks.append(weighted_metrics(probs, target, threshold, weights))
+    replicates = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
     tail = 100 * (1 - level) / 2
     intervals = {}
     for name, values in replicates.items():

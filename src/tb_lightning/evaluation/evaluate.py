@@ -105,7 +105,7 @@ def evaluate_samples(
         if len(set(labels[idx].tolist())) == 2  # a one-class source has no AUROC/spec pair
     }
     seed_metrics = seed_report_metrics(
-        predictions.logits, labels, threshold, loaded.pos_weight, "eval"
+        predictions.logits, probs, labels, threshold, loaded.pos_weight, "eval"
     )
     seed_metrics["eval/auroc"] = overall["auroc"]
     seed_metrics["eval/confusion_matrix"] = overall["confusion_matrix"]

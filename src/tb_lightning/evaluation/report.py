@@ -72,7 +72,12 @@ def screening_summary(
 
 
 def seed_report_metrics(
-    logits: np.ndarray, target: np.ndarray, threshold: float, pos_weight: float, prefix: str
+    logits: np.ndarray,
+    probs: np.ndarray,
+    target: np.ndarray,
+    threshold: float,
+    pos_weight: float,
+    prefix: str,
 ) -> dict[str, Any]:
     """The numbers of the seed's report (report.format_seed_report) at the given threshold.
 
@@ -84,7 +89,7 @@ def seed_report_metrics(
     # log(sigmoid(x)) = -log1p(exp(-x)), written stably with logaddexp.
     log_p, log_not_p = -np.logaddexp(0, -logits), -np.logaddexp(0, logits)
     loss = -np.mean(pos_weight * target * log_p + (1 - target) * log_not_p)
-    called = (1 / (1 + np.exp(-logits))) >= threshold
+    called = np.asarray(probs) >= threshold  # the same probabilities as every other metric
     metrics: dict[str, Any] = {
         f"{prefix}/loss": float(loss),
         f"{prefix}/acc": float(np.mean(called == target.astype(bool))),

@@ -28,8 +28,11 @@ def choose_threshold(
 ) -> float:
     """The TB-probability threshold (call TB when p >= it) that the policy picks.
 
-    Candidates are the distinct predicted probabilities, so the threshold reproduces exactly the
-    chosen point of the validation ROC curve.
+    Candidates are the points of the validation ROC curve (one per distinct probability). The
+    threshold returned sits halfway between the chosen point's probability and the next lower
+    one: it reproduces that point exactly on the validation images, and a last-bit difference
+    in a probability (another device, float32 vs float64) cannot flip an image that lay exactly
+    on the threshold.
     - youden: maximises sensitivity + specificity - 1;
     - max_f1: maximises the F1 score of the Tuberculosis class;
     - sensitivity: the highest threshold whose sensitivity is >= `sensitivity` (so the best
@@ -51,7 +54,8 @@ def choose_threshold(
         best = int(np.argmax(2 * tps / (tps + fps + n_pos)))
     else:
         best = int(np.flatnonzero(tpr >= sensitivity - 1e-12)[0])
-    return clip_threshold(float(thresholds[best]))
+    lower = thresholds[best + 1] if best + 1 < len(thresholds) else 0.0
+    return clip_threshold(float((thresholds[best] + lower) / 2))
 
 
 def clip_threshold(value: float) -> float:
