@@ -38,6 +38,11 @@ def write_report(output_dir: str | Path, metrics: Mapping[str, Any]) -> str:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     report = format_seed_report(metrics)
+    if "test/loss" in metrics:  # the held-out test split (data.test_size), in the same format
+        test = format_seed_report(metrics, prefix="test")
+        report += "\nHeld-out test split:\n" + test.replace("Validation", "Test").replace(
+            "validation", "test"
+        )
     (output_dir / "report.txt").write_text(report)
     (output_dir / "metrics.json").write_text(json.dumps(dict(metrics), indent=2) + "\n")
     return report

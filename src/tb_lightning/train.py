@@ -50,6 +50,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.write_split(output_dir / "split.csv")
+    datamodule.write_data_report(output_dir / "data_report.json")
     # The module keeps net/optimizer as plain dicts (saved in checkpoints), so no recursion.
     model: TBClassifier = instantiate_config(cfg.model, _recursive_=False)
 
@@ -104,15 +105,35 @@ def evaluate_best_checkpoint(
     if best:
         model.load_state_dict(load_checkpoint(best)["state_dict"])
     evaluator.validate(model, datamodule=datamodule, verbose=False)
+    val_results = model.val_results
     n_normal, n_tb = datamodule.class_counts("train")
     v_normal, v_tb = datamodule.class_counts("val")
     return {
-        **model.val_results,
+        **val_results,
+        **evaluate_test_split(evaluator, model, datamodule),
+        # The cross-validation fold of this run (null without k-fold); sweep summaries use it.
+        "data.fold": datamodule.fold if datamodule.num_folds is not None else None,
+        "data.num_folds": datamodule.num_folds,
         "checkpoint": best or None,
         "train_counts": {"Normal": n_normal, "Tuberculosis": n_tb},
         "val_counts": {"Normal": v_normal, "Tuberculosis": v_tb},
         "pos_weight": float(model.pos_weight),
     }
+
+
+def evaluate_test_split(
+    evaluator: L.Trainer, model: TBClassifier, datamodule: TBDataModule
+) -> dict[str, Any]:
+    """The held-out test split (data.test_size), evaluated once with the best weights.
+
+    Validation metrics computed on the test loader, renamed test/*; {} when there is no test split.
+    """
+    if not datamodule.test_samples:
+        return {}
+    evaluator.validate(model, dataloaders=datamodule.test_dataloader(), verbose=False)
+    t_normal, t_tb = datamodule.class_counts("test")
+    results = {f"test/{k.removeprefix('val/')}": v for k, v in model.val_results.items()}
+    return {**results, "test_counts": {"Normal": t_normal, "Tuberculosis": t_tb}}
 
 
 def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) -> None:

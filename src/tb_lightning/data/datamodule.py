@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,17 +13,33 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from tb_lightning.data import integrity
+from tb_lightning.data.data_report import build_data_report, write_data_report
 from tb_lightning.data.dataset import ImageTableDataset
 from tb_lightning.data.phantom import ensure_phantom_dataset
-from tb_lightning.data.sources import CLASS_NAMES, Sample, scan_class_folders
-from tb_lightning.data.split import read_split_csv, stratified_split, write_split_csv
+from tb_lightning.data.sources import (
+    CLASS_NAMES,
+    Sample,
+    scan_class_folders,
+    scan_class_map,
+    scan_manifest,
+    scan_nlm,
+)
+from tb_lightning.data.split import (
+    group_stratified_folds,
+    group_stratified_split,
+    read_split_sides,
+    write_split_csv,
+)
 from tb_lightning.data.transforms import build_transform
 from tb_lightning.errors import ConfigError
 from tb_lightning.models.net import ALEXNET_MIN_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("tb_cxr", "folder", "phantom")
+SOURCES = ("tb_cxr", "nlm_tb", "folder", "manifest", "phantom")
+# Keys one entry of data.sources may set (the rest come from the top-level data.* keys).
+SOURCE_KEYS = ("source", "root", "class_names", "class_map", "name")
 
 
 def resolve_num_workers(num_workers: int | str) -> int:
@@ -40,8 +57,16 @@ class TBDataModule(L.LightningDataModule):
     """Normal vs Tuberculosis images from one source, split into train and val.
 
     Args mirror `conf/data/*.yaml`; `source` picks how `root` is read: `tb_cxr` (the Kaggle
-    layout), `folder` (any class-folder tree named by `class_names`), `phantom` (synthetic images
-    generated under `root` with the `phantom` settings).
+    layout), `nlm_tb` (NLM Shenzhen/Montgomery, label in the filename), `folder` (any
+    class-folder tree named by `class_names`, or mapped to classes by `class_map`), `manifest`
+    (`root` is a CSV of path,label[,patient_id,source]), `phantom` (synthetic images generated
+    under `root` with the `phantom` settings). `sources`, a list of {source, root, ...} entries,
+    combines several sources in one table and replaces `source`/`root`.
+
+    Splits keep each patient on one side: `test_size` holds out a test split first (never
+    trained on), then `num_folds`/`fold` pick a cross-validation fold as val, else `val_size`.
+    Every image is checked when scanned (`on_bad_file`), and duplicates across the split are
+    reported (`on_leak`, `near_duplicate_distance`); `report` holds what data_report.json says.
     """
 
     def __init__(
@@ -57,10 +82,38 @@ class TBDataModule(L.LightningDataModule):
         num_workers: int | str = "auto",
         pin_memory: bool | str = "auto",
         phantom: dict[str, Any] | None = None,
+        sources: Sequence[dict[str, Any]] | None = None,
+        class_map: dict[str, Any] | None = None,
+        test_size: int | float | None = None,
+        num_folds: int | None = None,
+        fold: int = 0,
+        on_bad_file: str = "error",
+        on_leak: str = "warn",
+        near_duplicate_distance: int = 20,
+        scan_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
             raise ConfigError(f"data.source={source!r} is not one of {list(SOURCES)}.")
+        integrity.check_policy("data.on_bad_file", on_bad_file, integrity.BAD_FILE_POLICIES)
+        integrity.check_policy("data.on_leak", on_leak, integrity.LEAK_POLICIES)
+        if num_folds is not None and (
+            isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < num_folds
+        ):
+            raise ConfigError(
+                f"data.fold={fold!r} is not a fold of data.num_folds={num_folds}; use 0.."
+                f"{num_folds - 1 if isinstance(num_folds, int) else 'num_folds-1'}."
+            )
+        if (
+            isinstance(near_duplicate_distance, bool)
+            or not isinstance(near_duplicate_distance, int)
+            or not 0 <= near_duplicate_distance < integrity.PHASH_BITS
+        ):
+            raise ConfigError(
+                f"data.near_duplicate_distance={near_duplicate_distance!r} must be an integer "
+                f"in 0..{integrity.PHASH_BITS - 1} (differing bits of {integrity.PHASH_BITS}-bit "
+                "perceptual hashes; 0 = identical hashes only; default 20)."
+            )
         if len(class_names) != 2:
             raise ConfigError(
                 f"data.class_names={list(class_names)} must name two folders: "
@@ -84,35 +137,159 @@ class TBDataModule(L.LightningDataModule):
         self.num_workers = resolve_num_workers(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.phantom = dict(phantom or {})
+        self.sources = [self._source_entry(entry) for entry in sources or []]
+        self.class_map = dict(class_map) if class_map else None
+        self.test_size = test_size
+        self.num_folds = num_folds
+        self.fold = fold
+        self.on_bad_file = on_bad_file
+        self.on_leak = on_leak
+        self.near_duplicate_distance = near_duplicate_distance
+        self.scan_cache_dir = scan_cache_dir
         self.transform = build_transform(image_size)
         self.train_samples: list[Sample] | None = None
         self.val_samples: list[Sample] | None = None
+        self.test_samples: list[Sample] = []
+        self.report: dict[str, Any] = {}
+
+    def _source_entry(self, entry: Any) -> dict[str, Any]:
+        """One entry of data.sources with the top-level keys as its defaults."""
+        entry = dict(entry)
+        unknown = set(entry) - set(SOURCE_KEYS)
+        if unknown or "source" not in entry or "root" not in entry:
+            raise ConfigError(
+                f"data.sources entry {entry} must set source and root (and may set "
+                f"class_names, class_map, name); unknown keys: {sorted(unknown)}."
+            )
+        if entry["source"] not in SOURCES or entry["source"] == "phantom":
+            allowed = [s for s in SOURCES if s != "phantom"]
+            raise ConfigError(
+                f"data.sources entry source={entry['source']!r} is not one of {allowed}."
+            )
+        return entry
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node: the right place to write files.
-        if self.source == "phantom" and self.split_file is None:
+        if self.source == "phantom" and self.split_file is None and not self.sources:
             self.scan()
 
     def scan(self) -> list[Sample]:
-        """The full table of the source, before splitting."""
+        """The full table of the source(s), before checking and splitting."""
+        if self.sources:
+            samples = [s for entry in self.sources for s in self._scan_one(**entry)]
+            paths = [s.path for s in samples]
+            if len(set(paths)) != len(paths):
+                raise ConfigError(
+                    "data.sources lists the same image twice (two entries overlap); give each "
+                    "source its own root."
+                )
+            return samples
         if self.source == "phantom":
             pairs = ensure_phantom_dataset(self.root, **self.phantom)
             return [Sample(str(p), label, Path(p).stem, "phantom") for p, label in pairs]
-        return scan_class_folders(self.root, self.class_names, self.source)
+        return self._scan_one(self.source, str(self.root), self.class_names, self.class_map)
+
+    def _scan_one(
+        self,
+        source: str,
+        root: str,
+        class_names: Sequence[str] | None = None,
+        class_map: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> list[Sample]:
+        # split.csv and the scan cache hold absolute paths.
+        root_path = Path(root).expanduser().resolve()
+        if source == "nlm_tb":
+            return scan_nlm(root_path, name)
+        if source == "manifest":
+            return scan_manifest(root_path, name or "manifest")
+        if source == "folder" and class_map:
+            return scan_class_map(root_path, class_map, name or source)
+        return scan_class_folders(root_path, class_names or self.class_names, name or source)
+
+    def _split(self, samples: list[Sample]) -> dict[str, list[Sample]]:
+        """train/val(/test) sides of the table, each patient (per source) on one side."""
+        labels = [s.label for s in samples]
+        groups = [f"{s.source}/{s.patient_id}" for s in samples]
+        rest = list(range(len(samples)))
+        test: list[int] = []
+        if self.test_size:
+            rest, test = group_stratified_split(
+                labels, groups, self.test_size, self.split_seed, key="data.test_size"
+            )
+        rest_labels = [labels[i] for i in rest]
+        rest_groups = [groups[i] for i in rest]
+        if self.num_folds is not None:
+            folds = group_stratified_folds(
+                rest_labels, rest_groups, self.num_folds, self.split_seed
+            )
+            train = [j for j, f in enumerate(folds) if f != self.fold]
+            val = [j for j, f in enumerate(folds) if f == self.fold]
+            # Mixed classes in every val batch (AUROC on the sanity-check batches), seeded.
+            random.Random(self.split_seed).shuffle(val)
+        else:
+            train, val = group_stratified_split(
+                rest_labels, rest_groups, self.val_size, self.split_seed
+            )
+        return {
+            "train": [samples[rest[j]] for j in train],
+            "val": [samples[rest[j]] for j in val],
+            "test": [samples[i] for i in test],
+        }
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_samples is not None:  # Lightning may call setup again; the split stays.
             return
         if self.split_file:
-            self.train_samples, self.val_samples = read_split_csv(self.split_file)
-            log.info("Loaded the train/val split from %s", self.split_file)
+            splits = read_split_sides(self.split_file)
+            log.info("Loaded the split from %s", self.split_file)
+            samples = [s for side in splits.values() for s in side]
         else:
             samples = self.scan()
-            train_idx, val_idx = stratified_split(
-                [s.label for s in samples], self.val_size, self.split_seed
+        # Every image is decoded once here (or found unchanged in the cache), before training.
+        roots = [e["root"] for e in self.sources] or [str(self.root)]
+        cache = (
+            integrity.cache_file_for(self.scan_cache_dir, roots) if self.scan_cache_dir else None
+        )
+        infos, scan_stats = integrity.inspect_files([s.path for s in samples], cache)
+        log.info(
+            "Checked %d images (%d unchanged since the last scan) in %.1f s",
+            scan_stats["files"],
+            scan_stats["from_cache"],
+            scan_stats["seconds"],
+        )
+        good, skipped = integrity.apply_bad_file_policy(samples, infos, self.on_bad_file)
+        if self.split_file:
+            kept = {s.path for s in good}
+            splits = {name: [s for s in side if s.path in kept] for name, side in splits.items()}
+        else:
+            splits = self._split(good)
+        duplicates = integrity.find_duplicates(splits, infos, self.near_duplicate_distance)
+        dropped = integrity.apply_leak_policy(splits, duplicates, self.on_leak)
+        self.train_samples, self.val_samples = splits["train"], splits["val"]
+        self.test_samples = splits["test"]
+        self.report = build_data_report(
+            splits, infos, skipped, duplicates, dropped, self._report_settings(), scan_stats
+        )
+        n_dup = self.report["duplicates"]
+        log.info(
+            "Data: %d images from %s; %d skipped; duplicates: %d exact group(s) (%d across the "
+            "split), %d near pair(s) across the split",
+            self.report["images"],
+            ", ".join(
+                f"{k} ({sum(v.values())})" for k, v in self.report["counts"]["per_source"].items()
+            ),
+            len(skipped),
+            n_dup["exact_groups"],
+            n_dup["exact_groups_across_split"],
+            n_dup["near_pairs_across_split"],
+        )
+        if self.test_samples:
+            log.info(
+                "Held-out test split: %d (%s), evaluated once after training",
+                len(self.test_samples),
+                self.describe_counts(self.class_counts("test")),
             )
-            self.train_samples = [samples[i] for i in train_idx]
-            self.val_samples = [samples[i] for i in val_idx]
         counts = self.class_counts("train")
         log.info(
             "Split: %d train (%s), %d val (%s)",
@@ -123,7 +300,9 @@ class TBDataModule(L.LightningDataModule):
         )
 
     def class_counts(self, split: str = "train") -> list[int]:
-        samples = self.train_samples if split == "train" else self.val_samples
+        samples = {"train": self.train_samples, "val": self.val_samples, "test": self.test_samples}[
+            split
+        ]
         if samples is None:
             raise RuntimeError("class_counts() needs setup() to have run")
         return [sum(1 for s in samples if s.label == c) for c in range(len(CLASS_NAMES))]
@@ -143,13 +322,35 @@ class TBDataModule(L.LightningDataModule):
         return n_normal / n_tb
 
     def write_split(self, path: str | Path) -> None:
-        write_split_csv(path, self.train_samples or [], self.val_samples or [])
+        write_split_csv(path, self.train_samples or [], self.val_samples or [], self.test_samples)
+
+    def write_data_report(self, path: str | Path) -> None:
+        """data_report.json: counts, image sizes, skipped files, duplicates, class weights."""
+        write_data_report(path, self.report)
+
+    def _report_settings(self) -> dict[str, Any]:
+        return {
+            "sources": self.sources or [{"source": self.source, "root": str(self.root)}],
+            "split_file": self.split_file,
+            "split_seed": self.split_seed,
+            "val_size": None if self.num_folds is not None else self.val_size,
+            "test_size": self.test_size,
+            "num_folds": self.num_folds,
+            "fold": self.fold if self.num_folds is not None else None,
+            "on_bad_file": self.on_bad_file,
+            "on_leak": self.on_leak,
+            "near_duplicate_distance": self.near_duplicate_distance,
+        }
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_samples, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_samples, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out test split (data.test_size); train.py evaluates it once, at the end."""
+        return self._loader(self.test_samples, shuffle=False)
 
     def _loader(self, samples: list[Sample] | None, shuffle: bool) -> DataLoader:
         if samples is None:

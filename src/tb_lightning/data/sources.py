@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,13 +85,150 @@ def scan_class_folders(
             )
     samples: list[Sample] = []
     for label, (class_name, class_dir) in enumerate(zip(class_names, class_dirs, strict=True)):
-        paths = sorted(p for p in class_dir.rglob("*") if is_image_file(p))
+        paths = image_files(class_dir)
         if not paths:
             raise DataError(
                 f"Class folder {class_dir} holds no .png/.jpg/.jpeg images; add the "
                 f"'{class_name}' images there or fix data.root."
             )
-        for path in paths:
-            check_readable(path)
-            samples.append(Sample(str(path), label, path.stem, source))
+        # Readability is checked for all sources at once by data/integrity.py (cached).
+        samples.extend(Sample(str(path), label, path.stem, source) for path in paths)
+    return samples
+
+
+# NLM Shenzhen / Montgomery names: <prefix>_<patient number>_<label>, e.g. CHNCXR_0001_0.png.
+NLM_NAME = re.compile(r"^(?P<prefix>[A-Za-z]+)_(?P<number>\d+)_(?P<label>[01])$")
+LABEL_ALIASES = {
+    "0": 0,
+    "normal": 0,
+    "negative": 0,
+    "1": 1,
+    "tuberculosis": 1,
+    "tb": 1,
+    "positive": 1,
+}
+
+
+def parse_label(value: object, where: str) -> int:
+    """0/1, Normal/Tuberculosis (or TB), any case, as label 0/1; `where` names the culprit."""
+    label = LABEL_ALIASES.get(str(value).strip().lower())
+    if label is None:
+        raise DataError(
+            f"{where}: label {value!r} is neither Normal nor Tuberculosis; use 0/1, "
+            "Normal/Tuberculosis or TB."
+        )
+    return label
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every visible .png/.jpg/.jpeg under folder, recursively, sorted; hidden folders skipped."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if is_image_file(p)
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def scan_nlm(root: str | Path, source: str | None = None) -> list[Sample]:
+    """The NLM Shenzhen (CHNCXR_*) and Montgomery (MCUCXR_*) sets: flat or in class folders.
+
+    The filename suffix is the label (0 normal, 1 TB), the prefix the source (unless `source`
+    names one for all), prefix + number the patient.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"data.root={root} does not exist; pass the folder holding the NLM images "
+            "(CHNCXR_0001_0.png, MCUCXR_0104_1.png, ... flat or in class folders)."
+        )
+    samples: list[Sample] = []
+    for path in image_files(root):
+        match = NLM_NAME.match(path.stem)
+        if match is None:
+            raise DataError(
+                f"{path} does not follow the NLM naming <PREFIX>_<number>_<0|1>.png (e.g. "
+                "CHNCXR_0001_0.png); rename or remove it, or use data=folder for this tree."
+            )
+        label = int(match["label"])
+        prefix = match["prefix"].upper()
+        folder_label = LABEL_ALIASES.get(path.parent.name.lower()) if path.parent != root else None
+        if folder_label is not None and folder_label != label:
+            raise DataError(
+                f"{path} is in the folder '{path.parent.name}/' but its suffix _{label} says "
+                f"{CLASS_NAMES[label]}; move the file or fix its name."
+            )
+        samples.append(Sample(str(path), label, f"{prefix}_{match['number']}", source or prefix))
+    if not samples:
+        raise DataError(f"data.root={root} holds no .png/.jpg/.jpeg images; fix data.root.")
+    return samples
+
+
+def scan_class_map(
+    root: str | Path, class_map: Mapping[str, object], source: str = "folder"
+) -> list[Sample]:
+    """Any class-folder tree: class_map maps each folder (relative to root) to Normal/TB.
+
+    Several folders may map to one class (e.g. {healthy: Normal, tb_smear: TB, tb_culture: TB});
+    folders not in class_map are left out.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(missing_root_message(root, source))
+    samples: list[Sample] = []
+    for folder_name, class_value in class_map.items():
+        label = parse_label(class_value, f"data.class_map.{folder_name}")
+        folder = find_class_dir(root, str(folder_name))
+        if folder is None:
+            raise DataError(
+                f"data.root={root} has no folder '{folder_name}/' named in data.class_map; fix "
+                "data.class_map or data.root."
+            )
+        paths = image_files(folder)
+        if not paths:
+            raise DataError(
+                f"Class folder {folder} holds no .png/.jpg/.jpeg images; add images or remove "
+                f"'{folder_name}' from data.class_map."
+            )
+        samples.extend(Sample(str(p), label, p.stem, source) for p in paths)
+    return samples
+
+
+def scan_manifest(path: str | Path, source: str = "manifest") -> list[Sample]:
+    """A CSV with `path,label` and optional `patient_id,source` columns.
+
+    Relative paths are relative to the CSV's folder; a missing patient_id means one image per
+    patient, a missing source means `source`.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"data.root={path} is not a file; for data=manifest pass the CSV with path,label "
+            "columns (and optional patient_id,source)."
+        )
+    samples: list[Sample] = []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"path", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(
+                f"Manifest {path} lacks the column(s) {sorted(missing)}; its header must hold "
+                "path,label (and optionally patient_id,source)."
+            )
+        for line, row in enumerate(reader, start=2):
+            image = Path(row["path"]).expanduser()
+            if not image.is_absolute():
+                image = path.parent / image
+            if not image.is_file():
+                raise DataError(
+                    f"Manifest {path} line {line} lists {image}, which does not exist; fix the "
+                    "path or remove the row."
+                )
+            label = parse_label(row["label"], f"Manifest {path} line {line}")
+            patient = (row.get("patient_id") or "").strip() or image.stem
+            samples.append(
+                Sample(str(image), label, patient, (row.get("source") or "").strip() or source)
+            )
+    if not samples:
+        raise DataError(f"Manifest {path} has no rows; add path,label rows.")
     return samples

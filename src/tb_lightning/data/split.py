@@ -13,23 +13,22 @@ from tb_lightning.errors import ConfigError, DataError
 SPLIT_COLUMNS = ("path", "label", "class_name", "split", "patient_id", "source")
 
 
-def resolve_val_count(val_size: int | float, num_samples: int) -> int:
+def resolve_val_count(val_size: int | float, num_samples: int, key: str = "data.val_size") -> int:
     """`data.val_size` as a count: an int is a count (the seed's 600), a float a fraction."""
     if isinstance(val_size, bool) or not isinstance(val_size, int | float):
         raise ConfigError(
-            f"data.val_size={val_size!r} is not a number; use a count like 600 or a fraction "
-            "like 0.15."
+            f"{key}={val_size!r} is not a number; use a count like 600 or a fraction like 0.15."
         )
     if isinstance(val_size, float):
         if not 0.0 < val_size < 1.0:
             raise ConfigError(
-                f"data.val_size={val_size} is not a fraction in (0, 1); use e.g. 0.15, or an "
+                f"{key}={val_size} is not a fraction in (0, 1); use e.g. 0.15, or an "
                 "integer count of validation images."
             )
         return max(1, round(val_size * num_samples))
     if not 0 < val_size < num_samples:
         raise ConfigError(
-            f"data.val_size={val_size} must be between 1 and {num_samples - 1} (the data has "
+            f"{key}={val_size} must be between 1 and {num_samples - 1} (the data has "
             f"{num_samples} images); use a smaller count or a fraction like 0.15."
         )
     return val_size
@@ -78,14 +77,19 @@ def stratified_split(
     return sorted(train), val
 
 
-def write_split_csv(path: str | Path, train: Sequence[Sample], val: Sequence[Sample]) -> None:
+def write_split_csv(
+    path: str | Path,
+    train: Sequence[Sample],
+    val: Sequence[Sample],
+    test: Sequence[Sample] = (),
+) -> None:
     """Write the split so that `data.split_file=<path>` reproduces it exactly."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(SPLIT_COLUMNS)
-        for split, samples in (("train", train), ("val", val)):
+        for split, samples in (("train", train), ("val", val), ("test", test)):
             for s in samples:
                 writer.writerow(
                     [s.path, s.label, CLASS_NAMES[s.label], split, s.patient_id, s.source]
@@ -94,13 +98,19 @@ def write_split_csv(path: str | Path, train: Sequence[Sample], val: Sequence[Sam
 
 def read_split_csv(path: str | Path) -> tuple[list[Sample], list[Sample]]:
     """Read a `split.csv` back into (train, val); every listed file must still exist."""
+    sides = read_split_sides(path)
+    return sides["train"], sides["val"]
+
+
+def read_split_sides(path: str | Path) -> dict[str, list[Sample]]:
+    """Read a `split.csv` into {"train": [...], "val": [...], "test": [...] (maybe empty)}."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(
             f"data.split_file={path} does not exist; pass the split.csv of an earlier run, or "
             "data.split_file=null to make a new split."
         )
-    sides: dict[str, list[Sample]] = {"train": [], "val": []}
+    sides: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         missing_columns = {"path", "label", "split"} - set(reader.fieldnames or [])
@@ -113,7 +123,7 @@ def read_split_csv(path: str | Path) -> tuple[list[Sample], list[Sample]]:
             if row["split"] not in sides or row["label"] not in ("0", "1"):
                 raise DataError(
                     f"data.split_file={path} has a row with split={row['split']!r} "
-                    f"label={row['label']!r} (allowed: split train/val, label 0/1); fix or "
+                    f"label={row['label']!r} (allowed: split train/val/test, label 0/1); fix or "
                     "regenerate the file."
                 )
             image = Path(row["path"])
@@ -130,7 +140,109 @@ def read_split_csv(path: str | Path) -> tuple[list[Sample], list[Sample]]:
             f"data.split_file={path} lists {len(missing)} file(s) that do not exist, e.g. "
             f"{missing[0]}; restore the images or make a new split with data.split_file=null."
         )
-    for side, samples in sides.items():
-        if not samples:
+    for side in ("train", "val"):
+        if not sides[side]:
             raise DataError(f"data.split_file={path} has no '{side}' rows; regenerate it.")
-    return sides["train"], sides["val"]
+    return sides
+
+
+# Patient-safe splits. scikit-learn's StratifiedGroupKFold only gives 1/k fractions and its
+# GroupShuffleSplit is not stratified, while data.val_size / data.test_size are exact counts (the
+# seed's 600) or fractions; these small greedy splitters do both, seeded with random.Random.
+
+
+def group_table(labels: Sequence[int], groups: Sequence[str]) -> dict[str, list[int]]:
+    """Sample indices per group, in first-seen order."""
+    if len(labels) != len(groups):
+        raise ValueError("labels and groups differ in length")
+    table: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        table.setdefault(group, []).append(i)
+    return table
+
+
+def groups_by_class(
+    labels: Sequence[int], groups: Sequence[str], seed: int
+) -> list[list[list[int]]]:
+    """Per class, the shuffled groups (index lists) whose class it is.
+
+    A group's class is the highest label among its images: a patient with any TB image counts
+    as a TB patient, so TB patients are spread over the sides like TB images.
+    """
+    rng = random.Random(seed)
+    per_class: list[list[list[int]]] = [[] for _ in CLASS_NAMES]
+    for members in group_table(labels, groups).values():
+        per_class[max(labels[i] for i in members)].append(members)
+    for class_groups in per_class:
+        rng.shuffle(class_groups)
+    return per_class
+
+
+def group_stratified_split(
+    labels: Sequence[int],
+    groups: Sequence[str],
+    val_size: int | float,
+    seed: int,
+    key: str = "data.val_size",
+) -> tuple[list[int], list[int]]:
+    """Indices (train, val), stratified by class, with every group wholly on one side.
+
+    With one image per group this is an exact stratified split; with larger groups each class
+    gets as close to its share of val_size as whole groups allow.
+    """
+    val_count = resolve_val_count(val_size, len(labels), key)
+    per_class = groups_by_class(labels, groups, seed)
+    class_sizes = [sum(len(g) for g in class_groups) for class_groups in per_class]
+    targets = allocate_per_class(class_sizes, val_count)
+    rng = random.Random(seed)
+    train: list[int] = []
+    val: list[int] = []
+    for class_name, class_groups, target in zip(CLASS_NAMES, per_class, targets, strict=True):
+        taken = 0
+        for members in class_groups:
+            # Take a group when it brings this class's val count closer to its target.
+            if abs(taken + len(members) - target) < abs(taken - target):
+                val.extend(members)
+                taken += len(members)
+            else:
+                train.extend(members)
+        on_train = sum(len(g) for g in class_groups) - taken
+        if taken == 0 or on_train == 0:
+            side = "validation" if taken == 0 else "training"
+            raise ConfigError(
+                f"{key}={val_size} leaves no {class_name} image for {side} "
+                f"({class_sizes[CLASS_NAMES.index(class_name)]} {class_name} images of "
+                f"{len(labels)}); choose a size that keeps every class on both sides."
+            )
+    rng.shuffle(val)  # mixed classes in every val batch, as in stratified_split
+    return sorted(train), val
+
+
+def group_stratified_folds(
+    labels: Sequence[int], groups: Sequence[str], num_folds: int, seed: int
+) -> list[int]:
+    """The fold (0..num_folds-1) of every sample: stratified by class, groups kept whole.
+
+    Groups are dealt largest first to the fold that holds the fewest images of their class,
+    so fold sizes per class differ by at most one group.
+    """
+    if isinstance(num_folds, bool) or not isinstance(num_folds, int) or num_folds < 2:
+        raise ConfigError(f"data.num_folds={num_folds!r} must be an integer >= 2 (or null).")
+    fold_of = [-1] * len(labels)
+    per_class = groups_by_class(labels, groups, seed)
+    totals = [0] * num_folds
+    for class_name, class_groups in zip(CLASS_NAMES, per_class, strict=True):
+        if len(class_groups) < num_folds:
+            raise ConfigError(
+                f"data.num_folds={num_folds} is more than the {len(class_groups)} {class_name} "
+                "patients; use fewer folds."
+            )
+        class_counts = [0] * num_folds
+        # sorted() is stable: equal-sized groups keep their seeded shuffled order.
+        for members in sorted(class_groups, key=len, reverse=True):
+            fold = min(range(num_folds), key=lambda f: (class_counts[f], totals[f], f))
+            class_counts[fold] += len(members)
+            totals[fold] += len(members)
+            for i in members:
+                fold_of[i] = fold
+    return fold_of

@@ -1,0 +1,300 @@
+"""Data integrity at scan time: unreadable files, exact and near duplicates across the split.
+
+Every image is opened and fully decoded once when the data is scanned, so a broken file stops
+the run (or is skipped) before training, never in the middle of an epoch. The same pass computes
+a content hash (SHA-256 of the bytes) and a perceptual hash (imagehash's 256-bit pHash of the
+8-bit grayscale image). Both are cached per file (keyed by path, size and modification time), so
+a rescan of an unchanged folder reads no image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import imagehash
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from tb_lightning.data.sources import Sample
+from tb_lightning.data.transforms import pil_to_rgb_array
+from tb_lightning.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+MIN_SIDE = 64  # smaller images hold too little to learn from (and are usually icons/thumbnails)
+MAX_SIDE = 8192  # larger ones are not chest X-rays as exported for ML; decoding them costs GBs
+BAD_FILE_POLICIES = ("error", "skip")
+LEAK_POLICIES = ("warn", "error", "drop")
+# pHash on a 16x16 DCT block: 256 bits. Chest X-rays all look alike, and imagehash's default
+# 64-bit pHash puts different patients 2-4 bits apart; at 256 bits, different patients of the NLM
+# set are >= 48 bits apart while resized/recompressed/brightened copies stay <= 10 apart.
+PHASH_SIZE = 16
+PHASH_BITS = PHASH_SIZE * PHASH_SIZE
+# Bump when inspect_file changes what it stores, so old cache entries are not trusted.
+CACHE_VERSION = 1
+# Split order: on a leak, `drop` keeps the copy on the earliest side and drops the later ones.
+SPLIT_ORDER = ("train", "val", "test")
+
+
+def check_policy(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}.")
+
+
+def inspect_file(path: str) -> dict[str, Any]:
+    """Decode one image fully; return its hashes, size and mode, or `problem` when unusable."""
+    info: dict[str, Any] = {"problem": None}
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return {"problem": f"cannot be read ({err.strerror or err})"}
+    if not data:
+        return {"problem": "empty file (0 bytes)"}
+    info["sha256"] = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            info.update(width=width, height=height, mode=image.mode, format=image.format)
+            # Size limits are checked on the header, before a huge image is decoded.
+            if max(width, height) > MAX_SIDE:
+                info["problem"] = f"huge image ({width}x{height} px, more than {MAX_SIDE} px)"
+                return info
+            if min(width, height) < MIN_SIDE:
+                info["problem"] = f"tiny image ({width}x{height} px, less than {MIN_SIDE} px)"
+                return info
+            image.load()  # a truncated PNG/JPEG fails here
+            gray = Image.fromarray(pil_to_rgb_array(image)).convert("L")
+    except UnidentifiedImageError:
+        info["problem"] = "not an image (the content is not a format PIL can read)"
+        return info
+    except Image.DecompressionBombError as err:
+        info["problem"] = f"huge image ({err})"
+        return info
+    except (OSError, SyntaxError, ValueError) as err:
+        info["problem"] = f"truncated or corrupt {info.get('format') or 'image'} ({err})"
+        return info
+    info["phash"] = str(imagehash.phash(gray, hash_size=PHASH_SIZE))
+    return info
+
+
+def file_key(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def cache_file_for(cache_dir: str | Path, roots: Iterable[str]) -> Path:
+    """One cache file per set of data roots (so two datasets never share or clobber one)."""
+    digest = hashlib.sha1("\n".join(sorted(str(r) for r in roots)).encode()).hexdigest()[:16]
+    return Path(cache_dir).expanduser() / f"scan-{digest}.json"
+
+
+def load_cache(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # a damaged cache is only a slower scan
+    return cache.get("files", {}) if cache.get("version") == CACHE_VERSION else {}
+
+
+def save_cache(path: Path | None, entries: Mapping[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"version": CACHE_VERSION, "files": entries}))
+    tmp.replace(path)  # atomic: a concurrent run reads the old or the new cache, never half
+
+
+def inspect_files(
+    paths: Sequence[str], cache_path: Path | None = None, progress: bool = True
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Inspect every path (from the cache when unchanged); return (infos, scan statistics)."""
+    start = time.perf_counter()
+    cache = load_cache(cache_path)
+    infos: dict[str, dict[str, Any]] = {}
+    entries: dict[str, Any] = {}
+    todo: list[str] = []
+    for path in paths:
+        key = file_key(path)
+        cached = cache.get(path)
+        if key is not None and cached is not None and tuple(cached["key"]) == key:
+            infos[path] = cached["info"]
+            entries[path] = cached
+        else:
+            todo.append(path)
+    if todo:
+        from tqdm import tqdm
+
+        # PIL and hashlib release the GIL while decoding and hashing, so threads scale.
+        workers = min(16, os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool:
+            results = pool.map(inspect_file, todo)
+            bar = tqdm(
+                zip(todo, results, strict=True),
+                total=len(todo),
+                desc="Checking images",
+                disable=not progress or len(todo) < 200,
+            )
+            for path, info in bar:
+                infos[path] = info
+                key = file_key(path)
+                if key is not None:
+                    entries[path] = {"key": list(key), "info": info}
+        save_cache(cache_path, entries)
+    stats = {
+        "files": len(paths),
+        "from_cache": len(paths) - len(todo),
+        "decoded": len(todo),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return infos, stats
+
+
+def apply_bad_file_policy(
+    samples: Sequence[Sample], infos: Mapping[str, Mapping[str, Any]], on_bad_file: str
+) -> tuple[list[Sample], list[dict[str, str]]]:
+    """Samples that decode; `error` stops at the first bad file, `skip` lists each one."""
+    check_policy("data.on_bad_file", on_bad_file, BAD_FILE_POLICIES)
+    bad = [(s, infos[s.path]["problem"]) for s in samples if infos[s.path]["problem"]]
+    if bad and on_bad_file == "error":
+        sample, problem = bad[0]
+        more = f" ({len(bad) - 1} more bad file(s) after it)" if len(bad) > 1 else ""
+        raise DataError(
+            f"Cannot use image {sample.path}: {problem}{more}; remove or replace it, or pass "
+            "data.on_bad_file=skip to leave bad files out (listed in data_report.json)."
+        )
+    skipped = [{"path": s.path, "reason": problem} for s, problem in bad]
+    for entry in skipped:
+        log.warning("Skipping %s: %s", entry["path"], entry["reason"])
+    bad_paths = {s.path for s, _ in bad}
+    return [s for s in samples if s.path not in bad_paths], skipped
+
+
+def phash_matrix(hex_hashes: Sequence[str]) -> np.ndarray:
+    """PHASH_BITS-bit perceptual hashes (hex) as an (N, PHASH_BITS) array of 0/1 floats."""
+    if not hex_hashes:
+        return np.zeros((0, PHASH_BITS), dtype=np.float32)
+    packed = np.frombuffer(b"".join(bytes.fromhex(h) for h in hex_hashes), dtype=np.uint8)
+    return np.unpackbits(packed).reshape(len(hex_hashes), -1).astype(np.float32)
+
+
+def hamming_distances(a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+    """All pairwise Hamming distances between two lists of hashes, as one matrix product."""
+    bits_a, bits_b = phash_matrix(a), phash_matrix(b)
+    same = bits_a @ bits_b.T + (1 - bits_a) @ (1 - bits_b).T
+    return np.rint(bits_a.shape[1] - same).astype(np.int64)
+
+
+def find_duplicates(
+    splits: Mapping[str, Sequence[Sample]],
+    infos: Mapping[str, Mapping[str, Any]],
+    near_distance: int,
+) -> dict[str, Any]:
+    """Exact duplicates (same bytes) anywhere, and near duplicates across two sides of the split.
+
+    Returns {"exact": [groups], "near": [pairs]}; a group or pair marked `leak` spans two sides.
+    Near duplicates are pairs whose pHash differ in at most `near_distance` of 256 bits (and are
+    not exact duplicates); within one side they do no harm and are not listed.
+    """
+    by_hash: dict[str, list[tuple[str, str]]] = {}
+    for split, samples in splits.items():
+        for s in samples:
+            by_hash.setdefault(infos[s.path]["sha256"], []).append((split, s.path))
+    exact = [
+        {
+            "sha256": digest,
+            "files": [{"path": p, "split": split} for split, p in members],
+            "leak": len({split for split, _ in members}) > 1,
+        }
+        for digest, members in by_hash.items()
+        if len(members) > 1
+    ]
+    near: list[dict[str, Any]] = []
+    names = [name for name in SPLIT_ORDER if splits.get(name)]
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            a, b = list(splits[first]), list(splits[second])
+            distances = hamming_distances(
+                [infos[s.path]["phash"] for s in a], [infos[s.path]["phash"] for s in b]
+            )
+            for ia, ib in zip(*np.nonzero(distances <= near_distance), strict=True):
+                sa, sb = a[ia], b[ib]
+                if infos[sa.path]["sha256"] == infos[sb.path]["sha256"]:
+                    continue  # already an exact duplicate
+                near.append(
+                    {
+                        "files": [
+                            {"path": sa.path, "split": first},
+                            {"path": sb.path, "split": second},
+                        ],
+                        "distance": int(distances[ia, ib]),
+                        "leak": True,
+                    }
+                )
+    return {"exact": exact, "near": near}
+
+
+def leaking_paths(duplicates: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(path to drop, its split, the copy it duplicates) for every leak: later sides lose."""
+    drops: dict[str, tuple[str, str, str]] = {}
+    for entry in [*duplicates["exact"], *duplicates["near"]]:
+        if not entry["leak"]:
+            continue
+        files = sorted(entry["files"], key=lambda f: SPLIT_ORDER.index(f["split"]))
+        keep_split = files[0]["split"]
+        for f in files[1:]:
+            if f["split"] != keep_split:
+                drops.setdefault(f["path"], (f["path"], f["split"], files[0]["path"]))
+    return list(drops.values())
+
+
+def apply_leak_policy(
+    splits: dict[str, list[Sample]], duplicates: Mapping[str, Any], on_leak: str
+) -> list[dict[str, str]]:
+    """Warn about, refuse, or drop (from val/test) images duplicated across the split.
+
+    Returns the dropped files; `splits` is changed in place when dropping.
+    """
+    check_policy("data.on_leak", on_leak, LEAK_POLICIES)
+    leaks = leaking_paths(duplicates)
+    if not leaks:
+        return []
+    n_exact = sum(1 for g in duplicates["exact"] if g["leak"])
+    n_near = len(duplicates["near"])
+    path, split, twin = leaks[0]
+    summary = (
+        f"{n_exact} exact and {n_near} near duplicate(s) cross the split, e.g. {path} ({split}) "
+        f"duplicates {twin}"
+    )
+    if on_leak == "error":
+        raise DataError(
+            f"{summary}; remove the copies, or pass data.on_leak=drop to drop them from the "
+            "evaluation side (or data.on_leak=warn to keep them). All are listed in "
+            "data_report.json."
+        )
+    if on_leak == "warn":
+        log.warning(
+            "%s. Validation/test metrics may be optimistic; data.on_leak=drop removes them "
+            "(all listed in data_report.json).",
+            summary,
+        )
+        return []
+    dropped_paths = {p for p, _, _ in leaks}
+    for name in splits:
+        splits[name] = [s for s in splits[name] if s.path not in dropped_paths]
+    log.warning("%s; dropped %d image(s) from val/test (data.on_leak=drop).", summary, len(leaks))
+    return [{"path": p, "split": s, "duplicate_of": twin} for p, s, twin in leaks]

@@ -1,0 +1,204 @@
+"""Bad files found at scan time (error | skip), odd modes decoded right, duplicates, the cache."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from data_builders import (
+    BAD_KINDS,
+    VALID_ODD_KINDS,
+    class_tree,
+    pixels,
+    write_bad,
+    write_odd_valid,
+)
+from tb_lightning.data.datamodule import TBDataModule
+from tb_lightning.data.integrity import cache_file_for, inspect_files
+from tb_lightning.data.sources import Sample
+from tb_lightning.data.split import write_split_csv
+from tb_lightning.data.transforms import load_image
+from tb_lightning.errors import ConfigError, DataError
+
+
+def data_module(root, **kwargs) -> TBDataModule:
+    return TBDataModule(root=str(root), image_size=64, num_workers=0, val_size=0.25, **kwargs)
+
+
+@pytest.mark.parametrize("kind", VALID_ODD_KINDS)
+def test_odd_but_valid_modes_decode_to_the_8bit_picture(tmp_path, kind):
+    path = write_odd_valid(tmp_path, kind, seed=5)
+    image = load_image(path)
+    assert image.dtype.is_floating_point is False and image.shape == (3, 96, 96)
+    expected = pixels(5).astype(int)
+    tolerance = 3 if kind == "cmyk" else 1  # JPEG is lossy; 16-bit -> 8-bit rounds
+    assert np.abs(image[0].numpy().astype(int) - expected).max() <= tolerance
+    # The scan accepts it and hashes the same picture as the plain 8-bit PNG.
+    infos, _ = inspect_files([str(path)], progress=False)
+    assert infos[str(path)]["problem"] is None
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_KINDS))
+def test_bad_file_stops_the_scan_naming_file_and_problem(tmp_path, kind):
+    class_tree(tmp_path, counts=(6, 6))
+    bad = write_bad(tmp_path / "Tuberculosis", kind)
+    with pytest.raises(DataError) as err:
+        data_module(tmp_path).setup()
+    message = str(err.value)
+    assert str(bad) in message and BAD_KINDS[kind] in message
+    assert "data.on_bad_file=skip" in message
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_KINDS))
+def test_bad_file_is_skipped_and_listed(tmp_path, kind):
+    class_tree(tmp_path, counts=(6, 6))
+    bad = write_bad(tmp_path / "Normal", kind)
+    dm = data_module(tmp_path, on_bad_file="skip")
+    dm.setup()
+    used = [s.path for s in dm.train_samples + dm.val_samples]
+    assert str(bad) not in used and len(used) == 12
+    (skipped,) = dm.report["skipped_files"]
+    assert skipped["path"] == str(bad) and BAD_KINDS[kind] in skipped["reason"]
+
+
+def test_bad_policies_are_checked():
+    with pytest.raises(ConfigError, match="data.on_bad_file"):
+        TBDataModule(on_bad_file="ignore")
+    with pytest.raises(ConfigError, match="data.on_leak"):
+        TBDataModule(on_leak="maybe")
+
+
+def test_hidden_and_non_image_files_are_ignored(tmp_path):
+    class_tree(tmp_path, counts=(4, 4))
+    (tmp_path / "Normal" / ".DS_Store").write_bytes(b"\0junk")
+    (tmp_path / "Normal" / "._Normal-0.png").write_bytes(b"mac resource fork")
+    (tmp_path / "Normal" / ".thumbs").mkdir()
+    write_bad(tmp_path / "Normal" / ".thumbs", "tiny")
+    (tmp_path / "Normal" / "notes.txt").write_text("x")
+    dm = data_module(tmp_path)
+    dm.setup()
+    assert dm.report["images"] == 8 and dm.report["skipped_files"] == []
+
+
+def leak_setup(tmp_path, on_leak: str) -> tuple[TBDataModule, dict[str, str]]:
+    """Train holds originals; val holds an exact copy and a recompressed, resized copy."""
+    class_tree(tmp_path / "db", counts=(6, 6))
+    normal, tb = tmp_path / "db" / "Normal", tmp_path / "db" / "Tuberculosis"
+    exact = shutil.copy(normal / "Normal-0.png", normal / "copy-of-0.png")
+    near = normal / "near-copy-of-1.jpg"
+    with Image.open(normal / "Normal-1.png") as im:
+        buffer = io.BytesIO()
+        im.resize((120, 120)).save(buffer, "JPEG", quality=80)
+    near.write_bytes(buffer.getvalue())
+
+    def sample(path, label):
+        return Sample(str(path), label, os.path.basename(path), "tb_cxr")
+
+    train = [sample(normal / f"Normal-{i}.png", 0) for i in range(4)]
+    train += [sample(tb / f"Tuberculosis-{i}.png", 1) for i in range(4)]
+    val = [sample(exact, 0), sample(near, 0), sample(normal / "Normal-5.png", 0)]
+    val += [sample(tb / f"Tuberculosis-{i}.png", 1) for i in (4, 5)]
+    write_split_csv(tmp_path / "split.csv", train, val)
+    dm = data_module(tmp_path / "db", split_file=str(tmp_path / "split.csv"), on_leak=on_leak)
+    return dm, {"exact": str(exact), "near": str(near)}
+
+
+def test_duplicates_across_the_split_are_reported(tmp_path):
+    dm, copies = leak_setup(tmp_path, "warn")
+    dm.setup()
+    dups = dm.report["duplicates"]
+    assert dups["exact_groups_across_split"] == 1 and dups["near_pairs_across_split"] == 1
+    (group,) = dups["exact"]
+    assert {f["split"] for f in group["files"]} == {"train", "val"}
+    assert copies["exact"] in {f["path"] for f in group["files"]}
+    (pair,) = dups["near"]
+    assert pair["files"][1]["path"] == copies["near"] and pair["files"][0]["path"].endswith(
+        "Normal-1.png"
+    )
+    assert len(dm.val_samples) == 5  # warn keeps them
+
+
+def test_leaks_refused_or_dropped(tmp_path):
+    dm, copies = leak_setup(tmp_path, "error")
+    with pytest.raises(DataError, match="cross the split.*data.on_leak=drop"):
+        dm.setup()
+    dm, copies = leak_setup(tmp_path / "again", "drop")
+    dm.setup()
+    val = {s.path for s in dm.val_samples}
+    assert len(val) == 3 and not val & set(copies.values())
+    assert {d["path"] for d in dm.report["duplicates"]["dropped"]} == set(copies.values())
+
+
+def test_exact_duplicates_on_one_side_are_not_leaks(tmp_path):
+    class_tree(tmp_path, counts=(8, 8))
+    shutil.copy(tmp_path / "Normal" / "Normal-0.png", tmp_path / "Normal" / "again.png")
+    for seed in range(4):
+        dm = data_module(tmp_path, split_seed=seed)
+        dm.setup()
+        (group,) = dm.report["duplicates"]["exact"]
+        sides = {f["split"] for f in group["files"]}
+        assert group["leak"] == (len(sides) == 2)
+        assert dm.report["duplicates"]["exact_groups_across_split"] == int(group["leak"])
+
+
+def test_hash_cache_makes_a_rescan_decode_nothing(tmp_path):
+    class_tree(tmp_path / "db", counts=(5, 5))
+    paths = sorted(str(p) for p in (tmp_path / "db").rglob("*.png"))
+    cache = cache_file_for(tmp_path / "cache", [str(tmp_path / "db")])
+    first, stats = inspect_files(paths, cache, progress=False)
+    assert stats["decoded"] == 10 and cache.is_file()
+    again, stats = inspect_files(paths, cache, progress=False)
+    assert stats == {**stats, "decoded": 0, "from_cache": 10} and again == first
+    write_bad(tmp_path / "db" / "Normal", "truncated_png")
+    os.replace(tmp_path / "db" / "Normal" / "truncated_png.png", paths[0])  # changed file
+    changed, stats = inspect_files(paths, cache, progress=False)
+    assert stats["decoded"] == 1 and changed[paths[0]]["problem"]
+
+
+def test_train_skips_bad_files_and_reports_test_and_fold(tmp_path):
+    """The CLI run with data.on_bad_file=skip; the error policy is covered above."""
+    class_tree(tmp_path / "db", counts=(10, 10))
+    for i, kind in enumerate(sorted(BAD_KINDS)):
+        write_bad(tmp_path / "db" / ("Normal", "Tuberculosis")[i % 2], kind, seed=90 + i)
+    for i, kind in enumerate(VALID_ODD_KINDS):
+        write_odd_valid(tmp_path / "db" / "Normal" / kind, kind, seed=80 + i)
+    common = [
+        "data=folder",
+        f"data.root={tmp_path / 'db'}",
+        "data.image_size=64",
+        "data.num_workers=0",
+        "data.scan_cache_dir=null",
+        "model.net.weights=null",
+        "trainer=cpu",
+        "debug=fdr",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+    ]
+    run_dir = tmp_path / "skip"
+    ok = run_cli(
+        "tb_lightning.train",
+        *common,
+        "data.on_bad_file=skip",
+        "data.test_size=4",
+        "data.num_folds=3",
+        "data.fold=2",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    report = json.loads((run_dir / "data_report.json").read_text())
+    reasons = {os.path.basename(s["path"]): s["reason"] for s in report["skipped_files"]}
+    assert len(reasons) == len(BAD_KINDS)
+    assert all(any(BAD_KINDS[kind] in reason for reason in reasons.values()) for kind in BAD_KINDS)
+    assert report["images"] == 24  # 20 plain + 4 odd-but-valid images
+    assert set(report["image_size"]["modes"]) >= {"L", "I;16", "RGBA", "P", "CMYK"}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["data.fold"] == 2 and metrics["data.num_folds"] == 3
+    assert "test/auroc" in metrics and sum(metrics["test_counts"].values()) == 4
+    assert "Held-out test split:" in (run_dir / "report.txt").read_text()

@@ -1,0 +1,151 @@
+"""Every source yields the same table (path, label, patient id, source)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from data_builders import class_tree, nlm_tree, write_png
+from tb_lightning.config import CONF_DIR
+from tb_lightning.data.datamodule import TBDataModule
+from tb_lightning.data.sources import scan_class_map, scan_manifest, scan_nlm
+from tb_lightning.errors import ConfigError, DataError
+from tb_lightning.task import instantiate_config
+
+
+def data_module(**kwargs) -> TBDataModule:
+    return TBDataModule(**{"image_size": 64, "num_workers": 0, "val_size": 0.25, **kwargs})
+
+
+def compose_data(overrides: list[str]) -> TBDataModule:
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=/tmp/unused", *overrides])
+    return instantiate_config(cfg.data)
+
+
+@pytest.mark.parametrize("class_folders", [False, True])
+def test_nlm_labels_sources_and_patients_from_names(tmp_path, class_folders):
+    nlm_tree(tmp_path, class_folders=class_folders)
+    (tmp_path / "README.txt").write_text("ignored")
+    samples = scan_nlm(tmp_path)
+    assert len(samples) == 19
+    by_source = Counter((s.source, s.label) for s in samples)
+    assert by_source == {("CHNCXR", 0): 6, ("CHNCXR", 1): 6, ("MCUCXR", 0): 4, ("MCUCXR", 1): 3}
+    for s in samples:
+        prefix, number, label = s.path.rsplit("/", 1)[1].removesuffix(".png").split("_")
+        assert s.label == int(label) and s.patient_id == f"{prefix}_{number}"
+
+
+def test_nlm_suffix_contradicting_folder_and_bad_names_are_refused(tmp_path):
+    write_png(tmp_path / "Normal" / "CHNCXR_0001_1.png", 0)
+    with pytest.raises(DataError, match=r"CHNCXR_0001_1\.png is in the folder 'Normal/'"):
+        scan_nlm(tmp_path)
+    (tmp_path / "Normal" / "CHNCXR_0001_1.png").unlink()
+    write_png(tmp_path / "scan-17.png", 1)
+    with pytest.raises(DataError, match=r"scan-17\.png does not follow the NLM naming"):
+        scan_nlm(tmp_path)
+
+
+def test_folder_class_map_merges_folders_and_ignores_the_rest(tmp_path):
+    class_tree(tmp_path, names=("healthy", "tb_smear", "tb_culture", "unsure"), counts=(5, 2, 3, 4))
+    samples = scan_class_map(
+        tmp_path, {"healthy": "Normal", "tb_smear": "Tuberculosis", "tb_culture": "tb"}
+    )
+    assert Counter(s.label for s in samples) == {0: 5, 1: 5}
+    assert not any("unsure" in s.path for s in samples)
+    with pytest.raises(DataError, match="data.class_map.healthy"):
+        scan_class_map(tmp_path, {"healthy": "sick?"})
+    with pytest.raises(DataError, match="no folder 'nope/'"):
+        scan_class_map(tmp_path, {"nope": 0})
+
+
+def test_manifest_paths_labels_patients_and_sources(tmp_path):
+    class_tree(tmp_path / "img", counts=(4, 4))
+    rows = ["path,label,patient_id,source"]
+    for i in range(4):
+        rows.append(f"img/Normal/Normal-{i}.png,Normal,p{i // 2},siteA")
+        rows.append(f"{tmp_path}/img/Tuberculosis/Tuberculosis-{i}.png,1,,")
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    samples = scan_manifest(tmp_path / "list.csv")
+    assert [s.label for s in samples] == [0, 1] * 4
+    assert {s.source for s in samples if s.label == 0} == {"siteA"}
+    assert {s.source for s in samples if s.label == 1} == {"manifest"}
+    assert [s.patient_id for s in samples if s.label == 0] == ["p0", "p0", "p1", "p1"]
+    assert all(s.patient_id.startswith("Tuberculosis-") for s in samples if s.label == 1)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("file,label\nimg/a.png,0\n", r"lacks the column\(s\) \['path'\]"),
+        ("path,label\nimg/gone.png,0\n", r"line 2 lists .*gone\.png, which does not exist"),
+        ("path,label\nimg/Normal/Normal-0.png,maybe\n", r"line 2: label 'maybe'"),
+    ],
+)
+def test_manifest_mistakes_name_the_row(tmp_path, content, message):
+    class_tree(tmp_path / "img", counts=(1, 1))
+    (tmp_path / "list.csv").write_text(content)
+    with pytest.raises(DataError, match=message):
+        scan_manifest(tmp_path / "list.csv")
+
+
+def test_manifest_through_the_config_keeps_patients_together(tmp_path):
+    class_tree(tmp_path / "img", counts=(12, 12))
+    rows = ["path,label,patient_id"]
+    for name in ("Normal", "Tuberculosis"):
+        rows += [f"img/{name}/{name}-{i}.png,{name},{name}{i // 3}" for i in range(12)]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    dm = compose_data(
+        ["data=manifest", f"data.root={tmp_path / 'list.csv'}", "data.val_size=0.25"]
+        + ["data.num_workers=0", "data.image_size=64", "data.scan_cache_dir=null"]
+    )
+    dm.setup()
+    train = {s.patient_id for s in dm.train_samples}
+    val = {s.patient_id for s in dm.val_samples}
+    assert not train & val and len(val) == 2  # 6 of 24 images = 2 patients of 3 images
+    assert dm.class_counts("val") == [3, 3]
+
+
+def test_several_sources_keep_their_source(tmp_path):
+    nlm_tree(tmp_path / "nlm")
+    class_tree(tmp_path / "kaggle", counts=(6, 4), seed0=500)
+    class_tree(tmp_path / "other", names=("ok", "tb"), counts=(3, 3), seed0=700)
+    dm = data_module(
+        sources=[
+            {"source": "nlm_tb", "root": str(tmp_path / "nlm")},
+            {"source": "tb_cxr", "root": str(tmp_path / "kaggle")},
+            {"source": "folder", "root": str(tmp_path / "other"), "class_map": {"ok": 0, "tb": 1}},
+        ]
+    )
+    dm.setup()
+    per_source = dm.report["counts"]["per_source"]
+    assert per_source == {
+        "CHNCXR": {"Normal": 6, "Tuberculosis": 6},
+        "MCUCXR": {"Normal": 4, "Tuberculosis": 3},
+        "folder": {"Normal": 3, "Tuberculosis": 3},
+        "tb_cxr": {"Normal": 6, "Tuberculosis": 4},
+    }
+    assert dm.report["images"] == 35
+    with pytest.raises(ConfigError, match="data.sources entry"):
+        data_module(sources=[{"root": str(tmp_path)}])
+
+
+def test_nlm_tb_128_through_data_nlm_tb_and_data_folder(shared_data):
+    root = shared_data / "nlm-tb-128"
+    common = [f"data.root={root}", "data.num_workers=0", "data.image_size=128"]
+    nlm = compose_data(["data=nlm_tb", *common])
+    nlm.setup()
+    report = nlm.report
+    assert report["images"] == 500 and report["patients"] == 500
+    assert report["counts"]["per_source"] == {
+        "CHNCXR": {"Normal": 205, "Tuberculosis": 212},
+        "MCUCXR": {"Normal": 51, "Tuberculosis": 32},
+    }
+    assert report["duplicates"]["exact_groups"] == 0
+    assert report["duplicates"]["near_pairs_across_split"] == 0  # one image per patient
+    folder = compose_data(["data=folder", *common, "data.val_size=0.2"])
+    folder.setup()
+    assert folder.report["counts"]["total"] == {"Normal": 256, "Tuberculosis": 244}
+    assert {s.path for s in folder.val_samples} == {s.path for s in nlm.val_samples}
