@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tb_lightning.data.dataset import ImageTableDataset
+from tb_lightning.data.feature_cache import FeatureCache, parse_cache_mode, should_cache
 from tb_lightning.data.phantom import ensure_phantom_dataset
 from tb_lightning.data.sources import CLASS_NAMES, Sample, scan_class_folders
 from tb_lightning.data.split import read_split_csv, stratified_split, write_split_csv
@@ -57,6 +58,8 @@ class TBDataModule(L.LightningDataModule):
         num_workers: int | str = "auto",
         pin_memory: bool | str = "auto",
         phantom: dict[str, Any] | None = None,
+        cache_features: bool | str = "auto",
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -87,6 +90,10 @@ class TBDataModule(L.LightningDataModule):
         self.transform = build_transform(image_size)
         self.train_samples: list[Sample] | None = None
         self.val_samples: list[Sample] | None = None
+        # data.cache_features: serve cached backbone features instead of images (feature_cache.py).
+        self.cache_features = parse_cache_mode(cache_features)
+        self.cache_dir = cache_dir
+        self.feature_cache: FeatureCache | None = None
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node: the right place to write files.
@@ -145,6 +152,26 @@ class TBDataModule(L.LightningDataModule):
     def write_split(self, path: str | Path) -> None:
         write_split_csv(path, self.train_samples or [], self.val_samples or [])
 
+    def use_feature_cache(self, net: torch.nn.Module, device: str | torch.device = "cpu") -> bool:
+        """Serve (features, label) batches from `net`'s cached backbone features when valid.
+
+        Needs setup(); returns whether the cache is on (`data.cache_features`).
+        """
+        if not should_cache(self.cache_features, net, self.transform):
+            return False
+        if self.cache_dir is None:
+            raise ConfigError("data.cache_dir is not set; set it to a folder, e.g. data/cache.")
+        self.feature_cache = FeatureCache(
+            self.cache_dir,
+            net,
+            [*(self.train_samples or []), *(self.val_samples or [])],
+            self.transform,
+            device=device,
+            num_workers=self.num_workers,
+        )
+        self.feature_cache.load_or_build()
+        return True
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_samples, shuffle=True)
 
@@ -154,11 +181,18 @@ class TBDataModule(L.LightningDataModule):
     def _loader(self, samples: list[Sample] | None, shuffle: bool) -> DataLoader:
         if samples is None:
             raise RuntimeError("dataloaders need setup() to have run")
+        dataset = (
+            self.feature_cache.dataset(samples)
+            if self.feature_cache is not None
+            else ImageTableDataset(samples, self.transform)
+        )
+        # Feature rows are ready in memory: worker processes would only add start-up time.
+        num_workers = 0 if self.feature_cache is not None else self.num_workers
         return DataLoader(
-            ImageTableDataset(samples, self.transform),
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            num_workers=self.num_workers,
+            num_workers=num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=num_workers > 0,
         )
