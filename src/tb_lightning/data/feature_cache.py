@@ -300,15 +300,18 @@ class FeatureCache:
         return features
 
     def _build(self) -> torch.Tensor:
-        features = extract_features(
-            self.net,
-            self.samples,
-            self.transform,
-            device=self.device,
-            precision=self.precision,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-        )
+        # The DataLoader draws a seed from the global RNG: fork it, so that a run that builds
+        # the cache shuffles and drops out exactly like one that reads it (or runs without it).
+        with torch.random.fork_rng(devices=[]):
+            features = extract_features(
+                self.net,
+                self.samples,
+                self.transform,
+                device=self.device,
+                precision=self.precision,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+            )
         if not torch.isfinite(features).all():
             raise RuntimeError("backbone features contain NaN/inf; the cache was not written")
         # Half precision on disk halves the size; fp16 keeps ~3 significant digits of the
