@@ -32,15 +32,19 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir outputs/ $(ARGS)
+
+## Speed of the seed's way vs the fast path vs cached features; writes docs/benchmarks.md.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 clean:
 	rm -rf outputs/train outputs/eval outputs/predict outputs/export .pytest_cache .ruff_cache

@@ -41,6 +41,8 @@ def phantom_overrides(root: Path) -> list[str]:
         "data.val_size=12",
         "data.batch_size=8",
         "data.num_workers=0",
+        # Cached backbone features stay out of the checkout's data/ folder.
+        f"data.cache_dir={root.parent / 'feature_cache'}",
         "model.net.weights=null",
         "trainer=cpu",
         "callbacks.progress_bar=null",

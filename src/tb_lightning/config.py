@@ -11,9 +11,17 @@ CONF_DIR = PROJECT_ROOT / "conf"
 
 
 def register_resolvers() -> None:
-    """Register `${tb_project_root:}` used by conf/paths/default.yaml (idempotent)."""
+    """Register `${tb_project_root:}` (conf/paths) and `${sweep_run_name:}` (conf/logger)."""
     if not OmegaConf.has_resolver("tb_project_root"):
         OmegaConf.register_new_resolver("tb_project_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("sweep_run_name"):
+        # Imported on use: the resolver needs Hydra's job state, not at import time.
+        def sweep_run_name() -> str:
+            from tb_lightning.sweep.naming import sweep_run_name as name
+
+            return name()
+
+        OmegaConf.register_new_resolver("sweep_run_name", sweep_run_name)
 
 
 register_resolvers()

@@ -45,12 +45,27 @@ def user_message(err: UserError) -> str:
 
 
 def run_task(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
-    """Run task(cfg); a UserError ends the program with its one sentence and exit code 1."""
+    """Run task(cfg); a UserError ends the program with its one sentence and exit code 1.
+
+    In a multirun the error is logged and re-raised instead: Hydra records the job as failed
+    (the sweep summary lists it) and goes on with the other jobs, where SystemExit would end
+    the whole sweep.
+    """
     try:
         return task(cfg)
     except UserError as err:
         log.error(user_message(err))
+        if in_multirun():
+            raise
         raise SystemExit(1) from None
+
+
+def in_multirun() -> bool:
+    """True inside a job of a Hydra multirun (`-m`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def check_accelerator(accelerator: Any) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
@@ -53,6 +54,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.write_data_report(output_dir / "data_report.json")
     # The module keeps net/optimizer as plain dicts (saved in checkpoints), so no recursion.
     model: TBClassifier = instantiate_config(cfg.model, _recursive_=False)
+    # data.cache_features: frozen backbone features computed once, shared by sweeps and runs.
+    datamodule.use_feature_cache(
+        model.net, device=extraction_device(cfg.trainer.get("accelerator"))
+    )
 
     trainer: L.Trainer = instantiate_config(
         cfg.trainer,
@@ -80,6 +85,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log_hparams(trainer, cfg, metrics)
     log.info("Wrote %s", ", ".join(sorted(p.name for p in output_dir.iterdir())))
     return metrics
+
+
+def extraction_device(accelerator: str | None) -> str:
+    """Where backbone features are extracted: the GPU the trainer would use, else the CPU."""
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
 
 
 def evaluate_best_checkpoint(

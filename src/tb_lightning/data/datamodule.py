@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from tb_lightning.data import integrity
 from tb_lightning.data.data_report import build_data_report, write_data_report
 from tb_lightning.data.dataset import ImageTableDataset
+from tb_lightning.data.feature_cache import FeatureCache, parse_cache_mode, should_cache
 from tb_lightning.data.phantom import ensure_phantom_dataset
 from tb_lightning.data.sources import (
     CLASS_NAMES,
@@ -91,6 +92,8 @@ class TBDataModule(L.LightningDataModule):
         on_leak: str = "warn",
         near_duplicate_distance: int = 20,
         scan_cache_dir: str | None = None,
+        cache_features: bool | str = "auto",
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -167,6 +170,10 @@ class TBDataModule(L.LightningDataModule):
                 f"data.sources entry source={entry['source']!r} is not one of {allowed}."
             )
         return entry
+        # data.cache_features: serve cached backbone features instead of images (feature_cache.py).
+        self.cache_features = parse_cache_mode(cache_features)
+        self.cache_dir = cache_dir
+        self.feature_cache: FeatureCache | None = None
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node: the right place to write files.
@@ -342,6 +349,26 @@ class TBDataModule(L.LightningDataModule):
             "near_duplicate_distance": self.near_duplicate_distance,
         }
 
+    def use_feature_cache(self, net: torch.nn.Module, device: str | torch.device = "cpu") -> bool:
+        """Serve (features, label) batches from `net`'s cached backbone features when valid.
+
+        Needs setup(); returns whether the cache is on (`data.cache_features`).
+        """
+        if not should_cache(self.cache_features, net, self.transform):
+            return False
+        if self.cache_dir is None:
+            raise ConfigError("data.cache_dir is not set; set it to a folder, e.g. data/cache.")
+        self.feature_cache = FeatureCache(
+            self.cache_dir,
+            net,
+            [*(self.train_samples or []), *(self.val_samples or []), *self.test_samples],
+            self.transform,
+            device=device,
+            num_workers=self.num_workers,
+        )
+        self.feature_cache.load_or_build()
+        return True
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_samples, shuffle=True)
 
@@ -355,11 +382,18 @@ class TBDataModule(L.LightningDataModule):
     def _loader(self, samples: list[Sample] | None, shuffle: bool) -> DataLoader:
         if samples is None:
             raise RuntimeError("dataloaders need setup() to have run")
+        dataset = (
+            self.feature_cache.dataset(samples)
+            if self.feature_cache is not None
+            else ImageTableDataset(samples, self.transform)
+        )
+        # Feature rows are ready in memory: worker processes would only add start-up time.
+        num_workers = 0 if self.feature_cache is not None else self.num_workers
         return DataLoader(
-            ImageTableDataset(samples, self.transform),
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            num_workers=self.num_workers,
+            num_workers=num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=num_workers > 0,
         )

@@ -75,7 +75,9 @@ class TBClassifier(L.LightningModule):
             )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """TB logits, shape (N,)."""
+        """TB logits, shape (N,), from images (N, 3, H, W) or cached backbone features (N, D)."""
+        if images.dim() == 2:  # served by the feature cache (data/feature_cache.py)
+            return self.net.forward_head(images)
         return self.net(images)
 
     def _shared_step(

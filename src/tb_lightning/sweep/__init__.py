@@ -1,0 +1,1 @@
+"""Hydra multirun support: run names that carry the swept values, the sweep summary."""

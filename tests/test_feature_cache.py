@@ -1,0 +1,206 @@
+"""The frozen-feature cache: keyed, shared, atomic, self-healing, and result-neutral."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from conftest import PHANTOM_SIZE, phantom_overrides, run_cli
+from tb_lightning.data import feature_cache
+from tb_lightning.data.feature_cache import (
+    FeatureCache,
+    cache_blockers,
+    extract_features,
+    parse_cache_mode,
+    should_cache,
+)
+from tb_lightning.data.sources import Sample
+from tb_lightning.data.transforms import build_transform
+from tb_lightning.errors import ConfigError
+from tb_lightning.models.net import build_net
+
+
+@pytest.fixture
+def images(phantom_root, tmp_path) -> list[Sample]:
+    """Six copies of phantom images (copies: the tests touch them)."""
+    samples = []
+    for label, folder in enumerate(("Normal", "Tuberculosis")):
+        for src in sorted((phantom_root / folder).glob("*.png"))[:3]:
+            dst = tmp_path / "images" / src.name
+            dst.parent.mkdir(exist_ok=True)
+            shutil.copy(src, dst)
+            samples.append(Sample(str(dst), label, dst.stem, "test"))
+    return samples
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return build_net(weights=None, image_size=PHANTOM_SIZE)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def make_cache(tmp_path, net, samples, size=PHANTOM_SIZE) -> FeatureCache:
+    return FeatureCache(tmp_path / "cache", net, samples, build_transform(size), precision="fp32")
+
+
+def test_cache_is_fp16_matches_recompute_and_serves_subsets(tmp_path, net, images):
+    cache = make_cache(tmp_path, net, images)
+    table = cache.load_or_build()
+    assert cache.path.is_file() and table.dtype == torch.float16
+    reference = extract_features(
+        net, cache.samples, build_transform(PHANTOM_SIZE), precision="fp32", progress=False
+    )
+    # fp16 keeps ~3 significant digits: relative error of the whole table below 1e-3.
+    assert relative_error(table, reference) < 1e-3
+    subset = [images[4], images[0]]
+    dataset = cache.dataset(subset)
+    features, label = dataset[0]
+    assert features.dtype == torch.float32 and label == 1
+    direct = net.forward_features(
+        build_transform(PHANTOM_SIZE)(
+            __import__("tb_lightning.data.transforms", fromlist=["x"]).load_image(subset[0].path)
+        )[None]
+    )[0]
+    assert relative_error(features, direct.detach()) < 1e-3
+    # The net is handed back as it was: contiguous conv weights, usable for training.
+    assert all(p.is_contiguous() for p in net.parameters())
+
+
+def test_a_second_cache_reads_the_file_without_extracting(tmp_path, net, images, monkeypatch):
+    make_cache(tmp_path, net, images).load_or_build()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("extracted again")
+
+    monkeypatch.setattr(feature_cache, "extract_features", fail)
+    # Same images in another order (another split): the same file.
+    table = make_cache(tmp_path, net, images[::-1]).load_or_build()
+    assert len(table) == len(images)
+
+
+def test_anything_that_changes_features_changes_the_key(tmp_path, net, images):
+    base = make_cache(tmp_path, net, images)
+    assert make_cache(tmp_path, net, images).path == base.path
+    assert make_cache(tmp_path, net, images, size=96).path != base.path  # preprocessing
+    assert make_cache(tmp_path, net, images[:-1]).path != base.path  # file list
+    torch.manual_seed(1)
+    other_weights = build_net(weights=None, image_size=PHANTOM_SIZE)
+    assert make_cache(tmp_path, other_weights, images).path != base.path  # weights
+    stat = os.stat(images[0].path)
+    os.utime(images[0].path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert make_cache(tmp_path, net, images).path != base.path  # file contents / mtime
+
+
+def test_a_damaged_cache_file_is_rebuilt(tmp_path, net, images, caplog):
+    good = make_cache(tmp_path, net, images).load_or_build()
+    path = make_cache(tmp_path, net, images).path
+    path.write_bytes(path.read_bytes()[:1000])  # truncated, e.g. a full disk
+    with caplog.at_level(logging.WARNING):
+        rebuilt = make_cache(tmp_path, net, images).load_or_build()
+    assert "damaged" in caplog.text
+    assert torch.equal(rebuilt, good)
+    assert torch.equal(make_cache(tmp_path, net, images).load_or_build(), good)
+
+
+def test_concurrent_jobs_extract_once(tmp_path, net, images, monkeypatch):
+    calls = []
+    real = feature_cache.extract_features
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **{**kwargs, "progress": False})
+
+    monkeypatch.setattr(feature_cache, "extract_features", counting)
+    results: list[torch.Tensor] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(make_cache(tmp_path, net, images).load_or_build())
+        )
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(results) == 3
+    assert all(torch.equal(r, results[0]) for r in results)
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_bf16_features_match_fp32(net, images):
+    # bf16 has an 8-bit mantissa (~0.4% per rounding); through AlexNet's five convolutions the
+    # features stay within 3% relative (Frobenius norm) of fp32.
+    transform = build_transform(PHANTOM_SIZE)
+    fp32 = extract_features(net, images, transform, precision="fp32", progress=False)
+    bf16 = extract_features(net, images, transform, precision="bf16", progress=False)
+    assert relative_error(bf16, fp32) < 3e-2
+
+
+def test_cache_mode_validation(net):
+    transform = build_transform(PHANTOM_SIZE)
+    assert should_cache("auto", net, transform) and should_cache(True, net, transform)
+    assert not should_cache(False, net, transform)
+    with pytest.raises(ConfigError, match="data.cache_features='sometimes'"):
+        parse_cache_mode("sometimes")
+    augmented = v2.Compose([v2.RandomHorizontalFlip(), *transform.transforms])
+    assert cache_blockers(net, augmented) and not should_cache("auto", net, augmented)
+    with pytest.raises(ConfigError, match="random augmentation"):
+        should_cache(True, net, augmented)
+    trainable = build_net(weights=None, image_size=PHANTOM_SIZE, freeze_features=False)
+    assert not should_cache("auto", trainable, transform)
+    with pytest.raises(ConfigError, match="freeze_features=false"):
+        should_cache(True, trainable, transform)
+
+
+def run_train(phantom_root: Path, run_dir: Path, *overrides: str):
+    return run_cli(
+        "tb_lightning.train",
+        *phantom_overrides(phantom_root),
+        f"data.cache_dir={run_dir.parent / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    )
+
+
+def test_cache_on_and_off_give_the_same_val_metrics(phantom_root, tmp_path):
+    metrics = {}
+    for mode in ("true", "false"):
+        result = run_train(
+            phantom_root, tmp_path / mode, f"data.cache_features={mode}", "trainer.max_epochs=2"
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics[mode] = json.loads((tmp_path / mode / "metrics.json").read_text())
+    assert "Cached backbone features" in (tmp_path / "true" / "train.log").read_text()
+    assert "Cached backbone features" not in (tmp_path / "false" / "train.log").read_text()
+    # Same seed, same batches, same dropout masks: only fp16 storage of the features differs,
+    # so every val metric agrees within 1e-3 (counts-based ones exactly, on this small set).
+    for key, value in metrics["false"].items():
+        if key.startswith("val/") and isinstance(value, float):
+            assert metrics["true"][key] == pytest.approx(value, abs=1e-3), key
+
+
+def test_cache_true_with_a_trainable_backbone_is_a_clear_error(phantom_root, tmp_path):
+    result = run_train(
+        phantom_root,
+        tmp_path / "run",
+        "data.cache_features=true",
+        "model.net.freeze_features=false",
+        "trainer.max_epochs=1",
+    )
+    assert result.returncode == 1
+    assert "data.cache_features=true cannot be used because the backbone is trainable" in (
+        result.stderr + result.stdout
+    )
+    assert "Traceback" not in result.stderr
