@@ -154,6 +154,10 @@ class TBDataModule(L.LightningDataModule):
         self.val_samples: list[Sample] | None = None
         self.test_samples: list[Sample] = []
         self.report: dict[str, Any] = {}
+        # data.cache_features: serve cached backbone features instead of images (feature_cache.py).
+        self.cache_features = parse_cache_mode(cache_features)
+        self.cache_dir = cache_dir
+        self.feature_cache: FeatureCache | None = None
 
     def _source_entry(self, entry: Any) -> dict[str, Any]:
         """One entry of data.sources with the top-level keys as its defaults."""
@@ -170,10 +174,6 @@ class TBDataModule(L.LightningDataModule):
                 f"data.sources entry source={entry['source']!r} is not one of {allowed}."
             )
         return entry
-        # data.cache_features: serve cached backbone features instead of images (feature_cache.py).
-        self.cache_features = parse_cache_mode(cache_features)
-        self.cache_dir = cache_dir
-        self.feature_cache: FeatureCache | None = None
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node: the right place to write files.
