@@ -6,6 +6,7 @@ last convolutional block's activations by the spatially averaged gradient of the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from torch import nn
 from torchvision.transforms import v2
 
 from tb_lightning.data.transforms import build_transform, load_image
+
+log = logging.getLogger(__name__)
 
 
 def gradcam_layer(net: nn.Module) -> nn.Module:
@@ -80,6 +83,7 @@ def write_saliency_maps(
     transform = build_transform(image_size)
     used: set[str] = set()
     written = []
+    empty = 0
     with Progress(disable=not progress) as bar:
         task = bar.add_task("Grad-CAM", total=len(paths))
         for start in range(0, len(paths), batch_size):
@@ -91,5 +95,13 @@ def write_saliency_maps(
                 target = output_dir / unique_name(Path(path).stem, used)
                 overlay(image, heatmap).save(target)
                 written.append(target)
+                empty += int(heatmap.max() == 0)
             bar.advance(task, len(chunk))
+    if empty:
+        log.warning(
+            "%d of %d Grad-CAM maps are empty: no region of those images raises the TB logit "
+            "(usual for an untrained or weak model), so their overlays show the image only.",
+            empty,
+            len(written),
+        )
     return written
