@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tb_lightning.data.datamodule import SOURCES, resolve_num_workers
-from tb_lightning.data.split import stratified_split
+from tb_lightning.data.split import resolve_val_count, stratified_split
 from tb_lightning.errors import ConfigError, WeightsError
 from tb_lightning.models.net import ALEXNET_MIN_IMAGE_SIZE
 from tb_lightning.resume import resolve_ckpt_path
@@ -90,6 +90,8 @@ def check_data(data: Mapping[str, Any]) -> None:
             f"data.val_size={val_size} is smaller than one validation image per class; use a "
             "count >= 2 or a fraction like 0.15."
         )
+    if isinstance(val_size, float):
+        resolve_val_count(val_size, 2)  # a fraction must lie in (0, 1)
     phantom = data.get("phantom") or {}
     if source == "phantom" and not data.get("split_file"):
         # The phantom set's size is known from the config: split it on paper, as setup() will.
