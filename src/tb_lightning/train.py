@@ -94,10 +94,12 @@ def fit(
         # weights_only=True: torch.load refuses anything but tensors and plain containers.
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch's message is long; its "unsupported GLOBAL" line names the refused object.
+        lines = str(err).splitlines()
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0])
         raise UserError(
             f"ckpt_path={ckpt_path} was refused because loading it could run code "
-            f"({str(err).splitlines()[0]}); resume only from checkpoints written by "
-            "tb_lightning.train."
+            f"({reason.strip()}); resume only from checkpoints written by tb_lightning.train."
         ) from None
 
 
