@@ -28,7 +28,7 @@ def options(group: str) -> list[str]:
 
 def test_every_group_has_its_options():
     assert {"tb_cxr", "phantom", "folder"} <= set(options("data"))
-    assert {"default", "cpu", "gpu"} <= set(options("trainer"))
+    assert {"default", "cpu", "gpu", "ddp", "ddp_cpu"} <= set(options("trainer"))
     assert {"tensorboard", "csv"} <= set(options("logger"))
     assert {"seed", "quickstart"} <= set(options("experiment"))
     assert {"fdr", "overfit"} <= set(options("debug"))
@@ -64,7 +64,7 @@ def test_model_instantiates_with_plain_hparams():
 def test_trainer_options_instantiate(option):
     cfg = compose_train([f"trainer={option}"])
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
-        assert cfg.trainer.devices == 1
+        assert cfg.trainer.devices in (1, "auto")  # gpu: one; ddp: all of them
         return
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert trainer.max_epochs == 10

@@ -1,13 +1,151 @@
-"""Lightning callbacks of this project (conf/callbacks/)."""
+"""Lightning callbacks of this project: exact resume, clean stops, a guard against NaN, and
+TensorBoard's Custom Scalars layout.
+
+Configured in conf/callbacks/default.yaml.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import random
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tb_lightning.data.sources import CLASS_NAMES
+from tb_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(UserError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+def last_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The ModelCheckpoint that writes last.ckpt every epoch (the one without a monitor)."""
+    return next((cb for cb in trainer.checkpoint_callbacks if cb.monitor is None), None)
+
+
+def last_good_checkpoint(trainer: L.Trainer) -> str | None:
+    """Path of the last end-of-epoch checkpoint written in this run (or restored from), if any."""
+    callback = last_checkpoint_callback(trainer)
+    path = callback.best_model_path if callback is not None else ""
+    return path if path and Path(path).is_file() else None
+
+
+class RNGStateCheckpoint(Callback):
+    """Saves the torch/numpy/python RNG states in every checkpoint and restores them on resume.
+
+    Lightning restores the weights, the optimizer and the loop counters but not the global RNGs
+    that draw the shuffling order and the dropout masks, so a resumed run would take other random
+    draws than an uninterrupted one. last.ckpt is written at the end of an epoch, right before the
+    next epoch creates its DataLoader iterator; on resume the states are set back while Lightning
+    restores the checkpoint, and nothing draws from them before that same iterator is created
+    (the sanity check runs under Lightning's `isolate_rng`). They are stored as tensors and plain
+    lists so that the checkpoint still loads with `weights_only=True`.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": [py_state[0], list(py_state[1]), py_state[2]],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        name, keys, *rest = state_dict["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+        log.info("Restored the random number generators of the checkpoint (exact resume).")
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops training at the first NaN/inf training loss with one clear sentence.
+
+    Lightning's EarlyStopping(check_finite=True) only looks at a validation metric once per epoch;
+    this checks every training step, before the bad weights reach a checkpoint. The last
+    end-of-epoch checkpoint is kept as it is.
+    """
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None or torch.isfinite(loss).all():
+            return
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
+        last = last_good_checkpoint(trainer)
+        kept = (
+            f"the last good checkpoint is {last}"
+            if last
+            else "no epoch had finished, so there is no checkpoint"
+        )
+        raise TrainingDivergedError(
+            f"Training stopped: the loss became {loss.item()} at epoch {trainer.current_epoch}, "
+            f"batch {batch_idx}; {kept}. Lower model.optimizer.lr (now {lr:g}) or check the "
+            "input images, then train again."
+        )
+
+
+class CleanStop(Callback):
+    """On Ctrl-C (SIGINT) or SIGTERM: keep a checkpoint to resume from and say how to resume.
+
+    Lightning turns both signals into an exception that runs every callback's `on_exception`,
+    then finalises (flushes) the loggers. last.ckpt holds the last finished epoch, from which a
+    resume is exact; when no epoch has finished yet, the current state is saved there instead.
+    """
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            signal_name = "Ctrl-C (SIGINT)"
+        elif isinstance(exception, SIGTERMException):
+            signal_name = "SIGTERM"
+        else:
+            return
+        last = last_good_checkpoint(trainer)
+        callback = last_checkpoint_callback(trainer)
+        if last is None and callback is not None and callback.dirpath:
+            last = str(Path(callback.dirpath) / f"{callback.filename}{callback.FILE_EXTENSION}")
+            trainer.save_checkpoint(last)
+            where = "mid-epoch state: the resumed epoch restarts with other random draws"
+        else:
+            where = "the end of the last finished epoch"
+        if trainer.is_global_zero:
+            if last is None:
+                log.warning("Training stopped by %s; no checkpoint was configured.", signal_name)
+                return
+            log.warning(
+                "Training stopped by %s during epoch %d. Checkpoint: %s (%s). Resume with: "
+                "python -m tb_lightning.train <the same overrides> ckpt_path=%s",
+                signal_name,
+                trainer.current_epoch,
+                last,
+                where,
+                last,
+            )
 
 
 def custom_scalars_layout(class_names: Sequence[str] = CLASS_NAMES) -> dict:

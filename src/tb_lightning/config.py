@@ -4,6 +4,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from tb_lightning.resume import resume_run_dir
+
 # The package is installed editable from the checkout (`make install`), so the project root is
 # two levels above src/tb_lightning/.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -22,6 +24,9 @@ def register_resolvers() -> None:
             return name()
 
         OmegaConf.register_new_resolver("sweep_run_name", sweep_run_name)
+    # conf/hydra/default.yaml: a resumed training run continues in its own directory.
+    if not OmegaConf.has_resolver("tb_run_dir"):
+        OmegaConf.register_new_resolver("tb_run_dir", resume_run_dir)
 
 
 register_resolvers()

@@ -29,6 +29,8 @@ def quiet_known_warnings() -> None:
     # torchvision 0.29 deprecates its decoders in favour of torchcodec; this project pins
     # torchvision <= 0.29.1, where they work and are the fast path (data/transforms.py).
     warnings.filterwarnings("ignore", message=r"The image decoding and encoding capabilities")
+    # Under DDP the logged epoch values are torchmetrics results, already synced across processes.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist")
     # An advert for a cloud service printed at every Trainer start.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage()

@@ -6,21 +6,26 @@ Overrides are Hydra's: `python -m tb_lightning.train data.root=/data/TB trainer=
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
+from tb_lightning.config_checks import check_config, runs_dir
 from tb_lightning.data.datamodule import TBDataModule
+from tb_lightning.errors import UserError
 from tb_lightning.evaluation.operating import select_operating_threshold
 from tb_lightning.evaluation.thresholds import check_policy
 from tb_lightning.inference import pick_device
 from tb_lightning.models.module import TBClassifier, load_checkpoint
 from tb_lightning.report import write_report
+from tb_lightning.resume import resolve_ckpt_path
 from tb_lightning.task import (
     check_accelerator,
     flatten_config,
@@ -37,9 +42,17 @@ HPARAM_SECTIONS = ("data", "model", "trainer")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train as configured and return the best checkpoint's validation metrics."""
+    """Train as configured and return the best checkpoint's validation metrics.
+
+    Under DDP every process runs this function; only global rank 0 writes files and returns
+    the metrics (the others return an empty dict).
+    """
+    check_config(cfg)  # wrong values fail here, before any data is read
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), runs_dir(cfg))
     output_dir = Path(cfg.paths.output_dir)
     log.info("Run directory: %s", output_dir)
+    if ckpt_path is not None:
+        log.info("Resuming from %s", ckpt_path)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     check_accelerator(cfg.trainer.get("accelerator"))
@@ -50,8 +63,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule: TBDataModule = instantiate_config(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    datamodule.write_split(output_dir / "split.csv")
-    datamodule.write_data_report(output_dir / "data_report.json")
+    # Every DDP process computes the same seeded split; only rank 0 writes it.
+    if rank_zero_only.rank == 0:
+        datamodule.write_split(output_dir / "split.csv")
+        datamodule.write_data_report(output_dir / "data_report.json")
     # The module keeps net/optimizer as plain dicts (saved in checkpoints), so no recursion.
     model: TBClassifier = instantiate_config(cfg.model, _recursive_=False)
     # data.cache_features: frozen backbone features computed once, shared by sweeps and runs.
@@ -64,7 +79,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks=instantiate_group(cfg.get("callbacks")),
         logger=instantiate_group(cfg.get("logger")) or False,
     )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit(trainer, model, datamodule, ckpt_path)
+    if trainer.world_size > 1:
+        # The report comes from rank 0 alone: the others leave, and without a process group
+        # the evaluation below runs undistributed, on the whole val split, like a 1-process run.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if not trainer.is_global_zero:
+            return {}
 
     metrics = evaluate_best_checkpoint(trainer, model, datamodule, cfg)
     if trainer.is_global_zero:  # one process writes the checkpoint
@@ -92,6 +114,23 @@ def extraction_device(accelerator: str | None) -> str:
     if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
         return "cuda"
     return "cpu"
+
+
+def fit(
+    trainer: L.Trainer, model: TBClassifier, datamodule: TBDataModule, ckpt_path: Path | None
+) -> None:
+    """trainer.fit; a checkpoint that holds pickled code is refused, not run."""
+    try:
+        # weights_only=True: torch.load refuses anything but tensors and plain containers.
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is long; its "unsupported GLOBAL" line names the refused object.
+        lines = str(err).splitlines()
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0])
+        raise UserError(
+            f"ckpt_path={ckpt_path} was refused because loading it could run code "
+            f"({reason.strip()}); resume only from checkpoints written by tb_lightning.train."
+        ) from None
 
 
 def evaluate_best_checkpoint(
