@@ -18,7 +18,7 @@ from tb_lightning.data.sources import CLASS_NAMES, Sample, scan_class_folders
 from tb_lightning.data.split import read_split_csv, stratified_split, write_split_csv
 from tb_lightning.data.transforms import build_transform
 from tb_lightning.errors import ConfigError
-from tb_lightning.models.net import ALEXNET_MIN_IMAGE_SIZE
+from tb_lightning.models.backbones import MIN_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,11 @@ class TBDataModule(L.LightningDataModule):
                 f"data.class_names={list(class_names)} must name two folders: "
                 "[negative, positive], e.g. [Normal, Tuberculosis]."
             )
-        if not isinstance(image_size, int) or image_size < ALEXNET_MIN_IMAGE_SIZE:
+        smallest = min(MIN_IMAGE_SIZE.values())  # the network checks its own arch's minimum
+        if not isinstance(image_size, int) or image_size < smallest:
             raise ConfigError(
-                f"data.image_size={image_size!r} is too small; use an integer >= "
-                f"{ALEXNET_MIN_IMAGE_SIZE} (AlexNet's smallest input; the seed uses 512)."
+                f"data.image_size={image_size!r} is too small; use an integer >= {smallest} "
+                "(the seed uses 512)."
             )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size!r} must be an integer >= 1.")
