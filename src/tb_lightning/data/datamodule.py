@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from tb_lightning.data.augment import build_train_transform, check_augment, is_random
 from tb_lightning.data.dataset import ImageTableDataset
 from tb_lightning.data.phantom import ensure_phantom_dataset
 from tb_lightning.data.sources import CLASS_NAMES, Sample, scan_class_folders
@@ -57,6 +58,7 @@ class TBDataModule(L.LightningDataModule):
         num_workers: int | str = "auto",
         pin_memory: bool | str = "auto",
         phantom: dict[str, Any] | None = None,
+        augment: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -86,6 +88,8 @@ class TBDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.phantom = dict(phantom or {})
         self.transform = build_transform(image_size)
+        self.augment = check_augment(augment)
+        self.train_transform = build_train_transform(image_size, self.augment)
         self.train_samples: list[Sample] | None = None
         self.val_samples: list[Sample] | None = None
 
@@ -146,17 +150,22 @@ class TBDataModule(L.LightningDataModule):
     def write_split(self, path: str | Path) -> None:
         write_split_csv(path, self.train_samples or [], self.val_samples or [])
 
+    @property
+    def augment_is_random(self) -> bool:
+        """True when train images are randomly augmented (data/augment=cxr)."""
+        return is_random(self.augment)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_samples, shuffle=True)
+        return self._loader(self.train_samples, self.train_transform, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_samples, shuffle=False)
+        return self._loader(self.val_samples, self.transform, shuffle=False)
 
-    def _loader(self, samples: list[Sample] | None, shuffle: bool) -> DataLoader:
+    def _loader(self, samples: list[Sample] | None, transform: Any, shuffle: bool) -> DataLoader:
         if samples is None:
             raise RuntimeError("dataloaders need setup() to have run")
         return DataLoader(
-            ImageTableDataset(samples, self.transform),
+            ImageTableDataset(samples, transform),
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
