@@ -33,6 +33,8 @@ def test_every_group_has_its_options():
     assert {"seed", "quickstart"} <= set(options("experiment"))
     assert {"fdr", "overfit"} <= set(options("debug"))
     assert options("model") == ["alexnet"]
+    assert {"none", "cosine", "plateau"} <= set(options("model/scheduler"))
+    assert {"none", "cxr"} <= set(options("data/augment"))
 
 
 def test_defaults_are_the_seed_configuration():

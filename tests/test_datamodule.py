@@ -119,7 +119,7 @@ def test_unreadable_image_is_named_at_scan_time(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, key",
     [
-        ({"image_size": 32}, "data.image_size"),
+        ({"image_size": 16}, "data.image_size"),
         ({"batch_size": 0}, "data.batch_size"),
         ({"num_workers": -1}, "data.num_workers"),
         ({"class_names": ["a"]}, "data.class_names"),

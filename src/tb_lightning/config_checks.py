@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from tb_lightning.data.datamodule import SOURCES, resolve_num_workers
 from tb_lightning.data.split import resolve_val_count, stratified_split
 from tb_lightning.errors import ConfigError, WeightsError
-from tb_lightning.models.net import ALEXNET_MIN_IMAGE_SIZE
+from tb_lightning.models.backbones import ARCHS, MIN_IMAGE_SIZE
 from tb_lightning.resume import resolve_ckpt_path
 from tb_lightning.task import check_accelerator
 
@@ -64,16 +64,17 @@ def check_model(model: Mapping[str, Any]) -> None:
         )
 
 
-def check_data(data: Mapping[str, Any]) -> None:
+def check_data(data: Mapping[str, Any], arch: str = "alexnet") -> None:
     """data.*; val_size against the data's size where that is known without reading it."""
     source = data.get("source")
     if source not in SOURCES:
         raise ConfigError(f"data.source={source!r} is not one of {list(SOURCES)}.")
     image_size = data.get("image_size")
-    if not _is_int(image_size) or image_size < ALEXNET_MIN_IMAGE_SIZE:
+    min_size = MIN_IMAGE_SIZE.get(arch, max(MIN_IMAGE_SIZE.values()))
+    if not _is_int(image_size) or image_size < min_size:
         raise ConfigError(
-            f"data.image_size={image_size!r} is too small for AlexNet; use an integer >= "
-            f"{ALEXNET_MIN_IMAGE_SIZE} (the seed uses 512)."
+            f"data.image_size={image_size!r} is too small for {arch}; use an integer >= "
+            f"{min_size} (the seed uses 512)."
         )
     batch_size = data.get("batch_size")
     if not _is_int(batch_size) or batch_size < 1:
@@ -135,7 +136,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"seed={seed!r} must be an integer, or null for an unseeded run.")
     check_trainer(cfg.trainer)
     check_model(cfg.model)
-    check_data(cfg.data)
+    arch = cfg.model.get("net", {}).get("arch", "alexnet")
+    if arch not in ARCHS:
+        raise ConfigError(f"model.net.arch={arch!r} is not supported; use one of {list(ARCHS)}.")
+    check_data(cfg.data, arch)
     resolve_ckpt_path(cfg.get("ckpt_path"), runs_dir(cfg))
 
 

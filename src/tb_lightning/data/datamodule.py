@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tb_lightning.data import integrity
+from tb_lightning.data.augment import build_train_transform, check_augment, is_random
 from tb_lightning.data.data_report import build_data_report, write_data_report
 from tb_lightning.data.dataset import ImageTableDataset
 from tb_lightning.data.feature_cache import FeatureCache, parse_cache_mode, should_cache
@@ -34,7 +35,7 @@ from tb_lightning.data.split import (
 )
 from tb_lightning.data.transforms import build_transform
 from tb_lightning.errors import ConfigError
-from tb_lightning.models.net import ALEXNET_MIN_IMAGE_SIZE
+from tb_lightning.models.backbones import MIN_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class TBDataModule(L.LightningDataModule):
         scan_cache_dir: str | None = None,
         cache_features: bool | str = "auto",
         cache_dir: str | None = None,
+        augment: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -122,10 +124,11 @@ class TBDataModule(L.LightningDataModule):
                 f"data.class_names={list(class_names)} must name two folders: "
                 "[negative, positive], e.g. [Normal, Tuberculosis]."
             )
-        if not isinstance(image_size, int) or image_size < ALEXNET_MIN_IMAGE_SIZE:
+        smallest = min(MIN_IMAGE_SIZE.values())  # the network checks its own arch's minimum
+        if not isinstance(image_size, int) or image_size < smallest:
             raise ConfigError(
-                f"data.image_size={image_size!r} is too small; use an integer >= "
-                f"{ALEXNET_MIN_IMAGE_SIZE} (AlexNet's smallest input; the seed uses 512)."
+                f"data.image_size={image_size!r} is too small; use an integer >= {smallest} "
+                "(the seed uses 512)."
             )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size!r} must be an integer >= 1.")
@@ -150,6 +153,8 @@ class TBDataModule(L.LightningDataModule):
         self.near_duplicate_distance = near_duplicate_distance
         self.scan_cache_dir = scan_cache_dir
         self.transform = build_transform(image_size)
+        self.augment = check_augment(augment)
+        self.train_transform = build_train_transform(image_size, self.augment)
         self.train_samples: list[Sample] | None = None
         self.val_samples: list[Sample] | None = None
         self.test_samples: list[Sample] = []
@@ -354,7 +359,7 @@ class TBDataModule(L.LightningDataModule):
 
         Needs setup(); returns whether the cache is on (`data.cache_features`).
         """
-        if not should_cache(self.cache_features, net, self.transform):
+        if not should_cache(self.cache_features, net, self.train_transform):
             return False
         if self.cache_dir is None:
             raise ConfigError("data.cache_dir is not set; set it to a folder, e.g. data/cache.")
@@ -369,23 +374,28 @@ class TBDataModule(L.LightningDataModule):
         self.feature_cache.load_or_build()
         return True
 
+    @property
+    def augment_is_random(self) -> bool:
+        """True when train images are randomly augmented (data/augment=cxr)."""
+        return is_random(self.augment)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_samples, shuffle=True)
+        return self._loader(self.train_samples, self.train_transform, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_samples, shuffle=False)
+        return self._loader(self.val_samples, self.transform, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         """The held-out test split (data.test_size); train.py evaluates it once, at the end."""
-        return self._loader(self.test_samples, shuffle=False)
+        return self._loader(self.test_samples, self.transform, shuffle=False)
 
-    def _loader(self, samples: list[Sample] | None, shuffle: bool) -> DataLoader:
+    def _loader(self, samples: list[Sample] | None, transform: Any, shuffle: bool) -> DataLoader:
         if samples is None:
             raise RuntimeError("dataloaders need setup() to have run")
         dataset = (
             self.feature_cache.dataset(samples)
             if self.feature_cache is not None
-            else ImageTableDataset(samples, self.transform)
+            else ImageTableDataset(samples, transform)
         )
         # Feature rows are ready in memory: worker processes would only add start-up time.
         num_workers = 0 if self.feature_cache is not None else self.num_workers

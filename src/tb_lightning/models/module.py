@@ -20,6 +20,7 @@ from tb_lightning.data.sources import CLASS_NAMES
 from tb_lightning.errors import ConfigError, UserError
 from tb_lightning.models.metrics import ClassificationMetrics
 from tb_lightning.models.net import build_net
+from tb_lightning.models.schedules import build_scheduler, scheduler_name
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,27 @@ class TBClassifier(L.LightningModule):
     """
 
     def __init__(
-        self, net: Mapping[str, Any], optimizer: Mapping[str, Any], threshold: float = 0.5
+        self,
+        net: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        threshold: float = 0.5,
+        scheduler: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         net, optimizer = to_plain_dict(net), to_plain_dict(optimizer)
+        scheduler = to_plain_dict(scheduler) if scheduler else None
         lr = optimizer.get("lr")
         if isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0:
             raise ConfigError(f"model.optimizer.lr={lr!r} must be a number > 0, e.g. 1e-4.")
         if not 0 < threshold < 1:
             raise ConfigError(f"model.threshold={threshold!r} must be in (0, 1).")
-        self.save_hyperparameters({"net": net, "optimizer": optimizer, "threshold": threshold})
+        scale = optimizer.get("backbone_lr_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or scale < 0:
+            raise ConfigError(f"model.optimizer.backbone_lr_scale={scale!r} must be a number >= 0.")
+        scheduler_name(scheduler)  # fail early on an unknown schedule
+        self.save_hyperparameters(
+            {"net": net, "optimizer": optimizer, "threshold": threshold, "scheduler": scheduler}
+        )
         self.net = build_net(**net)
         # Set from the DataModule's train split in setup(); saved in checkpoints with the weights.
         self.register_buffer("pos_weight", torch.tensor(1.0))
@@ -143,9 +155,20 @@ class TBClassifier(L.LightningModule):
         )
         plt.close(fig)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        return instantiate(self.hparams.optimizer, params=trainable)
+    def configure_optimizers(self) -> Any:
+        settings = dict(self.hparams.optimizer)
+        backbone_scale = settings.pop("backbone_lr_scale", 1.0)
+        head = [p for p in self.net.head.parameters() if p.requires_grad]
+        backbone = [p for p in self.net.features.parameters() if p.requires_grad]
+        groups = [{"params": head}]
+        if backbone:
+            groups.append({"params": backbone, "lr": settings["lr"] * backbone_scale})
+        # A partial, then called: Hydra would turn the param-group dicts into DictConfigs.
+        optimizer = instantiate(settings, _partial_=True)(groups)
+        if scheduler_name(self.hparams.scheduler) == "none":
+            return optimizer
+        schedule = build_scheduler(optimizer, self.hparams.scheduler, self.trainer.max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

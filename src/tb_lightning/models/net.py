@@ -1,4 +1,7 @@
-"""The seed's network: AlexNet conv features (optionally frozen) and a new two-layer head."""
+"""The network: a torchvision backbone's conv features (optionally frozen) and a new head.
+
+The seed's AlexNet is the default; see models/backbones.py for the others.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +9,21 @@ import logging
 
 import torch
 from torch import nn
-from torchvision import models
 
 from tb_lightning.errors import ConfigError
-from tb_lightning.models.weights import load_backbone_weights
+from tb_lightning.models.backbones import (
+    MIN_IMAGE_SIZE,
+    check_arch,
+    feature_trunk,
+    torchvision_model,
+)
+from tb_lightning.models.weights import check_and_load, is_tbnet_state, read_weights
 
 log = logging.getLogger(__name__)
 
 # AlexNet's features shrink the input by conv(11, stride 4, pad 2) and three maxpool(3, stride 2);
 # below 63 px the last pool has nothing left to pool.
 ALEXNET_MIN_IMAGE_SIZE = 63
-ALEXNET_CHANNELS = 256
 
 
 def alexnet_feature_size(image_size: int) -> int:
@@ -80,34 +87,46 @@ def build_net(
     hidden_dim: int = 510,
     dropout: float = 0.5,
     image_size: int = 512,
+    pool_size: int | None = None,
 ) -> TBNet:
-    """Build the network named by `model.net.*` (see conf/model/alexnet.yaml)."""
-    if arch != "alexnet":
-        raise ConfigError(f"model.net.arch={arch!r} is not supported; use alexnet.")
+    """Build the network named by `model.net.*` (see conf/model/alexnet.yaml).
+
+    pool_size: side of the pooled feature map fed to the head. null keeps AlexNet's native map
+    (15x15 at 512, as the seed) and pools the other backbones globally (1x1), as torchvision does.
+    """
+    check_arch(arch)
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
         raise ConfigError(f"model.net.dropout={dropout!r} must be a number in [0, 1).")
     if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 1:
         raise ConfigError(f"model.net.hidden_dim={hidden_dim!r} must be an integer >= 1.")
-    if not isinstance(image_size, int) or image_size < ALEXNET_MIN_IMAGE_SIZE:
+    min_size = MIN_IMAGE_SIZE[arch]
+    if not isinstance(image_size, int) or image_size < min_size:
         raise ConfigError(
-            f"data.image_size={image_size!r} is too small for AlexNet; use an integer >= "
-            f"{ALEXNET_MIN_IMAGE_SIZE} (the seed uses 512)."
+            f"data.image_size={image_size!r} is too small for {arch}; use an integer >= "
+            f"{min_size} (the seed uses 512)."
         )
-    features = models.alexnet(weights=None).features
-    net = TBNet(
-        features,
-        alexnet_feature_size(image_size),
-        ALEXNET_CHANNELS,
-        hidden_dim,
-        float(dropout),
-        freeze_features,
-    )
-    if weights is None:
-        if freeze_features:
-            log.warning(
-                "model.net.weights=null with frozen features: the conv features are random. "
-                "Fine for smoke runs and speed work; use model.net.weights=imagenet for results."
-            )
-    else:
-        load_backbone_weights(net, weights, arch)
+    if pool_size is not None and (not isinstance(pool_size, int) or pool_size < 1):
+        raise ConfigError(f"model.net.pool_size={pool_size!r} must be null or an integer >= 1.")
+    if pool_size is None:
+        pool_size = alexnet_feature_size(image_size) if arch == "alexnet" else 1
+
+    torchvision_net = torchvision_model(arch)
+    state, origin = read_weights(weights, arch) if weights is not None else (None, "")
+    if state is not None and not is_tbnet_state(state):
+        # torchvision's layout (ImageNet weights or a torchvision state dict): load the whole
+        # model, then cut its trunk.
+        check_and_load(torchvision_net, state, weights, arch)
+    features, channels = feature_trunk(arch, torchvision_net)
+    net = TBNet(features, pool_size, channels, hidden_dim, float(dropout), freeze_features)
+    if state is not None and is_tbnet_state(state):
+        # This project's own network (a .pth of TBNet or a checkpoint): features and head.
+        check_and_load(net, state, weights, arch, required_prefix="features.")
+    if state is not None:
+        log.info("Loaded %d tensors from %s", len(state), origin)
+    elif freeze_features:
+        log.warning(
+            "model.net.weights=null with frozen features: the conv features are random. "
+            "Fine for smoke runs and speed work; use model.net.weights=imagenet for results, "
+            "or model.net.freeze_features=false to train from scratch."
+        )
     return net

@@ -7,25 +7,31 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from torchvision.models import AlexNet_Weights
+from torchvision import models
+from torchvision.models import WeightsEnum
 
 from tb_lightning.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
-IMAGENET_WEIGHTS = {"alexnet": AlexNet_Weights.IMAGENET1K_V1}
 # Keys of a torchvision model that belong to its ImageNet classifier, replaced by our head.
-IGNORED_PREFIXES = ("classifier.",)
+IGNORED_PREFIXES = ("classifier.", "fc.")
+
+
+def imagenet_weights(arch: str) -> WeightsEnum:
+    """torchvision's recommended ImageNet weights for arch (AlexNet: IMAGENET1K_V1)."""
+    return models.get_model_weights(arch).DEFAULT
 
 
 def imagenet_cache_file(arch: str) -> Path:
     """Where torchvision's download cache keeps the ImageNet weights of `arch`."""
-    url = IMAGENET_WEIGHTS[arch].url
+    url = imagenet_weights(arch).url
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
@@ -34,7 +40,7 @@ def load_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     cache_file = imagenet_cache_file(arch)
     try:
         # Reads the cache when the file is there, downloads into it otherwise.
-        return IMAGENET_WEIGHTS[arch].get_state_dict(progress=True, weights_only=True)
+        return imagenet_weights(arch).get_state_dict(progress=True, weights_only=True)
     except Exception as err:  # network errors come as URLError, OSError, HTTPError, ...
         raise WeightsError(
             f"model.net.weights=imagenet: the {arch} ImageNet weights are not in torchvision's "
@@ -76,16 +82,58 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_backbone_weights(net: nn.Module, weights: str | Path, arch: str = "alexnet") -> None:
-    """Load `imagenet` or a state-dict path into net: all of `features.*`, and `head.*` if given."""
+def read_weights(weights: str | Path, arch: str) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, where it came from) for `model.net.weights` = imagenet or a path."""
     if str(weights) == "imagenet":
-        state, origin = load_imagenet_state_dict(arch), f"torchvision {arch} ImageNet weights"
-    else:
-        state, origin = load_state_dict_file(weights), str(weights)
-    own = net.state_dict()
+        return load_imagenet_state_dict(arch), f"torchvision {arch} ImageNet weights"
+    return load_state_dict_file(weights), str(weights)
+
+
+def is_tbnet_state(state: dict[str, torch.Tensor]) -> bool:
+    """True for a state dict of this project's TBNet (it has the TB head), not torchvision's."""
+    return any(key.startswith("head.") for key in state)
+
+
+# Old torchvision DenseNet files name layers `norm.1`, the model `norm1`; torchvision's own
+# densenet loader applies the same rename.
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
+
+
+def _remap_densenet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    remapped = {}
+    for key, value in state.items():
+        match = _DENSENET_OLD_KEY.match(key)
+        remapped[match.group(1) + match.group(2) if match else key] = value
+    return remapped
+
+
+def check_and_load(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    weights: str | Path,
+    arch: str,
+    required_prefix: str = "",
+) -> None:
+    """Load state into model after checking names and shapes; one sentence on any mismatch.
+
+    Keys of the replaced ImageNet classifier are ignored; every other key the model has under
+    required_prefix must be present (BatchNorm's step counters excepted).
+    """
+    if arch.startswith("densenet"):
+        state = _remap_densenet(state)
+    own = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
     unexpected = sorted(set(state) - set(own))
-    missing = sorted(k for k in own if k.startswith("features.") and k not in state)
+    missing = sorted(
+        k
+        for k in own
+        if k.startswith(required_prefix)
+        and not k.startswith(IGNORED_PREFIXES)
+        and not k.endswith("num_batches_tracked")
+        and k not in state
+    )
     mismatched = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
     for problem, keys in (("lacks", missing), ("has unknown", unexpected), ("has", mismatched)):
         if keys:
@@ -93,7 +141,6 @@ def load_backbone_weights(net: nn.Module, weights: str | Path, arch: str = "alex
             raise WeightsError(
                 f"model.net.weights={weights} {problem} {what} for {arch} (e.g. {keys[0]}, "
                 f"{len(keys)} in all); pass a state dict of torchvision's {arch} or of this "
-                "project's network at the same data.image_size."
+                "project's network with the same model.net settings and data.image_size."
             )
-    net.load_state_dict(state, strict=False)
-    log.info("Loaded %d tensors from %s", len(state), origin)
+    model.load_state_dict(state, strict=False)

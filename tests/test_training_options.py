@@ -1,0 +1,111 @@
+"""Fine-tuning options: backbone learning rate, schedules, augmentation, early stopping."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from conftest import phantom_overrides, run_cli
+from tb_lightning.config import CONF_DIR
+from tb_lightning.data.augment import build_train_transform, check_augment, is_random
+from tb_lightning.errors import ConfigError
+from tb_lightning.models.module import TBClassifier
+from tb_lightning.models.schedules import build_scheduler
+
+NET = {"arch": "resnet18", "weights": None, "freeze_features": False, "hidden_dim": 8,
+       "dropout": 0.0, "image_size": 64}  # fmt: skip
+
+
+def test_backbone_lr_scale_makes_two_param_groups():
+    model = TBClassifier(
+        NET, {"_target_": "torch.optim.AdamW", "lr": 1e-3, "backbone_lr_scale": 0.1}
+    )
+    optimizer = model.configure_optimizers()
+    head_group, backbone_group = optimizer.param_groups
+    assert head_group["lr"] == pytest.approx(1e-3)
+    assert backbone_group["lr"] == pytest.approx(1e-4)
+    assert len(head_group["params"]) == 4  # two Linear layers
+    frozen = TBClassifier(
+        {**NET, "freeze_features": True}, {"_target_": "torch.optim.Adam", "lr": 1e-3}
+    )
+    assert len(frozen.configure_optimizers().param_groups) == 1
+
+
+def test_cosine_with_warmup_schedule():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = build_scheduler(
+        optimizer, {"name": "cosine", "warmup_epochs": 2, "warmup_start_factor": 0.1,
+                    "min_lr_scale": 0.0}, max_epochs=6)["scheduler"]  # fmt: skip
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(0.1)  # warm-up starts at 10%
+    assert lrs[2] == pytest.approx(1.0)  # full lr after warm-up
+    assert lrs[2] > lrs[3] > lrs[4] > lrs[5]  # then cosine decay
+    with pytest.raises(ConfigError, match="model.scheduler.warmup_epochs=6"):
+        build_scheduler(optimizer, {"name": "cosine", "warmup_epochs": 6}, max_epochs=6)
+
+
+def test_unknown_schedule_is_refused_at_construction():
+    with pytest.raises(ConfigError, match="model.scheduler.name='step'"):
+        TBClassifier(NET, {"_target_": "torch.optim.Adam", "lr": 1e-3}, scheduler={"name": "step"})
+
+
+def test_cxr_augmentation_is_random_but_shape_preserving():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=/tmp/x", "data/augment=cxr"])
+    augment = check_augment(cfg.data.augment)
+    assert is_random(augment) and not augment["horizontal_flip"]
+    transform = build_train_transform(64, augment)
+    image = torch.randint(0, 255, (3, 90, 80), dtype=torch.uint8)
+    torch.manual_seed(0)
+    first, second = transform(image), transform(image)
+    assert first.shape == (3, 64, 64) and first.dtype == torch.float32
+    assert not torch.equal(first, second)
+    assert not is_random(check_augment({}))
+
+
+def test_bad_augment_values_name_the_key():
+    with pytest.raises(ConfigError, match="data.augment.rotation_degree is not"):
+        check_augment({"rotation_degree": 5})
+    with pytest.raises(ConfigError, match="data/augment=cxr"):
+        check_augment("cxr")
+    with pytest.raises(ConfigError, match="data.augment.brightness=-1"):
+        check_augment({"brightness": -1})
+
+
+def test_datamodule_applies_augmentation_to_train_only(phantom_root):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[*phantom_overrides(phantom_root), "data/augment=cxr",
+                                          "paths.output_dir=/tmp/x"])  # fmt: skip
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    assert datamodule.augment_is_random
+    assert datamodule.train_dataloader().dataset.transform is datamodule.train_transform
+    assert datamodule.val_dataloader().dataset.transform is datamodule.transform
+
+
+def test_fine_tuning_run_with_schedule_augmentation_and_early_stopping(phantom_root, tmp_path):
+    result = run_cli(
+        "tb_lightning.train",
+        *phantom_overrides(phantom_root),
+        "model.net.arch=resnet18",
+        "model.net.freeze_features=false",
+        "model.net.hidden_dim=32",
+        "model.optimizer.backbone_lr_scale=0.5",
+        "model/scheduler=cosine",
+        "data/augment=cxr",
+        "callbacks=early_stopping",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+        "callbacks.early_stopping.patience=1",
+        "trainer.max_epochs=3",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (tmp_path / "report.txt").is_file()
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["scheduler"]["name"] == "cosine"
+    assert len(checkpoint["lr_schedulers"]) == 1
