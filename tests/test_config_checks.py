@@ -32,7 +32,7 @@ def base_cfg() -> DictConfig:
         ("model.net.dropout", 1.0, "model.net.dropout=1.0 must be a number in [0, 1)"),
         ("model.net.dropout", -0.1, "model.net.dropout=-0.1 must be a number in [0, 1)"),
         ("model.net.hidden_dim", 0, "model.net.hidden_dim=0 must be an integer >= 1"),
-        ("data.image_size", 32, "data.image_size=32 is too small for AlexNet"),
+        ("data.image_size", 32, "data.image_size=32 is too small for alexnet"),
         ("data.batch_size", 0, "data.batch_size=0 must be an integer >= 1"),
         ("data.val_size", 1, "data.val_size=1 is smaller than one validation image per class"),
         ("data.val_size", 1.5, "data.val_size=1.5 is not a fraction in (0, 1)"),
