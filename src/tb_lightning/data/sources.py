@@ -8,8 +8,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from tb_lightning.errors import DataError
 
 # Label 0 is the negative class, label 1 the positive one; metric names use these class names.
@@ -33,17 +31,6 @@ def is_image_file(path: Path) -> bool:
     return (
         path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
     )
-
-
-def check_readable(path: Path) -> None:
-    """Open the image header so a broken file is reported at scan time, not mid-epoch."""
-    try:
-        with Image.open(path) as image:
-            image.size  # noqa: B018 - reading the header is the check
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(
-            f"Cannot read image {path} ({err}); remove or replace this file and run again."
-        ) from None
 
 
 def find_class_dir(root: Path, class_name: str) -> Path | None:
