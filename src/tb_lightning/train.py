@@ -16,6 +16,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
+from tb_lightning.allocator import keep_large_blocks_in_heap
 from tb_lightning.config import CONF_DIR
 from tb_lightning.config_checks import check_config, runs_dir
 from tb_lightning.data.datamodule import TBDataModule
@@ -138,10 +139,15 @@ def evaluate_best_checkpoint(
 ) -> dict[str, Any]:
     """Validate the best checkpoint (or the final weights when none was saved).
 
-    A separate Trainer without loggers does it, so the training curves get no extra point.
+    Without a monitored checkpoint (callbacks.model_checkpoint=null, as experiment=nlm_scratch
+    does so that nothing is picked on the validation split) the last epoch's checkpoint is the
+    model. A separate Trainer without loggers does it, so the training curves get no extra point.
     """
     monitored = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)]
-    best = monitored[0].best_model_path if monitored else ""
+    if not monitored and trainer.checkpoint_callbacks:
+        log.info("No monitored checkpoint (callbacks.model_checkpoint): reporting the last epoch.")
+    chosen = monitored or trainer.checkpoint_callbacks
+    best = chosen[0].best_model_path if chosen else ""
     if not best:
         log.warning("No checkpoint was saved (e.g. fast_dev_run); reporting the final weights.")
     evaluator = L.Trainer(
@@ -208,6 +214,7 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) ->
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     quiet_known_warnings()
+    keep_large_blocks_in_heap()
     metrics = run_task(train, cfg)
     # The sweepers (e.g. Optuna) optimise what main returns.
     value = metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
