@@ -1,5 +1,7 @@
 """Fine-tuning options: backbone learning rate, schedules, augmentation, early stopping."""
 
+import json
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -109,3 +111,34 @@ def test_fine_tuning_run_with_schedule_augmentation_and_early_stopping(phantom_r
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"]["scheduler"]["name"] == "cosine"
     assert len(checkpoint["lr_schedulers"]) == 1
+
+
+def test_nlm_scratch_recipe_runs_one_fold_and_reports_its_last_epoch(shared_data, tmp_path):
+    """experiment=nlm_scratch on the real NLM images, cut to a few batches: fold 1 of 5 is the
+    val split, and without a monitored checkpoint the report and threshold use last.ckpt."""
+    result = run_cli(
+        "tb_lightning.train",
+        "experiment=nlm_scratch",
+        f"data.root={shared_data / 'nlm-tb-128'}",
+        f"data.scan_cache_dir={tmp_path / 'scan'}",
+        "data.fold=1",
+        "data.num_workers=0",
+        "trainer=cpu",
+        # Two epochs: the recipe's cosine schedule warms up for one.
+        "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=2",
+        "callbacks.progress_bar=null",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["data.fold"] == 1 and metrics["data.num_folds"] == 5
+    # 500 patients in 5 folds: 100 val images.
+    assert sum(metrics["val_counts"].values()) == 100
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert metrics["checkpoint"] == str(last)
+    assert not (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["operating_threshold"]["value"] == metrics["operating_threshold"]["value"]
+    hparams = checkpoint["hyper_parameters"]
+    assert hparams["net"]["arch"] == "resnet18" and hparams["net"]["weights"] is None
