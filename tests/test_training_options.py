@@ -142,3 +142,12 @@ def test_nlm_scratch_recipe_runs_one_fold_and_reports_its_last_epoch(shared_data
     assert checkpoint["operating_threshold"]["value"] == metrics["operating_threshold"]["value"]
     hparams = checkpoint["hyper_parameters"]
     assert hparams["net"]["arch"] == "resnet18" and hparams["net"]["weights"] is None
+
+
+def test_fused_with_an_optimizer_that_has_no_fused_argument_is_one_sentence():
+    optimizer = {"_target_": "torch.optim.RMSprop", "lr": 1e-3, "fused": True}
+    with pytest.raises(ConfigError, match=r"torch.optim.RMSprop has no `fused`.*~model.optimizer"):
+        TBClassifier(NET, optimizer)
+    # Without the key, or with an optimizer that has it, the model builds.
+    TBClassifier(NET, {"_target_": "torch.optim.RMSprop", "lr": 1e-3})
+    TBClassifier(NET, {"_target_": "torch.optim.SGD", "lr": 1e-3, "fused": True})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import pickle
 from collections.abc import Mapping
@@ -11,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric
@@ -60,6 +61,7 @@ class TBClassifier(L.LightningModule):
         scale = optimizer.get("backbone_lr_scale", 1.0)
         if isinstance(scale, bool) or not isinstance(scale, int | float) or scale < 0:
             raise ConfigError(f"model.optimizer.backbone_lr_scale={scale!r} must be a number >= 0.")
+        check_fused_option(optimizer)
         scheduler_name(scheduler)  # fail early on an unknown schedule
         self.save_hyperparameters(
             {"net": net, "optimizer": optimizer, "threshold": threshold, "scheduler": scheduler}
@@ -169,6 +171,22 @@ class TBClassifier(L.LightningModule):
             return optimizer
         schedule = build_scheduler(optimizer, self.hparams.scheduler, self.trainer.max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+def check_fused_option(optimizer: Mapping[str, Any]) -> None:
+    """conf/model sets `fused: true`; an optimizer class without that argument gets a sentence
+    (at construction) instead of a TypeError from inside Trainer.fit."""
+    if "fused" not in optimizer or "_target_" not in optimizer:
+        return
+    try:
+        target = get_class(optimizer["_target_"])
+    except (ImportError, ValueError):  # Hydra reports a bad _target_ when it instantiates it
+        return
+    if "fused" not in inspect.signature(target).parameters:
+        raise ConfigError(
+            f"model.optimizer._target_={optimizer['_target_']} has no `fused` argument; "
+            "add ~model.optimizer.fused to the command line."
+        )
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
