@@ -1,0 +1,28 @@
+"""benchmarks/bench.py keeps one docs/benchmarks.md section per kind of machine."""
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_run_replaces_its_own_section_and_keeps_the_other(tmp_path: Path) -> None:
+    bench = load_bench()
+    page = tmp_path / "benchmarks.md"
+    bench.write_section(page, "cpu", "## CPU only\n\nfirst cpu run\n")
+    bench.write_section(page, "gpu", "## GPU: NVIDIA H200\n\ngpu run\n")
+    bench.write_section(page, "cpu", "## CPU only\n\nsecond cpu run\n")
+    text = page.read_text()
+    assert text.startswith("# Benchmarks")
+    assert "second cpu run" in text and "first cpu run" not in text
+    assert "gpu run" in text
+    # CPU first, then GPU, each once.
+    assert text.index("<!-- bench:cpu -->") < text.index("<!-- bench:gpu -->")
+    assert text.count("## CPU only") == 1 and text.count("## GPU: NVIDIA H200") == 1
