@@ -151,3 +151,60 @@ def test_fused_with_an_optimizer_that_has_no_fused_argument_is_one_sentence():
     # Without the key, or with an optimizer that has it, the model builds.
     TBClassifier(NET, {"_target_": "torch.optim.RMSprop", "lr": 1e-3})
     TBClassifier(NET, {"_target_": "torch.optim.SGD", "lr": 1e-3, "fused": True})
+
+
+def test_step_loss_reaches_tensorboard_every_log_every_n_steps(tmp_path):
+    """training_step logs the step loss only on the steps the loggers write (each self.log costs
+    Python time, and a GPU sync for the progress bar); TensorBoard still gets one point every
+    trainer.log_every_n_steps steps, holding that step's own loss."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.data import DataLoader
+
+    from tb_lightning.data.feature_cache import FeatureDataset
+
+    class StepLosses(L.Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.losses.append(float(outputs["loss"]))
+
+    torch.manual_seed(0)
+    model = TBClassifier(
+        {"arch": "alexnet", "weights": None, "image_size": 64, "pool_size": 1, "hidden_dim": 8},
+        {"_target_": "torch.optim.Adam", "lr": 1e-3},
+    )
+    logged: list[str] = []
+    log = model.log
+
+    def counting_log(name, *args, **kwargs):
+        logged.append(name)
+        return log(name, *args, **kwargs)
+
+    model.log = counting_log
+    features = FeatureDataset(torch.randn(40, 256).half(), [i % 3 == 0 for i in range(40)])
+    recorder = StepLosses()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        log_every_n_steps=2,
+        logger=TensorBoardLogger(tmp_path, name="tb", version=0),
+        callbacks=[recorder],
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DataLoader(features, batch_size=8))  # 5 steps per epoch, 10 in all
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"))
+    events.Reload()
+    points = events.Scalars("train/loss_step")
+    # Lightning writes after steps 2, 4, ..., 10, each under the index of the step (0-based).
+    assert [p.step for p in points] == [1, 3, 5, 7, 9]
+    assert [p.value for p in points] == pytest.approx([recorder.losses[p.step] for p in points])
+    assert logged.count("train/loss_step") == 5  # not once per step
+    # Outside a Trainer (a hand-written loop) the step is always "logged".
+    outside = TBClassifier(NET, {"_target_": "torch.optim.Adam", "lr": 1e-3})
+    assert outside._loggers_write_this_step()

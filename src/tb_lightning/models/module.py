@@ -110,8 +110,24 @@ class TBClassifier(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
         loss = self._shared_step(batch, self.train_loss, self.train_metrics)
-        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        if self._loggers_write_this_step():
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def _loggers_write_this_step(self) -> bool:
+        """Whether Lightning writes step metrics to the loggers after this training step.
+
+        Each self.log call costs Lightning about 0.6 ms of Python, and a progress-bar value is
+        read back from the GPU after every step it is logged in: on cached features, whose steps
+        take a few milliseconds on a GPU, that is a large share of each step (README,
+        Benchmarks). The step loss is logged only on the steps the loggers record (every
+        trainer.log_every_n_steps), so TensorBoard gets the same points.
+        """
+        if self._trainer is None:  # called outside a Trainer (tests, hand loops)
+            return True
+        connector = getattr(self.trainer, "_logger_connector", None)
+        writes = getattr(connector, "should_update_logs", True)
+        return bool(writes or self.trainer.fast_dev_run)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, self.val_loss, self.val_metrics)
