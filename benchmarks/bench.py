@@ -209,6 +209,9 @@ def hand_loop(model: TBClassifier, loader: DataLoader, epochs: int) -> None:
 
 # --- the report ------------------------------------------------------------------------------
 
+# The page's sections, in order: figures from a machine without a GPU, and from one with a GPU.
+MACHINE_KINDS = ("cpu", "gpu")
+
 PAGE_HEADER = """# Benchmarks
 
 Written by `make bench` (benchmarks/bench.py): one section per kind of machine, CPU only and GPU.
@@ -221,14 +224,14 @@ def write_section(page: Path, kind: str, section: str) -> None:
     """Put `section` in the page as the `kind` ("cpu" or "gpu") section, keeping the other one."""
     text = page.read_text() if page.exists() else ""
     sections = {}
-    for name in ("cpu", "gpu"):
+    for name in MACHINE_KINDS:
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         if begin in text and end in text:
             sections[name] = text[text.index(begin) + len(begin) : text.index(end)].strip("\n")
     sections[kind] = section.strip("\n")
     body = [
         f"<!-- bench:{name} -->\n{sections[name]}\n<!-- /bench:{name} -->"
-        for name in ("cpu", "gpu")
+        for name in MACHINE_KINDS
         if name in sections
     ]
     page.parent.mkdir(parents=True, exist_ok=True)
@@ -376,6 +379,7 @@ def main() -> int:
 
     total = time.perf_counter() - start_all
     cpu, gpu = machine()
+    kind = "gpu" if gpu != "none" else "cpu"
     base = rows[list(rows)[0]]
     seed_sweep = sweep["1 seed's way"]
     cached_sweep = sweep["3 cached (run, extraction included)"]
@@ -385,7 +389,7 @@ def main() -> int:
         f"Lightning loop overhead <= 10%: {overhead:+.1f}%": overhead <= 10,
     }
     lines = [
-        f"## {'GPU: ' + gpu if gpu != 'none' else 'CPU only'}",
+        f"## GPU: {gpu}" if kind == "gpu" else "## CPU only",
         "",
         f"- CPU: {cpu}",
         f"- GPU: {gpu}",
@@ -440,7 +444,7 @@ def main() -> int:
     lines += ["", "### Targets", ""]
     lines += [f"- {'met' if ok else 'MISSED'}: {text}" for text, ok in targets.items()]
     section = "\n".join(lines) + "\n"
-    write_section(Path(args.output), "gpu" if gpu != "none" else "cpu", section)
+    write_section(Path(args.output), kind, section)
     print("\n" + section)
     print(f"Wrote {args.output}")
     return 0 if all(targets.values()) else 1
