@@ -1,16 +1,12 @@
 """benchmarks/bench.py keeps one docs/benchmarks.md section per kind of machine."""
 
-import importlib.util
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+from benchmark_scripts import load_benchmark_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("bench")
 
 
 def test_a_run_replaces_its_own_section_and_keeps_the_other(tmp_path: Path) -> None:
