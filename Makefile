@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev]"
 	touch $(STAMP)
 
-## The main job, offline: phantom data (generated on first use), a short CPU-friendly run.
+## The main job, offline: phantom data (generated on first use), ~2 minutes on 2 CPU cores.
 train: $(STAMP)
 	$(BIN)/python -m tb_lightning.train experiment=quickstart $(ARGS)
 
@@ -42,8 +42,9 @@ format: $(STAMP)
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir outputs/ $(ARGS)
 
-## Speed of the seed's way vs the fast path vs cached features; writes docs/benchmarks.md.
+## Start-up times, and the seed's way vs the fast path vs cached features; writes docs/benchmarks.md.
 bench: $(STAMP)
+	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 clean:
@@ -52,4 +53,4 @@ clean:
 
 ## Also removes the virtualenv and the generated phantom data.
 distclean: clean
-	rm -rf $(VENV) data/phantom
+	rm -rf $(VENV) data/phantom data/phantom-quickstart

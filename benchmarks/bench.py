@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,6 +48,9 @@ from tb_lightning.data.sources import Sample
 from tb_lightning.data.transforms import build_transform
 from tb_lightning.models.module import TBClassifier
 from tb_lightning.task import quiet_known_warnings
+
+sys.path.insert(0, str(Path(__file__).parent))
+from page import cpu_name, write_section  # noqa: E402
 
 IMAGE_SIZE = 512
 BATCH = 18
@@ -85,15 +86,7 @@ def peak_memory_mb() -> float:
 
 
 def machine() -> tuple[str, str]:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cpu = f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+    cpu = f"{cpu_name()}, torch threads {torch.get_num_threads()}"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return cpu, gpu
 
@@ -208,35 +201,6 @@ def hand_loop(model: TBClassifier, loader: DataLoader, epochs: int) -> None:
 
 
 # --- the report ------------------------------------------------------------------------------
-
-# The page's sections, in order: figures from a machine without a GPU, and from one with a GPU.
-MACHINE_KINDS = ("cpu", "gpu")
-
-PAGE_HEADER = """# Benchmarks
-
-Written by `make bench` (benchmarks/bench.py): one section per kind of machine, CPU only and GPU.
-A run replaces its own kind's section and keeps the other, so figures from a GPU machine and
-from a CPU-only machine stand side by side; compare ratios within one section only.
-"""
-
-
-def write_section(page: Path, kind: str, section: str) -> None:
-    """Put `section` in the page as the `kind` ("cpu" or "gpu") section, keeping the other one."""
-    text = page.read_text() if page.exists() else ""
-    sections = {}
-    for name in MACHINE_KINDS:
-        begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-        if begin in text and end in text:
-            sections[name] = text[text.index(begin) + len(begin) : text.index(end)].strip("\n")
-    sections[kind] = section.strip("\n")
-    body = [
-        f"<!-- bench:{name} -->\n{sections[name]}\n<!-- /bench:{name} -->"
-        for name in MACHINE_KINDS
-        if name in sections
-    ]
-    page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(PAGE_HEADER + "\n" + "\n\n".join(body) + "\n")
-
 
 # --- the variants ----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""benchmarks/bench.py keeps one docs/benchmarks.md section per kind of machine."""
+"""docs/benchmarks.md keeps one section per kind of machine (and one for start-up)."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ from benchmark_scripts import load_benchmark_script
 
 
 def load_bench():
-    return load_benchmark_script("bench")
+    return load_benchmark_script("page")
 
 
 def test_a_run_replaces_its_own_section_and_keeps_the_other(tmp_path: Path) -> None:
@@ -22,3 +22,7 @@ def test_a_run_replaces_its_own_section_and_keeps_the_other(tmp_path: Path) -> N
     # CPU first, then GPU, each once.
     assert text.index("<!-- bench:cpu -->") < text.index("<!-- bench:gpu -->")
     assert text.count("## CPU only") == 1 and text.count("## GPU: NVIDIA H200") == 1
+    bench.write_section(page, "startup", "## Start-up\n\nfirst\n")
+    text = page.read_text()
+    assert text.index("<!-- bench:gpu -->") < text.index("<!-- bench:startup -->")
+    assert "second cpu run" in text and "gpu run" in text

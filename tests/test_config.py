@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,15 @@ def test_callbacks_instantiate(tmp_path):
 def test_quickstart_and_debug_presets():
     quick = compose_train(["experiment=quickstart"])
     assert quick.data.source == "phantom" and quick.model.net.weights is None
+    # What makes the first run learn (README): conspicuous synthetic findings, a whole network
+    # trained from random weights; in a phantom folder of its own.
+    assert quick.data.phantom.lesions == "conspicuous"
+    assert quick.model.net.freeze_features is False and quick.model.net.arch == "resnet18"
+    assert quick.data.root.endswith("data/phantom-quickstart")
+    # The seed's frozen-feature preset is untouched.
+    seed = compose_train(["experiment=seed"])
+    assert seed.model.net.freeze_features is True and seed.model.net.weights == "imagenet"
+    assert seed.model.net.arch == "alexnet" and seed.data.source == "tb_cxr"
     assert compose_train(["debug=fdr"]).trainer.fast_dev_run is True
     assert compose_train(["debug=overfit"]).trainer.overfit_batches == 2
 
@@ -109,3 +120,15 @@ def test_bad_values_fail_before_training_naming_the_key(phantom_root, tmp_path, 
         train(cfg)
     assert str(err.value).startswith(key)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_entry_points_start_without_torch():
+    """--help and the first log line come before the seconds torch and Lightning take to import:
+    the entry modules import neither (the work is imported once the config is composed)."""
+    code = (
+        "import sys, tb_lightning.train, tb_lightning.eval, tb_lightning.predict, "
+        "tb_lightning.export; print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -73,8 +73,47 @@ def test_training_stores_the_operating_threshold(trained_run, loaded):
     probs, target = model_probs(loaded, [s.path for s in val]), [s.label for s in val]
     f1 = [skm.f1_score(target, probs >= t) for t in probs]
     assert skm.f1_score(target, probs >= stored["value"]) == pytest.approx(max(f1))
-    assert json.loads((trained_run / "metrics.json").read_text())["operating_threshold"] == stored
+    recorded = json.loads((trained_run / "metrics.json").read_text())["threshold"]
+    assert {k: v for k, v in recorded.items() if k != "source"} == stored
+    assert (
+        recorded["source"]
+        == "chosen on the validation split (12 images) by threshold.policy=max_f1"
+    )
     assert "operating_threshold" not in load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
+
+
+def val_block(report: str) -> str:
+    """The report's validation-split block: from its title to the next blank line or the end."""
+    start = report.index("== Validation split")
+    end = report.find("\n\n", start)
+    return report[start:] if end < 0 else report[start:end]
+
+
+def test_train_report_and_eval_print_the_same_numbers(trained_run, tmp_path):
+    """One threshold story: eval of best.ckpt on its val split reproduces train's report."""
+    result = run_cli(
+        "tb_lightning.eval",
+        f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert_ok(result)
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    evaluated = json.loads((tmp_path / "metrics.json").read_text())
+    shared = [k for k in trained if k == "val" or k.startswith("val/")]
+    assert len(shared) > 15 and "val/sensitivity" in shared and "val" in shared
+    for key in shared:
+        assert evaluated[key] == trained[key], key
+    assert evaluated["threshold"]["value"] == trained["threshold"]["value"]
+    assert evaluated["threshold"]["source"] == trained["threshold"]["source"]
+    train_report = (trained_run / "report.txt").read_text()
+    eval_report = (tmp_path / "report.txt").read_text()
+    assert val_block(eval_report) == val_block(train_report)
+    # Every threshold-dependent figure names its threshold; the val figures carry the warning.
+    value = f"{trained['threshold']['value']:.4f}"
+    assert f"Operating threshold: p_tb >= {value} (chosen on the validation split" in eval_report
+    assert val_block(train_report).count(f"p_tb >= {value}") >= 4
+    assert "optimistic" in val_block(train_report)
+    assert "SYNTHETIC DATA" in train_report and "SYNTHETIC DATA" in eval_report
 
 
 def test_eval_cli_on_the_val_split(trained_run, loaded, tmp_path):
@@ -105,14 +144,14 @@ def test_eval_cli_on_the_val_split(trained_run, loaded, tmp_path):
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     stored = load_checkpoint(trained_run / "checkpoints" / "best.ckpt")["operating_threshold"]
-    threshold = metrics["threshold"]
-    assert threshold == stored["value"] and "max_f1" in metrics["threshold_source"]
+    threshold = metrics["threshold"]["value"]
+    assert threshold == stored["value"] and "max_f1" in metrics["threshold"]["source"]
     # Every number against scikit-learn on probabilities computed independently.
     _, val = read_split_csv(trained_run / "split.csv")
     target = np.array([s.label for s in val])
     probs = model_probs(loaded, [s.path for s in val])
     preds = (probs >= threshold).astype(int)
-    overall = metrics["overall"]
+    overall = metrics["val"]["overall"]
     assert overall["images"] == 12 and overall["counts"] == {"Normal": 8, "Tuberculosis": 4}
     assert overall["auroc"] == pytest.approx(skm.roc_auc_score(target, probs), abs=1e-6)
     assert overall["average_precision"] == pytest.approx(
@@ -122,8 +161,8 @@ def test_eval_cli_on_the_val_split(trained_run, loaded, tmp_path):
     assert overall["specificity"] == pytest.approx(skm.recall_score(target, preds, pos_label=0))
     assert overall["accuracy"] == pytest.approx(skm.accuracy_score(target, preds))
     assert overall["confusion_matrix"] == skm.confusion_matrix(target, preds).tolist()
-    assert metrics["eval/confusion_matrix"] == overall["confusion_matrix"]
-    assert metrics["eval/f1/Tuberculosis"] == pytest.approx(skm.f1_score(target, preds))
+    assert metrics["val/confusion_matrix"] == overall["confusion_matrix"]
+    assert metrics["val/f1/Tuberculosis"] == pytest.approx(skm.f1_score(target, preds))
     for name in ("auroc", "sensitivity", "specificity", "accuracy"):
         low, high = overall["ci"][name]
         assert low <= overall[name] <= high, name
@@ -133,7 +172,9 @@ def test_eval_cli_on_the_val_split(trained_run, loaded, tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert {f"eval/{name}" for name in FIGURES} <= set(events.Tags()["images"])
-    assert "eval/auroc" in events.Tags()["scalars"]
+    assert "val/auroc" in events.Tags()["scalars"]
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert {r["threshold_source"] for r in rows} == {metrics["threshold"]["source"]}
 
 
 def test_eval_per_source_with_threshold_override(loaded, phantom_root, tmp_path):
@@ -154,9 +195,10 @@ def test_eval_per_source_with_threshold_override(loaded, phantom_root, tmp_path)
     metrics, report = evaluate_samples(
         loaded, samples, threshold, source, tmp_path / "out", "all", n_bootstrap=200
     )
-    assert set(metrics["per_source"]) == {"montgomery", "shenzhen"}
-    assert metrics["per_source"]["shenzhen"]["images"] == 6
-    assert "Per source:" in report and "shenzhen" in report
+    assert set(metrics["all"]["per_source"]) == {"montgomery", "shenzhen"}
+    assert metrics["all"]["per_source"]["shenzhen"]["images"] == 6
+    assert "Per source (sensitivity and specificity at p_tb >= 0.3000)" in report
+    assert "shenzhen" in report
     rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
     assert {r["source"] for r in rows} == {"montgomery", "shenzhen"}
     assert all(r["predicted_label"] == str(int(float(r["p_tb"]) >= 0.3)) for r in rows)
@@ -202,6 +244,7 @@ def test_predict_cli_with_saliency_skips_unreadable_files(
     for row, p in zip(rows, expected, strict=True):
         assert float(row["p_tb"]) == pytest.approx(p, abs=1e-5)
         assert float(row["threshold"]) == pytest.approx(stored["value"])
+        assert row["threshold_source"].startswith("chosen on the validation split")
         assert row["predicted_label"] == str(int(p >= stored["value"]))
         assert row["predicted_class"] in ("Normal", "Tuberculosis")
         overlay = Image.open(row["saliency"])
@@ -217,7 +260,7 @@ def test_predict_csv_input_and_user_errors(loaded, phantom_root, tmp_path):
     manifest.write_text(f"path\n{first}\nmissing.png\n")
     paths = collect_inputs(manifest)
     assert paths == [str(first), str(tmp_path / "missing.png")]
-    predictions = run_prediction(loaded, paths, 0.5, tmp_path / "out")
+    predictions = run_prediction(loaded, paths, 0.5, "test", tmp_path / "out")
     assert predictions.readable.tolist() == [True, False]
     assert "does not exist" in predictions.reasons[1]
     with pytest.raises(DataError, match="input=/no/such/folder does not exist"):
@@ -234,7 +277,7 @@ def test_predict_on_real_images(shared_data, loaded, folder, tmp_path):
         pytest.skip(f"{root} not found")
     paths = collect_inputs(root)
     assert len(paths) == len(list(root.rglob("*.png")))
-    predictions = run_prediction(loaded, paths, 0.5, tmp_path, batch_size=8, saliency=True)
+    predictions = run_prediction(loaded, paths, 0.5, "test", tmp_path, batch_size=8, saliency=True)
     assert predictions.readable.all()
     assert np.isfinite(predictions.probs).all()
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))

@@ -5,8 +5,8 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
+from tb_lightning.evaluation.report import format_seed_report
 from tb_lightning.models.metrics import ClassificationMetrics
-from tb_lightning.report import format_seed_report
 
 
 def sklearn_metrics(probs: np.ndarray, target: np.ndarray, threshold: float) -> dict:
@@ -43,8 +43,12 @@ def test_metrics_match_sklearn_over_several_batches(threshold):
     for name, value in expected.items():
         if name == "confusion":
             assert metrics.confusion_matrix().tolist() == value.tolist()
-        else:
+        elif name == "auroc":  # threshold-free: no suffix
             assert ours[name] == pytest.approx(value, abs=1e-6), name
+        else:  # named for the fixed threshold they are computed at: acc@0.3, f1@0.3/Normal
+            metric, *cls = name.split("/")
+            ours_name = "/".join([f"{metric}@{threshold:g}", *cls])
+            assert ours[ours_name] == pytest.approx(value, abs=1e-6), name
 
 
 def test_reset_starts_a_new_epoch():
@@ -52,7 +56,7 @@ def test_reset_starts_a_new_epoch():
     metrics.update(torch.tensor([0.9, 0.1]), torch.tensor([0, 1]))
     metrics.reset()
     metrics.update(torch.tensor([0.9, 0.1]), torch.tensor([1, 0]))
-    assert float(metrics.compute()["acc"]) == 1.0
+    assert float(metrics.compute()["acc@0.5"]) == 1.0
 
 
 def test_seed_report_format():
@@ -68,12 +72,13 @@ def test_seed_report_format():
         "val/f1/Tuberculosis": 0.979798,
         "val/confusion_matrix": [[499, 1], [3, 97]],
     }
-    report = format_seed_report(values)
+    report = format_seed_report(values, "val", threshold=0.4321)
     assert report.startswith(
+        "At p_tb >= 0.4321 (the loss is threshold-free):\n"
         "Validation loss: 0.019457, Validation acc: 99.333333,\n"
         "for class Normal:\n"
         " validation precision: 0.994024, validation recall: 0.998000 , validation F1: 0.996008\n"
         "for class Tuberculosis:\n"
         " validation precision: 0.989796, validation recall: 0.970000 , validation F1: 0.979798\n"
     )
-    assert "Validation AUROC: 0.999000" in report
+    assert "Confusion matrix at p_tb >= 0.4321" in report

@@ -18,6 +18,7 @@ from tb_lightning.data.phantom import (
     phantom_path,
     render_phantom,
 )
+from tb_lightning.errors import DataError
 
 SIZE = 64  # smallest allowed size keeps the on-disk tests fast
 
@@ -40,8 +41,8 @@ def _without_lesions(monkeypatch) -> None:
     """Render TB phantoms with their lesions drawn (same random stream) but not painted."""
     draw = phantom._sample_lesions
 
-    def no_lesions(rng, pt):
-        draw(rng, pt)
+    def no_lesions(rng, pt, lesions="mixed"):
+        draw(rng, pt, lesions)
         return []
 
     monkeypatch.setattr(phantom, "_sample_lesions", no_lesions)
@@ -106,13 +107,18 @@ def test_mean_intensity_alone_separates_classes_poorly(small_set):
     assert _auroc(imgs.mean(axis=(1, 2)), labels) < 0.75
 
 
-def test_lesions_range_from_subtle_to_obvious(monkeypatch):
-    """Render each TB phantom with and without its lesions: the only difference is the lesion,
-    it lies in the lung fields, and its contrast varies widely from case to case."""
-    n, size = 40, 128
-    with_lesions = [render_phantom(i, 1, image_size=size).astype(np.int16) for i in range(n)]
-    _without_lesions(monkeypatch)
-    without = [render_phantom(i, 1, image_size=size).astype(np.int16) for i in range(n)]
+def _lesion_peaks(monkeypatch, lesions: str, n: int = 40, size: int = 128):
+    """Per TB phantom: the largest grey-level change its lesions make, and the share of the
+    changed pixels that lie inside the thorax."""
+    with_lesions = [
+        render_phantom(i, 1, image_size=size, lesions=lesions).astype(np.int16) for i in range(n)
+    ]
+    with monkeypatch.context() as patch:
+        _without_lesions(patch)
+        without = [
+            render_phantom(i, 1, image_size=size, lesions=lesions).astype(np.int16)
+            for i in range(n)
+        ]
     peaks, in_chest = [], []
     for a, b in zip(with_lesions, without, strict=True):
         diff = a - b
@@ -122,10 +128,30 @@ def test_lesions_range_from_subtle_to_obvious(monkeypatch):
         if len(changed):  # within the thorax, not the neck or abdomen
             rows, cols = changed[:, 0] / size, changed[:, 1] / size
             in_chest.append(np.mean((rows > 0.05) & (rows < 0.85) & (cols > 0.05) & (cols < 0.95)))
-    peaks = np.array(peaks)
+    return np.array(peaks), in_chest
+
+
+def test_lesions_range_from_subtle_to_obvious(monkeypatch):
+    """Render each TB phantom with and without its lesions: the only difference is the lesion,
+    it lies in the lung fields, and its contrast varies widely from case to case."""
+    peaks, in_chest = _lesion_peaks(monkeypatch, "mixed")
     assert (peaks > 4).mean() > 0.8  # nearly every TB case has a finding ...
     assert np.percentile(peaks, 10) < 30 and np.percentile(peaks, 90) > 60  # subtle to obvious
     assert np.mean(in_chest) > 0.95
+
+
+def test_conspicuous_lesions_are_the_same_findings_drawn_stronger(monkeypatch):
+    """data.phantom.lesions=conspicuous (the quickstart): the same anatomy, findings in the
+    lungs, and no subtle ones left."""
+    mixed, _ = _lesion_peaks(monkeypatch, "mixed")
+    bold, in_chest = _lesion_peaks(monkeypatch, "conspicuous")
+    assert (bold > 4).all() and np.median(bold) > np.median(mixed) + 15
+    assert np.percentile(bold, 10) > np.percentile(mixed, 10)
+    assert np.mean(in_chest) > 0.95
+    # Normal phantoms do not depend on the setting.
+    assert (render_phantom(3, 0, lesions="conspicuous") == render_phantom(3, 0)).all()
+    with pytest.raises(ValueError, match="data.phantom.lesions='loud' is not one of"):
+        render_phantom(3, 1, lesions="loud")
 
 
 def test_lesion_statistic_differs_between_classes(small_set):
@@ -249,7 +275,7 @@ def test_refuses_to_touch_what_may_be_the_real_dataset(tmp_path):
     (tmp_path / "Normal").mkdir()
     real = tmp_path / "Normal" / "Normal-1.png"
     real.write_bytes(b"real image")
-    with pytest.raises(ValueError, match="data.root"):
+    with pytest.raises(DataError, match="data.root"):
         ensure_phantom_dataset(tmp_path, 1, 1, image_size=SIZE, progress=False)
     assert real.read_bytes() == b"real image"
     assert not (tmp_path / "phantom.json").exists()

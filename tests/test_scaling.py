@@ -16,7 +16,9 @@ from tb_lightning.models.module import load_checkpoint
 from tb_lightning.task import instantiate_config
 from test_config import compose_train
 
-COMPARED = ("val/loss", "val/acc", "val/auroc", "val/f1/Normal", "val/recall/Tuberculosis")
+# Threshold-free: the per-epoch figures at 0.5 and the report's at the operating threshold differ
+# by design.
+COMPARED = ("val/loss", "val/auroc")
 
 
 def val_paths(run_dir: Path) -> list[str]:
@@ -32,6 +34,9 @@ def test_ddp_cpu_metrics_are_synced_and_match_one_process(phantom_root, tmp_path
         *phantom_overrides(phantom_root),
         "trainer=ddp_cpu",
         "trainer.max_epochs=2",
+        # Per-epoch validation on the images in fp32, like the final report (not on cached
+        # features in reduced precision), so that the two can be compared to 1e-5.
+        "data.cache_features=false",
         f"hydra.run.dir={ddp_dir}",
     )
     output = result.stdout + result.stderr
@@ -57,8 +62,8 @@ def test_ddp_cpu_metrics_are_synced_and_match_one_process(phantom_root, tmp_path
     assert metrics["pos_weight"] == pytest.approx(datamodule.pos_weight)
     # Only rank 0 reports; the second process has its own log and writes no report.
     rank1_log = (ddp_dir / "train_ddp_process_1.log").read_text()
-    assert "Best checkpoint on the validation split" not in rank1_log
-    assert "Best checkpoint on the validation split" in (ddp_dir / "train.log").read_text()
+    assert "Final figures of" not in rank1_log
+    assert "Final figures of" in (ddp_dir / "train.log").read_text()
 
 
 @pytest.mark.slow

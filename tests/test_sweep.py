@@ -123,11 +123,25 @@ def test_multirun_summary_tensorboard_and_a_failed_job(phantom_root, tmp_path):
         ("model.optimizer.lr=-1 model.net.dropout=0.3", "failed"),
         ("model.optimizer.lr=-1 model.net.dropout=0.5", "failed"),
     ]
-    assert "ConfigError: model.optimizer.lr=-1" in rows[2]["error"]
+    # The user's mistake is its one sentence, in the summary and at the end: no traceback.
+    assert rows[2]["error"] == "model.optimizer.lr=-1 must be a number > 0, e.g. 1e-4."
+    assert "Traceback" not in output
+    assert "HYDRA_FULL_ERROR" not in output
+    assert "2 of 4 jobs failed (job 2, 3)" in result.stdout.rstrip().splitlines()[-1]
     assert sum(r["best"] == "best" for r in rows) == 1
     for row in rows[:2]:
         stored = json.loads((Path(row["run_dir"]) / "metrics.json").read_text())
         assert float(row["val/auroc"]) == pytest.approx(stored["val/auroc"], abs=1e-4)
+        # The threshold-dependent columns are at the job's own stored threshold, named beside.
+        assert float(row["threshold"]) == pytest.approx(stored["threshold"]["value"], abs=1e-4)
+        assert row["threshold_policy"] == "youden"
+        for key in ("val/sensitivity", "val/specificity"):
+            assert float(row[key]) == pytest.approx(stored[key], abs=1e-4)
+    markdown = (sweep_dir / "sweep_summary.md").read_text()
+    assert (
+        "| val AUROC | val AP | val loss | threshold | val sens @thr | val spec @thr |" in markdown
+    )
+    assert "chosen on that job's validation split by threshold.policy=youden" in markdown
     run = sweep_dir / "1" / "tensorboard" / "lr=0.001,dropout=0.5"
     events = EventAccumulator(str(run))
     events.Reload()
@@ -145,3 +159,36 @@ def test_custom_scalars_layout_covers_losses_and_classes():
         [r"^(train|val)/loss$"],
     ]
     assert {"Class Normal", "Class Tuberculosis"} <= set(layout)
+
+
+def test_offline_imagenet_multirun_stops_before_any_job(phantom_root, tmp_path, monkeypatch):
+    """model.net.weights=imagenet with no cached file and no network: one sentence, exit 1,
+    no job started (not one failure, and one download attempt, per job)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    # No network, whatever the machine has: every download goes to a closed local port.
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    sweep_dir = tmp_path / "sweep"
+    overrides = [o for o in phantom_overrides(phantom_root) if o != "model.net.weights=null"]
+    result = run_cli(
+        "tb_lightning.train",
+        "-m",
+        *overrides,
+        "model.net.weights=imagenet",
+        "model.optimizer.lr=1e-4,1e-3",
+        "model.net.dropout=0.3,0.5",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "Traceback" not in output and "HYDRA_FULL_ERROR" not in output
+    errors = [line for line in output.splitlines() if "No job was started" in line]
+    assert len(errors) == 1
+    for fix in (
+        "alexnet-owt-7be5be79.pth",
+        str(tmp_path / "torch_home" / "hub" / "checkpoints"),
+        "model.net.weights=null model.net.freeze_features=false",
+        "experiment=nlm_scratch",
+    ):
+        assert fix in errors[0], fix
+    assert not sweep_dir.exists()  # no job directory, no summary

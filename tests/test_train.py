@@ -18,19 +18,21 @@ from tb_lightning.data.sources import Sample
 from tb_lightning.data.transforms import build_transform
 from tb_lightning.models.module import TBClassifier, load_checkpoint
 
+# Per-epoch curves: threshold-free loss and AUROC, the rest named for the fixed threshold 0.5
+# (the operating-point figures are in report.txt / metrics.json only).
 EXPECTED_SCALARS = {
     "train/loss",
-    "train/acc",
+    "train/acc@0.5",
     "train/auroc",
     "val/loss",
-    "val/acc",
+    "val/acc@0.5",
     "val/auroc",
-    "val/precision/Normal",
-    "val/recall/Normal",
-    "val/f1/Normal",
-    "val/precision/Tuberculosis",
-    "val/recall/Tuberculosis",
-    "val/f1/Tuberculosis",
+    "val/precision@0.5/Normal",
+    "val/recall@0.5/Normal",
+    "val/f1@0.5/Normal",
+    "val/precision@0.5/Tuberculosis",
+    "val/recall@0.5/Tuberculosis",
+    "val/f1@0.5/Tuberculosis",
 }
 
 
@@ -64,8 +66,11 @@ def test_run_dir_holds_every_artefact(two_epoch_run):
     assert {p.name for p in (two_epoch_run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
     assert load_checkpoint(two_epoch_run / "checkpoints" / "last.ckpt")["epoch"] == 1
     report = (two_epoch_run / "report.txt").read_text()
-    assert report.startswith("Validation loss: ")
-    assert "for class Tuberculosis:" in report
+    threshold = json.loads((two_epoch_run / "metrics.json").read_text())["threshold"]["value"]
+    assert report.startswith(f"Checkpoint: {two_epoch_run / 'checkpoints' / 'best.ckpt'}\n")
+    assert f"Operating threshold: p_tb >= {threshold:.4f}" in report
+    assert "== Validation split: 12 images (8 Normal, 4 Tuberculosis) ==" in report
+    assert "Validation loss: " in report and "for class Tuberculosis:" in report
 
 
 def test_split_csv_is_stratified(two_epoch_run):
@@ -89,7 +94,9 @@ def test_metrics_json_matches_sklearn_on_the_best_checkpoints_predictions(two_ep
     target = np.array([s.label for s in samples])
     with torch.no_grad():
         probs = torch.sigmoid(model(images)).numpy()
-    preds = (probs >= 0.5).astype(int)
+    # Every threshold-dependent figure is at the operating threshold that metrics.json states.
+    threshold = metrics["threshold"]["value"]
+    preds = (probs >= threshold).astype(int)
     precision, recall, f1, _ = skm.precision_recall_fscore_support(
         target, preds, labels=[0, 1], zero_division=0
     )
@@ -97,7 +104,12 @@ def test_metrics_json_matches_sklearn_on_the_best_checkpoints_predictions(two_ep
     loss = skm.log_loss(target, probs.astype(np.float64), labels=[0, 1], sample_weight=weights)
     loss *= weights.sum() / len(weights)  # BCE with pos_weight is a plain mean over images
     assert metrics["val/acc"] == pytest.approx(skm.accuracy_score(target, preds), abs=1e-6)
-    assert metrics["val/auroc"] == pytest.approx(skm.roc_auc_score(target, probs), abs=1e-5)
+    assert metrics["val/auroc"] == pytest.approx(skm.roc_auc_score(target, probs), abs=1e-6)
+    assert metrics["val/average_precision"] == pytest.approx(
+        skm.average_precision_score(target, probs), abs=1e-6
+    )
+    assert metrics["val/sensitivity"] == pytest.approx(recall[1], abs=1e-6)
+    assert metrics["val/specificity"] == pytest.approx(recall[0], abs=1e-6)
     assert metrics["val/loss"] == pytest.approx(loss, rel=1e-4)
     for i, name in enumerate(("Normal", "Tuberculosis")):
         assert metrics[f"val/precision/{name}"] == pytest.approx(precision[i], abs=1e-6)
@@ -114,8 +126,11 @@ def test_tensorboard_has_scalars_confusion_images_and_hparams(two_epoch_run):
     tags = events.Tags()
     assert set(tags["scalars"]) >= EXPECTED_SCALARS
     assert len(events.Scalars("val/auroc")) == 2  # one point per epoch
-    assert "val/confusion_matrix" in tags["images"]
-    assert len(events.Images("val/confusion_matrix")) == 2
+    assert "val/confusion_matrix@0.5" in tags["images"]
+    images = events.Images("val/confusion_matrix@0.5")
+    # One per epoch, at the same steps as the epoch's val scalars.
+    assert [i.step for i in images] == [s.step for s in events.Scalars("val/auroc")]
+    assert any(tag.startswith("final_report") for tag in tags["tensors"])
     hparams = events.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
     assert b"model.optimizer.lr" in hparams["_hparams_/session_start_info"]

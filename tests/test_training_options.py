@@ -139,7 +139,7 @@ def test_nlm_scratch_recipe_runs_one_fold_and_reports_its_last_epoch(shared_data
     assert metrics["checkpoint"] == str(last)
     assert not (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()
     checkpoint = torch.load(last, weights_only=True)
-    assert checkpoint["operating_threshold"]["value"] == metrics["operating_threshold"]["value"]
+    assert checkpoint["operating_threshold"]["value"] == metrics["threshold"]["value"]
     hparams = checkpoint["hyper_parameters"]
     assert hparams["net"]["arch"] == "resnet18" and hparams["net"]["weights"] is None
 

@@ -151,24 +151,35 @@ class CleanStop(Callback):
 def custom_scalars_layout(class_names: Sequence[str] = CLASS_NAMES) -> dict:
     """TensorBoard's Custom Scalars layout: train vs val curves and per-class P/R/F1 charts.
 
-    Tags are regular expressions; "Multiline" draws every matching tag in one chart.
+    Tags are regular expressions; "Multiline" draws every matching tag in one chart. The
+    threshold-dependent curves carry their fixed threshold in the name (`acc@0.5`).
     """
     layout = {
         "Loss and ranking": {
             "loss: train vs val": ["Multiline", [r"^(train|val)/loss$"]],
-            "accuracy: train vs val": ["Multiline", [r"^(train|val)/acc$"]],
             "AUROC: train vs val": ["Multiline", [r"^(train|val)/auroc$"]],
+            "accuracy at the fixed threshold: train vs val": [
+                "Multiline",
+                [r"^(train|val)/acc@[0-9.]+$"],
+            ],
         }
     }
     for name in class_names:
         layout[f"Class {name}"] = {
-            f"val precision/recall/F1 ({name})": [
+            f"val precision/recall/F1 ({name}) at the fixed threshold": [
                 "Multiline",
-                [rf"^val/(precision|recall|f1)/{name}$"],
+                [rf"^val/(precision|recall|f1)@[0-9.]+/{name}$"],
             ],
-            f"F1 train vs val ({name})": ["Multiline", [rf"^(train|val)/f1/{name}$"]],
+            f"F1 train vs val ({name}) at the fixed threshold": [
+                "Multiline",
+                [rf"^(train|val)/f1@[0-9.]+/{name}$"],
+            ],
         }
     return layout
+
+
+def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
 class CustomScalarsLayout(L.Callback):
@@ -179,6 +190,31 @@ class CustomScalarsLayout(L.Callback):
     """
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_custom_scalars(custom_scalars_layout())
+        tensorboard = tensorboard_logger(trainer)
+        if tensorboard is not None:
+            tensorboard.experiment.add_custom_scalars(custom_scalars_layout())
+
+
+class ValConfusionImage(L.Callback):
+    """Each validation epoch's confusion matrix as an image in TensorBoard's Images tab.
+
+    Drawn like eval's confusion matrix (evaluation/figures.py), titled with the epoch and the
+    fixed per-epoch threshold (`model.threshold`), at the same step as the scalars.
+    """
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tensorboard = tensorboard_logger(trainer)
+        confusion = getattr(pl_module, "val_confusion", None)
+        if tensorboard is None or trainer.sanity_checking or not confusion:
+            return
+        from tb_lightning.evaluation.figures import confusion_figure
+
+        threshold = pl_module.val_metrics.threshold
+        fig = confusion_figure(
+            confusion, threshold, title=f"val, epoch {trainer.current_epoch}, p_tb >= {threshold:g}"
+        )
+        # Lightning writes the epoch's val scalars at the index of the last training step taken.
+        step = max(trainer.global_step - 1, 0)
+        tensorboard.experiment.add_figure(
+            f"val/confusion_matrix@{threshold:g}", fig, global_step=step, close=True
+        )

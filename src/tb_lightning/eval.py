@@ -14,14 +14,16 @@ import hydra
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
-from tb_lightning.evaluation.evaluate import evaluate_samples, resolve_split, val_samples
-from tb_lightning.inference import load_model, pick_device, resolve_threshold
 from tb_lightning.task import check_accelerator, instantiate_config, quiet_known_warnings, run_task
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    # Imported here: torch and friends take seconds, which --help and config errors should not.
+    from tb_lightning.evaluation.evaluate import evaluate_samples, resolve_split, split_samples
+    from tb_lightning.inference import load_model, pick_device, resolve_threshold
+
     output_dir = Path(cfg.paths.output_dir)
     check_accelerator(cfg.trainer.accelerator)
     loaded = load_model(cfg.get("ckpt_path"))
@@ -31,8 +33,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         samples = instantiate_config(cfg.data).scan()
         log.info("Evaluating on all %d images of %s", len(samples), cfg.data.root)
     else:
-        samples, split_path = val_samples(loaded.run_dir, cfg.eval.get("split_file"))
-        log.info("Evaluating on the %d val images of %s", len(samples), split_path)
+        samples, split_path = split_samples(loaded.run_dir, cfg.eval.get("split_file"), split)
+        log.info("Evaluating on the %d %s images of %s", len(samples), split, split_path)
     metrics, report = evaluate_samples(
         loaded,
         samples,

@@ -19,8 +19,20 @@ from tb_lightning.models.module import TBClassifier, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-# Where train.py stores the operating threshold chosen on the validation split.
+# Where training stores the operating threshold chosen on the validation split.
 THRESHOLD_KEY = "operating_threshold"
+# How that choice is described wherever a figure at it is reported (the reports test for it).
+CHOSEN_ON_VAL = "chosen on the validation split"
+# One batch size for every pass that reports numbers (train's final report, eval), so that the
+# same checkpoint gives bit-identical probabilities in both.
+INFERENCE_BATCH_SIZE = 32
+
+
+def describe_threshold_choice(choice: dict[str, Any]) -> str:
+    """`chosen on the validation split (60 images) by threshold.policy=youden`, for reports."""
+    target = f", target {choice['target']}" if choice.get("policy") == "sensitivity" else ""
+    images = f" ({choice['val_images']} images)" if choice.get("val_images") else ""
+    return f"{CHOSEN_ON_VAL}{images} by threshold.policy={choice['policy']}{target}"
 
 
 @dataclass
@@ -89,11 +101,7 @@ def resolve_threshold(loaded: LoadedModel, override: float | None) -> tuple[floa
         return float(override), "threshold.value (command line)"
     stored = loaded.stored_threshold
     if stored:
-        target = f", target {stored['target']}" if stored.get("policy") == "sensitivity" else ""
-        return float(stored["value"]), (
-            f"chosen on the validation split by threshold.policy={stored['policy']}{target}, "
-            "stored in the checkpoint"
-        )
+        return float(stored["value"]), describe_threshold_choice(stored)
     log.warning(
         "Checkpoint %s stores no operating threshold (only best.ckpt gets one, at the end of "
         "training); using model.threshold=%s. Set one with threshold.value=...",
@@ -139,18 +147,23 @@ class Predictions:
 
     @property
     def probs(self) -> np.ndarray:
-        """TB probabilities as the module computes them (float32 sigmoid), held as float64."""
-        return torch.sigmoid(torch.from_numpy(self.logits.astype(np.float32))).double().numpy()
+        return probabilities(self.logits)
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """TB probabilities as the module computes them (float32 sigmoid), held as float64."""
+    return torch.sigmoid(torch.from_numpy(np.asarray(logits, dtype=np.float32))).double().numpy()
 
 
 def predict_images(
     model: torch.nn.Module,
     paths: Sequence[str],
     image_size: int,
-    batch_size: int = 32,
+    batch_size: int = INFERENCE_BATCH_SIZE,
     num_workers: int = 0,
     device: torch.device | None = None,
     progress: bool = True,
+    description: str = "Predicting",
 ) -> Predictions:
     """TB logits for every path, batched, with a progress bar; unreadable files are marked."""
     device = device or torch.device("cpu")
@@ -163,7 +176,7 @@ def predict_images(
     )
     logits, readable, reasons = [], [], []
     with Progress(disable=not progress, transient=False) as bar:
-        task = bar.add_task("Predicting", total=len(paths))
+        task = bar.add_task(description, total=len(paths))
         with torch.inference_mode():
             for images, ok, why in loader:
                 out = model(images.to(device, non_blocking=True)).float().cpu().numpy()

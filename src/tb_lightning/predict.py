@@ -13,14 +13,16 @@ import hydra
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
-from tb_lightning.inference import load_model, pick_device, resolve_threshold
-from tb_lightning.prediction import collect_inputs, run_prediction
 from tb_lightning.task import check_accelerator, quiet_known_warnings, run_task
 
 log = logging.getLogger(__name__)
 
 
 def predict(cfg: DictConfig) -> Path:
+    # Imported here: torch and friends take seconds, which --help and config errors should not.
+    from tb_lightning.inference import load_model, pick_device, resolve_threshold
+    from tb_lightning.prediction import collect_inputs, run_prediction
+
     output_dir = Path(cfg.paths.output_dir)
     check_accelerator(cfg.trainer.accelerator)
     paths = collect_inputs(cfg.get("input"))
@@ -31,6 +33,7 @@ def predict(cfg: DictConfig) -> Path:
         loaded,
         paths,
         threshold,
+        threshold_source,
         output_dir,
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,

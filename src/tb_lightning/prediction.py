@@ -15,7 +15,14 @@ from tb_lightning.saliency import write_saliency_maps
 
 log = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = ("path", "p_tb", "predicted_label", "predicted_class", "threshold")
+PREDICTION_COLUMNS = (
+    "path",
+    "p_tb",
+    "predicted_label",
+    "predicted_class",
+    "threshold",
+    "threshold_source",
+)
 
 
 def collect_inputs(input_path: str | Path | None) -> list[str]:
@@ -61,6 +68,7 @@ def write_predictions(
     paths: list[str],
     predictions: Predictions,
     threshold: float,
+    threshold_source: str,
     saliency: list[Path] | None = None,
 ) -> tuple[Path, Path | None]:
     """predictions.csv for the readable images and skipped.csv (path, reason) for the rest."""
@@ -75,7 +83,7 @@ def write_predictions(
             if not ok:
                 continue
             label = int(p >= threshold)
-            row = [path, f"{p:.6f}", label, CLASS_NAMES[label], threshold]
+            row = [path, f"{p:.6f}", label, CLASS_NAMES[label], threshold, threshold_source]
             if saliency is not None:
                 row.append(str(next(readable_saliency)))
             writer.writerow(row)
@@ -98,6 +106,7 @@ def run_prediction(
     loaded: LoadedModel,
     paths: list[str],
     threshold: float,
+    threshold_source: str,
     output_dir: Path,
     batch_size: int = 32,
     num_workers: int = 0,
@@ -122,7 +131,7 @@ def run_prediction(
             device=device,
         )
     predictions_csv, skipped_csv = write_predictions(
-        output_dir, paths, predictions, threshold, maps
+        output_dir, paths, predictions, threshold, threshold_source, maps
     )
     n_tb = int((predictions.probs[predictions.readable] >= threshold).sum())
     log.info(

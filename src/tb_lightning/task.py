@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +37,17 @@ def quiet_known_warnings() -> None:
     )
 
 
+def log_lightning_through_hydra() -> None:
+    """Print Lightning's log lines once, in Hydra's format, and into the run's log file.
+
+    `import lightning` gives its top-level logger a console handler of its own ("INFO: ...");
+    when Hydra has configured logging before that import (the entry points import Lightning
+    late, for start-up time) every Lightning line would come out twice.
+    """
+    if logging.getLogger().hasHandlers():
+        logging.getLogger("lightning").handlers.clear()
+
+
 def user_message(err: UserError) -> str:
     """The error's sentence, also when a DataLoader worker wrapped it in a traceback."""
     text = str(err).strip()
@@ -46,20 +57,37 @@ def user_message(err: UserError) -> str:
     return text
 
 
-def run_task(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+# A multirun job that stopped on a user's mistake leaves its sentence here, in its own output
+# directory; the sweep summary lists it (sweep/summary.py).
+ERROR_FILE = "error.txt"
+
+
+def run_task(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | None:
     """Run task(cfg); a UserError ends the program with its one sentence and exit code 1.
 
-    In a multirun the error is logged and re-raised instead: Hydra records the job as failed
-    (the sweep summary lists it) and goes on with the other jobs, where SystemExit would end
-    the whole sweep.
+    In a multirun the job instead records the sentence in its `error.txt` and returns None:
+    the other jobs still run, the sweep summary lists the failed ones, and the multirun then
+    exits 1 with a one-line count (sweep/callback.py). A Hydra job failure would end the
+    multirun with Hydra's traceback; bugs (other exceptions) still do, on purpose.
     """
     try:
         return task(cfg)
     except UserError as err:
-        log.error(user_message(err))
+        message = user_message(err)
+        log.error(message)
         if in_multirun():
-            raise
+            record_job_error(message)
+            return None
         raise SystemExit(1) from None
+
+
+def record_job_error(message: str) -> None:
+    """Write the job's error sentence into its output directory (error.txt)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from tb_lightning.atomic import atomic_write
+
+    atomic_write(Path(HydraConfig.get().runtime.output_dir) / ERROR_FILE, message + "\n")
 
 
 def in_multirun() -> bool:
@@ -77,6 +105,8 @@ def check_accelerator(accelerator: Any) -> None:
             f"trainer.accelerator={accelerator!r} is not one of {list(ACCELERATORS)}; "
             "use e.g. trainer=cpu or trainer=gpu."
         )
+    import torch  # here, not at the top: entry points import this module before torch
+
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"trainer.accelerator={accelerator} but PyTorch sees no CUDA GPU here; use trainer=cpu "

@@ -324,6 +324,12 @@ class TBDataModule(L.LightningDataModule):
         return ", ".join(f"{n} {name}" for name, n in zip(CLASS_NAMES, counts, strict=True))
 
     @property
+    def is_synthetic(self) -> bool:
+        """True when the images are the generated phantoms (data=phantom), not medical images."""
+        samples = [*(self.train_samples or []), *(self.val_samples or []), *self.test_samples]
+        return self.source == "phantom" or any(s.source == "phantom" for s in samples)
+
+    @property
     def pos_weight(self) -> float:
         """Weight of the Tuberculosis term in the loss: #Normal / #TB in the train split.
 

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tb_lightning.errors import ConfigError, DataError
+
 log = logging.getLogger(__name__)
 
 PHANTOM_VERSION: int = 1  # bump when rendering changes; invalidates existing sets
@@ -45,7 +47,12 @@ _NOTE = "synthetic phantom images, not medical data"
 _FILE_RE = {name: re.compile(rf"^{name}-(\d+)\.png$") for name in CLASS_NAMES}
 _TMP_RE = re.compile(r"^\.(Normal|Tuberculosis)-\d+\.png\..*\.tmp$")
 _STALE_TMP_S = 3600.0  # temp files older than this are leftovers of killed runs
-_PARALLEL_MIN = 200  # below this many missing images a process pool is not worth its start-up
+_PARALLEL_MIN = 200
+# data.phantom.lesions: how conspicuous the TB findings are (see _sample_lesions).
+LESION_MIXES = (
+    "mixed",
+    "conspicuous",
+)  # below this many missing images a process pool is not worth its start-up
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,8 +251,24 @@ class _Patient:
         return side * 0.4, self.lung_a[i], self.lung_top[i], self.base[i]
 
 
-def _sample_lesions(rng: np.random.Generator, pt: _Patient) -> list[dict]:
-    """Draw 1-3 TB findings; contrast is log-uniform so some are obvious and some subtle."""
+def _sample_lesions(rng: np.random.Generator, pt: _Patient, lesions: str = "mixed") -> list[dict]:
+    """Draw 1-3 TB findings.
+
+    lesions="mixed": contrast and size are log-uniform over the whole range, so some findings
+    are obvious and some subtle (the default, for realistic difficulty). lesions="conspicuous":
+    the same kinds and places, drawn from the upper part of each contrast and size range, so
+    that a small model learns them in a few minutes on a CPU (experiment=quickstart).
+    """
+    if lesions not in LESION_MIXES:
+        raise ConfigError(f"data.phantom.lesions={lesions!r} is not one of {list(LESION_MIXES)}.")
+    bold = lesions == "conspicuous"
+
+    def amp(lo: float, hi: float) -> float:
+        return _logu(rng, hi * 0.75 if bold else lo, hi)
+
+    def size(lo: float, hi: float) -> float:
+        return _u(rng, (lo + hi) / 2 if bold else lo, hi)
+
     kinds = ("patchy", "nodules", "cavity", "effusion")
     # Upper-zone patchy opacity is the classic post-primary TB pattern: the most common here.
     picks = rng.choice(4, size=int(rng.choice([1, 1, 1, 2, 2, 3])), p=[0.4, 0.25, 0.2, 0.15])
@@ -255,29 +278,29 @@ def _sample_lesions(rng: np.random.Generator, pt: _Patient) -> list[dict]:
         side = int(rng.choice([-1, 1]))
         cx0, a, top, base = pt.lung(side)
         if kind == "effusion":
-            amp = _logu(rng, 0.5, 1.0)
-            out.append({"kind": kind, "side": side, "height": _logu(rng, 0.07, 0.45), "amp": amp})
+            strength = amp(0.5, 1.0)  # drawn before the height: the random stream's order
+            out.append({"kind": kind, "side": side, "height": amp(0.07, 0.45), "amp": strength})
             continue
         upper = kind != "nodules" or rng.random() < 0.6  # nodules may sit anywhere
         cy = _u(rng, top + 0.1, -0.2 if upper else base - 0.25)
         cx = cx0 + side * a * _u(rng, -0.4, 0.6)
         if kind == "patchy":
-            spread = _u(rng, 0.04, 0.12)
+            spread = size(0.04, 0.12)
             blobs = [
-                (cx + rng.normal(0, spread), cy + rng.normal(0, spread * 0.8), _u(rng, 0.03, 0.09))
+                (cx + rng.normal(0, spread), cy + rng.normal(0, spread * 0.8), size(0.03, 0.09))
                 for _ in range(int(rng.integers(3, 11)))
             ]
-            out.append({"kind": kind, "blobs": blobs, "amp": _logu(rng, 0.15, 0.95)})
+            out.append({"kind": kind, "blobs": blobs, "amp": amp(0.15, 0.95)})
         elif kind == "nodules":
             nods = [
-                (cx + rng.normal(0, 0.08), cy + rng.normal(0, 0.08), _u(rng, 0.015, 0.04))
+                (cx + rng.normal(0, 0.08), cy + rng.normal(0, 0.08), size(0.015, 0.04))
                 for _ in range(int(rng.choice([1, 1, 2, 3, 5])))
             ]
-            out.append({"kind": kind, "nodules": nods, "amp": _logu(rng, 0.2, 1.0)})
+            out.append({"kind": kind, "nodules": nods, "amp": amp(0.2, 1.0)})
         else:  # cavity
-            r = _u(rng, 0.035, 0.08)
+            r = size(0.035, 0.08)
             les = {"kind": kind, "cx": cx, "cy": cy, "r": r, "inner": r * _u(rng, 0.55, 0.8)}
-            les.update(halo=_u(rng, 0.0, 1.0), amp=_logu(rng, 0.2, 0.8))
+            les.update(halo=_u(rng, 0.0, 1.0), amp=amp(0.2, 0.8))
             out.append(les)
     return out
 
@@ -482,14 +505,16 @@ def _add_spots(f: _Frame, dens: np.ndarray, mask, pt: _Patient, lesions: list[di
             dens[win] += amp * (1.6 * shell + halo) * mask("lung", win)
 
 
-def render_phantom(index: int, label: int, seed: int = 0, image_size: int = 512) -> np.ndarray:
+def render_phantom(
+    index: int, label: int, seed: int = 0, image_size: int = 512, lesions: str = "mixed"
+) -> np.ndarray:
     """uint8 array (image_size, image_size); label 0 = Normal, 1 = Tuberculosis."""
     if label not in (0, 1):
         raise ValueError(f"label must be 0 (Normal) or 1 (Tuberculosis), got {label!r}.")
     n = int(image_size)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(label), int(index)]))
     pt = _Patient(rng)
-    lesions = _sample_lesions(rng, pt) if label == 1 else []
+    findings = _sample_lesions(rng, pt, lesions) if label == 1 else []
 
     m = min(n, _ANATOMY_SIZE)
     low = _Frame(m, pt.scale, pt.aspect, pt.angle, pt.shift)
@@ -504,7 +529,7 @@ def render_phantom(index: int, label: int, seed: int = 0, image_size: int = 512)
         return lowres(lung_lo if name == "lung" else open_lo, win)
 
     high = _Frame(n, pt.scale, pt.aspect, pt.angle, pt.shift)
-    _add_spots(high, dens, mask, pt, lesions, lambda win: lowres(lesion_tex, win))
+    _add_spots(high, dens, mask, pt, findings, lambda win: lowres(lesion_tex, win))
 
     # Exposure window plus quantum noise; gamma through a lookup table.
     levels = 4096
@@ -554,17 +579,16 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
     _atomic_write_bytes(path, lambda fh: img.save(fh, **save))
 
 
-def _render_and_write(job: tuple[str, int, int, int, int]) -> None:
+def _render_and_write(job: tuple[str, int, int, int, int, str]) -> None:
     """Worker entry point (top level so a process pool can pickle it)."""
-    root, label, index, seed, image_size = job
-    _write_png(
-        phantom_path(Path(root), label, index), render_phantom(index, label, seed, image_size)
-    )
+    root, label, index, seed, image_size, lesions = job
+    image = render_phantom(index, label, seed, image_size, lesions)
+    _write_png(phantom_path(Path(root), label, index), image)
 
 
 def _check_count(value: object, key: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}.")
+        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}.")
     return int(value)
 
 
@@ -591,21 +615,26 @@ def ensure_phantom_dataset(
     num_tb: int,
     image_size: int = 512,
     seed: int = 0,
+    lesions: str = "mixed",
     progress: bool = True,
     workers: int | None = None,
 ) -> list[tuple[Path, int]]:
     """Make sure root holds the first num_normal Normal and num_tb TB phantoms for these settings.
 
     Returns [(path, label), ...] in order (Normal 1..n then TB 1..m). Only missing files are
-    rendered; a change of version/seed/image_size wipes the generator's PNGs and starts over.
+    rendered; a change of version/seed/image_size/lesions wipes the generator's PNGs and starts
+    over.
     ``workers``: processes for rendering (None = automatic, 1 = serial).
     """
     num_normal = _check_count(num_normal, "data.phantom.num_normal", 1)
     num_tb = _check_count(num_tb, "data.phantom.num_tb", 1)
     image_size = _check_count(image_size, "data.phantom.image_size", 64)
     seed = _check_count(seed, "data.phantom.seed", 0)  # SeedSequence needs a non-negative int
+    if lesions not in LESION_MIXES:
+        raise ConfigError(f"data.phantom.lesions={lesions!r} is not one of {list(LESION_MIXES)}.")
     root = Path(root)
     wanted = {"version": PHANTOM_VERSION, "seed": seed, "image_size": image_size}
+    wanted["lesions"] = lesions
 
     root.mkdir(parents=True, exist_ok=True)
     meta_path = root / _META_NAME
@@ -621,7 +650,7 @@ def ensure_phantom_dataset(
             _remove_stale_tmp(existing)
     elif any(_FILE_RE[p.parent.name].match(p.name) for p in existing):
         # Same names as the real Kaggle set: never delete images we cannot prove we wrote.
-        raise ValueError(
+        raise DataError(
             f"{root} already holds Normal/Tuberculosis PNGs but no {_META_NAME}, so it may be "
             "the real dataset: set data.root to an empty folder or an existing phantom set."
         )
@@ -635,7 +664,7 @@ def ensure_phantom_dataset(
         (root / CLASS_NAMES[label]).mkdir(exist_ok=True)
         items += [(phantom_path(root, label, i), label) for i in range(1, count + 1)]
     jobs = [
-        (str(root), label, int(p.stem.rsplit("-", 1)[1]), seed, image_size)
+        (str(root), label, int(p.stem.rsplit("-", 1)[1]), seed, image_size, lesions)
         for p, label in items
         if not p.is_file()
     ]

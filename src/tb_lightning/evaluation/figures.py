@@ -16,7 +16,10 @@ from tb_lightning.data.sources import CLASS_NAMES  # noqa: E402
 from tb_lightning.evaluation.stats import curve_points  # noqa: E402
 
 
-def confusion_figure(confusion: list[list[int]], threshold: float) -> Figure:
+def confusion_figure(
+    confusion: list[list[int]], threshold: float, title: str | None = None
+) -> Figure:
+    """Counts with true class in rows, predicted class in columns; titled with the threshold."""
     fig, ax = plt.subplots(figsize=(4.5, 4))
     matrix = np.asarray(confusion)
     ax.imshow(matrix, cmap="Blues")
@@ -27,7 +30,7 @@ def confusion_figure(confusion: list[list[int]], threshold: float) -> Figure:
     ax.set_yticks([0, 1], CLASS_NAMES)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"Confusion matrix at p_tb >= {threshold:.3g}")
+    ax.set_title(title or f"Confusion matrix at p_tb >= {threshold:.4g}")
     fig.tight_layout()
     return fig
 

@@ -1,57 +1,47 @@
-"""At the end of training: choose the operating threshold on validation, store it in best.ckpt."""
+"""At the end of training: choose the operating threshold on validation, store it in the
+checkpoint."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
+from tb_lightning.atomic import atomic_torch_save
 from tb_lightning.evaluation.thresholds import choose_threshold
-from tb_lightning.inference import THRESHOLD_KEY, predict_images
+from tb_lightning.inference import THRESHOLD_KEY
 from tb_lightning.models.module import load_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def select_operating_threshold(
-    model: torch.nn.Module,
-    val_paths: list[str],
-    val_labels: list[int],
-    image_size: int,
-    policy: str,
-    target: float,
-    checkpoint_path: str | None,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    device: torch.device | None = None,
+def choose_operating_threshold(
+    val_probs: np.ndarray, val_labels: Sequence[int], policy: str, target: float
 ) -> dict[str, Any]:
-    """Choose the threshold on the validation images and add it to the checkpoint file.
-
-    `model` must already hold the checkpoint's weights. The choice is written into the
-    checkpoint (under "operating_threshold") so that eval and predict use it by default; only the
-    checkpoint whose weights it was chosen with gets it.
-    """
-    predictions = predict_images(
-        model, val_paths, image_size, batch_size, num_workers, device, progress=False
-    )
-    value = choose_threshold(predictions.probs, val_labels, policy, target)
-    choice = {
-        "value": value,
+    """The threshold.policy's choice on the validation probabilities, as stored in checkpoints."""
+    return {
+        "value": choose_threshold(val_probs, np.asarray(val_labels), policy, target),
         "policy": policy,
         "target": float(target),
-        "val_images": len(val_paths),
+        "val_images": len(val_labels),
     }
-    if checkpoint_path:
-        checkpoint = load_checkpoint(checkpoint_path)
-        checkpoint[THRESHOLD_KEY] = choice
-        torch.save(checkpoint, Path(checkpoint_path))
-        log.info(
-            "Operating threshold p_tb >= %.4f (threshold.policy=%s on %d val images), stored in %s",
-            value,
-            policy,
-            len(val_paths),
-            checkpoint_path,
-        )
-    return choice
+
+
+def store_operating_threshold(checkpoint_path: str | Path, choice: dict[str, Any]) -> None:
+    """Add the choice to the checkpoint file (atomically) so that eval, predict and export use it.
+
+    Only the checkpoint whose weights it was chosen with gets it.
+    """
+    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint[THRESHOLD_KEY] = choice
+    atomic_torch_save(checkpoint, checkpoint_path)
+    log.info(
+        "Operating threshold p_tb >= %.4f (threshold.policy=%s on %d val images), stored in %s",
+        choice["value"],
+        choice["policy"],
+        choice["val_images"],
+        checkpoint_path,
+    )

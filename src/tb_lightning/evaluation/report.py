@@ -79,7 +79,7 @@ def seed_report_metrics(
     pos_weight: float,
     prefix: str,
 ) -> dict[str, Any]:
-    """The numbers of the seed's report (report.format_seed_report) at the given threshold.
+    """The numbers of the seed's report (format_seed_report) at the given threshold.
 
     The loss is the training loss: binary cross-entropy on the logit with the checkpoint's
     pos_weight, averaged over images.
@@ -115,7 +115,11 @@ def _interval(ci: Sequence[float | None], digits: int = 3) -> str:
 
 
 def format_screening_table(summary: Mapping[str, Any], n_bootstrap: int) -> str:
-    """The screening metrics at the operating threshold, with their 95% CIs and the WHO check."""
+    """The screening metrics with their 95% CIs and the WHO check.
+
+    Threshold-free figures (AUROC, average precision) come first; the rest are at the summary's
+    threshold, which their heading states.
+    """
     (tn, fp), (fn, tp) = summary["confusion_matrix"]
     fractions = {
         "sensitivity": f"{tp}/{tp + fn}",
@@ -125,12 +129,18 @@ def format_screening_table(summary: Mapping[str, Any], n_bootstrap: int) -> str:
         "accuracy": f"{tp + tn}/{tp + tn + fp + fn}",
     }
     lines = [
-        f"{'metric':<19}{'value':>7}   95% CI ({n_bootstrap} bootstrap resamples)",
+        f"{'metric':<19}{'value':>7}   95% CI ({n_bootstrap} bootstrap resamples, stratified)",
+        "threshold-free:",
     ]
-    for name in RANKING + RATES:
+    for name in RANKING:
+        lines.append(
+            f"{LABELS[name]:<19}{_fmt(summary[name]):>7}   {_interval(summary['ci'][name])}"
+        )
+    lines.append(f"at p_tb >= {summary['threshold']:.4f}:")
+    for name in RATES:
         lines.append(
             f"{LABELS[name]:<19}{_fmt(summary[name]):>7}   {_interval(summary['ci'][name]):<16}"
-            f"{fractions.get(name, '')}"
+            f"{fractions[name]}"
         )
     ci = summary["ci"]
     lines.append(
@@ -145,16 +155,18 @@ def format_screening_table(summary: Mapping[str, Any], n_bootstrap: int) -> str:
     strict = "met" if who["met_by_lower_ci"] else "not met"
     lines.append(
         f"WHO screening minimum (sensitivity >= {who['sensitivity']:.2f}, specificity >= "
-        f"{who['specificity']:.2f}): {verdict} (by the lower 95% bounds: {strict})"
+        f"{who['specificity']:.2f}) at p_tb >= {summary['threshold']:.4f}: {verdict} "
+        f"(by the lower 95% bounds: {strict})"
     )
     return "\n".join(lines) + "\n"
 
 
-def format_per_source(per_source: Mapping[str, Mapping[str, Any]]) -> str:
+def format_per_source(per_source: Mapping[str, Mapping[str, Any]], threshold: float) -> str:
     """One row per source: images, TB count, AUROC, sensitivity and specificity with CIs."""
     lines = [
+        f"Per source (sensitivity and specificity at p_tb >= {threshold:.4f}):",
         f"{'source':<14}{'images':>7}{'TB':>6}{'AUROC':>8}   {'sensitivity [95% CI]':<25}"
-        "specificity [95% CI]"
+        "specificity [95% CI]",
     ]
     for name, s in per_source.items():
         sens = f"{_fmt(s['sensitivity'])} {_interval(s['ci']['sensitivity'])}"
@@ -164,3 +176,55 @@ def format_per_source(per_source: Mapping[str, Mapping[str, Any]]) -> str:
             f"{_fmt(s['auroc']):>8}   {sens:<25}{spec}"
         )
     return "\n".join(lines) + "\n"
+
+
+# How each split is named in the seed-format lines ("Validation loss: ...").
+SPLIT_WORDS = {"val": "Validation", "test": "Test", "all": "Evaluation"}
+SPLIT_TITLES = {"val": "Validation split", "test": "Held-out test split", "all": "All images"}
+
+
+def format_seed_report(metrics: Mapping[str, Any], prefix: str, threshold: float) -> str:
+    """The seed README's report (loss, accuracy, per-class precision/recall/F1) at `threshold`,
+    followed by the confusion matrix; `prefix` is the split whose keys are read (val, test)."""
+    word = SPLIT_WORDS.get(prefix, prefix.capitalize())
+    lower = word.lower()
+    lines = [
+        f"At p_tb >= {threshold:.4f} (the loss is threshold-free):",
+        f"{word} loss: {metrics[f'{prefix}/loss']:.6f}, "
+        f"{word} acc: {100 * metrics[f'{prefix}/acc']:.6f},",
+    ]
+    for name in CLASS_NAMES:
+        lines.append(f"for class {name}:")
+        lines.append(
+            f" {lower} precision: {metrics[f'{prefix}/precision/{name}']:.6f}, "
+            f"{lower} recall: {metrics[f'{prefix}/recall/{name}']:.6f} , "
+            f"{lower} F1: {metrics[f'{prefix}/f1/{name}']:.6f}"
+        )
+    (tn, fp), (fn, tp) = metrics[f"{prefix}/confusion_matrix"]
+    width = max(len(str(v)) for v in (tn, fp, fn, tp)) + 2
+    lines.append(f"Confusion matrix at p_tb >= {threshold:.4f} (rows: true, columns: predicted):")
+    lines.append(f"{'':>14}{'Normal':>{width + 6}}{'Tuberculosis':>{width + 12}}")
+    lines.append(f"{'Normal':>14}{tn:>{width + 6}}{fp:>{width + 12}}")
+    lines.append(f"{'Tuberculosis':>14}{fn:>{width + 6}}{tp:>{width + 12}}")
+    return "\n".join(lines) + "\n"
+
+
+def format_split_block(
+    scores: Mapping[str, Any], split: str, n_bootstrap: int, note: str | None = None
+) -> str:
+    """Everything about one split at one threshold: a title, an optional note, the seed's
+    report, the screening table with CIs, and the per-source rows (when there are sources)."""
+    summary = scores[split]["overall"]
+    counts = summary["counts"]
+    title = (
+        f"== {SPLIT_TITLES.get(split, split)}: {summary['images']} images "
+        f"({counts[CLASS_NAMES[0]]} {CLASS_NAMES[0]}, {counts[CLASS_NAMES[1]]} {CLASS_NAMES[1]}) =="
+    )
+    parts = [title + "\n"]
+    if note:
+        parts.append(note + "\n")
+    parts.append(format_seed_report(scores, split, summary["threshold"]))
+    parts.append(format_screening_table(summary, n_bootstrap))
+    if scores[split]["per_source"]:
+        parts.append(format_per_source(scores[split]["per_source"], summary["threshold"]))
+    return "".join(parts)

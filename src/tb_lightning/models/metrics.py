@@ -1,7 +1,12 @@
-"""Classification metrics for one split, built from torchmetrics.
+"""Per-epoch classification metrics for one split, built from torchmetrics.
 
-Binary metrics (accuracy, AUROC, confusion matrix) take TB probabilities; the per-class
-precision/recall/F1 take the predicted class so that both Normal and Tuberculosis get a value.
+These are the training curves. AUROC is threshold-free; accuracy, precision, recall, F1 and the
+confusion matrix are computed at the fixed `model.threshold` (0.5) and named for it
+(`acc@0.5`, `recall@0.5/Tuberculosis`): they are not the operating-point figures, which are
+computed once at the end of training at the threshold chosen on the validation split
+(evaluation/evaluate.py) and written to report.txt and metrics.json.
+Binary metrics take TB probabilities; the per-class precision/recall/F1 take the predicted
+class so that both Normal and Tuberculosis get a value.
 """
 
 from __future__ import annotations
@@ -49,11 +54,17 @@ class ClassificationMetrics(nn.Module):
         self.per_class.update((probs >= self.threshold).long(), target)
         self.confmat.update(probs, target)
 
+    @property
+    def suffix(self) -> str:
+        """`@0.5`: appended to the names of the figures that depend on the fixed threshold."""
+        return f"@{self.threshold:g}"
+
     def compute(self) -> dict[str, torch.Tensor]:
-        values = dict(self.binary.compute())
+        binary = self.binary.compute()
+        values = {"auroc": binary["auroc"], f"acc{self.suffix}": binary["acc"]}
         for name, per_class in self.per_class.compute().items():
             for class_name, value in zip(self.class_names, per_class, strict=True):
-                values[f"{name}/{class_name}"] = value
+                values[f"{name}{self.suffix}/{class_name}"] = value
         return values
 
     def confusion_matrix(self) -> torch.Tensor:

@@ -13,11 +13,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric
 
-from tb_lightning.data.sources import CLASS_NAMES
 from tb_lightning.errors import ConfigError, UserError
 from tb_lightning.models.metrics import ClassificationMetrics
 from tb_lightning.models.net import build_net
@@ -72,8 +70,9 @@ class TBClassifier(L.LightningModule):
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
         self.train_metrics = ClassificationMetrics(threshold)
         self.val_metrics = ClassificationMetrics(threshold)
-        # The last completed validation epoch: every metric, and the confusion matrix.
-        self.val_results: dict[str, Any] = {}
+        # The last validation epoch's [[TN, FP], [FN, TP]] at `threshold`, for the confusion
+        # matrix image in TensorBoard (callbacks.ValConfusionImage).
+        self.val_confusion: list[list[int]] = []
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -132,46 +131,21 @@ class TBClassifier(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, self.val_loss, self.val_metrics)
 
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images = batch[0] if isinstance(batch, list | tuple) else batch
-        return torch.sigmoid(self(images))
-
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train", self.train_loss, self.train_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        self.val_results = self._log_epoch("val", self.val_loss, self.val_metrics)
+        self.val_confusion = self.val_metrics.confusion_matrix().tolist()
+        self._log_epoch("val", self.val_loss, self.val_metrics)
 
     def _log_epoch(
         self, stage: str, loss_metric: MeanMetric, metrics: ClassificationMetrics
-    ) -> dict[str, Any]:
+    ) -> None:
+        """Log the epoch's loss, AUROC and the figures at the fixed threshold (`acc@0.5`)."""
         values = {"loss": loss_metric.compute(), **metrics.compute()}
-        confusion = metrics.confusion_matrix()
-        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=False)
-        if stage == "val" and not self.trainer.sanity_checking:
-            self._log_confusion_figure(stage, metrics)
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()})
         loss_metric.reset()
         metrics.reset()
-        # float32 values rounded to the 7 digits they hold: 0.52, not 0.5199999809.
-        results = {f"{stage}/{name}": float(f"{value:.7g}") for name, value in values.items()}
-        results[f"{stage}/confusion_matrix"] = confusion.tolist()
-        return results
-
-    def _log_confusion_figure(self, stage: str, metrics: ClassificationMetrics) -> None:
-        """The epoch's confusion matrix as an image in TensorBoard's Images tab."""
-        tensorboard = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if tensorboard is None:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on servers
-        import matplotlib.pyplot as plt
-
-        fig, _ = metrics.confmat.plot(labels=list(CLASS_NAMES))
-        tensorboard.experiment.add_figure(
-            f"{stage}/confusion_matrix", fig, global_step=self.current_epoch
-        )
-        plt.close(fig)
 
     def configure_optimizers(self) -> Any:
         settings = dict(self.hparams.optimizer)

@@ -5,9 +5,12 @@ Everything is loaded with `torch.load(weights_only=True)`, which refuses pickled
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import re
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,19 +38,36 @@ def imagenet_cache_file(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
+# Seconds a download may wait on the network before it counts as offline (urllib has no limit).
+DOWNLOAD_TIMEOUT_S = 20
+
+
+@contextlib.contextmanager
+def network_timeout(seconds: float) -> Iterator[None]:
+    """A default socket timeout for the block: torch.hub's download sets none of its own."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def load_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights, from its cache or downloaded into it."""
     cache_file = imagenet_cache_file(arch)
     try:
         # Reads the cache when the file is there, downloads into it otherwise.
-        return imagenet_weights(arch).get_state_dict(progress=True, weights_only=True)
+        with network_timeout(DOWNLOAD_TIMEOUT_S):
+            return imagenet_weights(arch).get_state_dict(progress=True, weights_only=True)
     except Exception as err:  # network errors come as URLError, OSError, HTTPError, ...
         raise WeightsError(
-            f"model.net.weights=imagenet: the {arch} ImageNet weights are not in torchvision's "
-            f"cache and could not be downloaded ({type(err).__name__}: {err}); place "
-            f"{cache_file.name} in {cache_file.parent} (or set TORCH_HOME), pass a local file "
-            "with model.net.weights=/path/to/state_dict.pth, or train from random "
-            "initialisation with model.net.weights=null."
+            f"model.net.weights=imagenet needs {cache_file}, which is not there and could not "
+            f"be downloaded ({type(err).__name__}: {err}): copy {cache_file.name} from an "
+            f"online machine into {cache_file.parent} (or set TORCH_HOME), or pass a local "
+            "file with model.net.weights=/path/to/state_dict.pth; offline, train from random "
+            "weights with model.net.weights=null model.net.freeze_features=false, or use the "
+            "from-scratch recipe experiment=nlm_scratch."
         ) from None
 
 

@@ -11,7 +11,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from tb_lightning.sweep.summary import ERROR_FILE, atomic_write, write_summary
+from tb_lightning.atomic import atomic_write
+from tb_lightning.sweep.summary import write_summary
+from tb_lightning.task import ERROR_FILE
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +43,73 @@ class SweepSummary(Callback):
         if job_return.status == JobStatus.FAILED:
             try:
                 job_return.return_value  # noqa: B018 - re-raises the job's exception
-            except Exception as err:  # the job's error, recorded next to its outputs
+            except Exception as err:  # a bug's error, recorded next to the job's outputs
                 output_dir = Path(config.hydra.runtime.output_dir)
                 atomic_write(output_dir / ERROR_FILE, f"{type(err).__name__}: {err}\n")
         self._write(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        path = self._write(config)
-        if path is not None:
-            log.info("Sweep summary: %s\n%s", path, path.read_text())
-
-    @staticmethod
-    def _write(config: DictConfig) -> Path | None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
-            return None
-        write_summary(sweep_dir, *metric_direction(config))
-        return sweep_dir / "sweep_summary.md"
+            return
+        jobs = self._write(config)
+        path = sweep_dir / "sweep_summary.md"
+        log.info("Sweep summary: %s\n%s", path, path.read_text())
+        failed = [j for j in jobs if j.status != "ok"]
+        if failed:
+            log.error(
+                "%d of %d jobs failed (job %s): their errors are in %s and in each job's %s.",
+                len(failed),
+                len(jobs),
+                ", ".join(j.job for j in failed),
+                path,
+                ERROR_FILE,
+            )
+            # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings.
+            raise SystemExit(1)
+
+    @staticmethod
+    def _write(config: DictConfig) -> list:
+        return write_summary(Path(config.hydra.sweep.dir), *metric_direction(config))
+
+
+# Overrides that can change which pretrained weights a job loads; when one of them is swept,
+# each job checks its own weights instead.
+WEIGHTS_KEYS = ("model.net.weights", "model.net.arch", "experiment", "model")
+
+
+def swept_keys(task_overrides: list[str]) -> set[str]:
+    """The keys (or config groups) that a multirun's command-line overrides sweep."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides=list(task_overrides))
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
+class PretrainedWeightsCheck(Callback):
+    """Before a multirun starts any job: are the ImageNet weights every job needs at hand?
+
+    Offline, each job would otherwise try the download again and fail with the same sentence.
+    Here the weights are loaded once (downloaded into torchvision's cache when online, so the
+    jobs then read the cache); when they cannot be had the multirun stops with that one
+    sentence and exit code 1, before any job starts. Skipped when a swept override could
+    change the weights (each job then checks its own).
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        weights = OmegaConf.select(config, "model.net.weights", default=None)
+        if weights != "imagenet":
+            return
+        task_overrides = OmegaConf.to_container(config.hydra.overrides.task)
+        if swept_keys(task_overrides) & set(WEIGHTS_KEYS):  # type: ignore[arg-type]
+            return
+        from tb_lightning.errors import WeightsError
+        from tb_lightning.models.weights import load_imagenet_state_dict
+
+        arch = OmegaConf.select(config, "model.net.arch", default="alexnet")
+        try:
+            load_imagenet_state_dict(arch)
+        except WeightsError as err:
+            log.error("No job was started: %s", err)
+            # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings.
+            raise SystemExit(1) from None

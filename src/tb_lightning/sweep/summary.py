@@ -11,28 +11,35 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from tb_lightning.atomic import atomic_write
 from tb_lightning.sweep.naming import parse_overrides
+from tb_lightning.task import ERROR_FILE
 
-# (metrics.json key, short column title)
-METRIC_COLUMNS = (
-    ("val/loss", "loss"),
-    ("val/acc", "acc"),
-    ("val/auroc", "AUROC"),
-    ("val/recall/Tuberculosis", "TB recall"),
-    ("val/precision/Tuberculosis", "TB precision"),
-    ("val/f1/Tuberculosis", "TB F1"),
+# (metrics.json key, short column title): threshold-free figures first (they rank the jobs),
+# then the job's operating threshold and the figures at it.
+VAL_COLUMNS = (
+    ("val/auroc", "val AUROC"),
+    ("val/average_precision", "val AP"),
+    ("val/loss", "val loss"),
+    ("threshold", "threshold"),
+    ("val/sensitivity", "val sens @thr"),
+    ("val/specificity", "val spec @thr"),
 )
+# Shown when a job has a held-out test split (data.test_size).
+TEST_COLUMNS = (
+    ("test/auroc", "test AUROC"),
+    ("test/sensitivity", "test sens @thr"),
+    ("test/specificity", "test spec @thr"),
+)
+METRIC_COLUMNS = VAL_COLUMNS + TEST_COLUMNS
 FOLD_KEY = "data.fold"
-ERROR_FILE = "error.txt"
 
 
 @dataclass
@@ -44,6 +51,7 @@ class JobResult:
     overrides: dict[str, str]
     status: str  # ok | failed | incomplete
     metrics: dict[str, float] = field(default_factory=dict)
+    threshold_policy: str = ""  # how its operating threshold was chosen (threshold.policy)
     error: str = ""
     best: bool = False
 
@@ -65,9 +73,12 @@ def collect_jobs(sweep_dir: str | Path) -> list[JobResult]:
             )
         elif metrics_file.is_file():
             stored = json.loads(metrics_file.read_text())
-            metrics = {k: float(stored[k]) for k, _ in METRIC_COLUMNS if k in stored}
-            metrics.update({k: float(v) for k, v in stored.items() if isinstance(v, int | float)})
+            metrics = {k: float(v) for k, v in stored.items() if isinstance(v, int | float)}
+            choice = stored.get("threshold") or {}
+            if isinstance(choice, dict) and "value" in choice:
+                metrics["threshold"] = float(choice["value"])
             job = JobResult(run_dir.name, run_dir, overrides, "ok", metrics)
+            job.threshold_policy = str(choice.get("policy", "")) if isinstance(choice, dict) else ""
         else:
             job = JobResult(run_dir.name, run_dir, overrides, "incomplete")
         jobs.append(job)
@@ -124,6 +135,12 @@ def summarise(
     return jobs, keys, fold_groups(jobs, keys)
 
 
+def metric_columns(jobs: Sequence[JobResult]) -> tuple[tuple[str, str], ...]:
+    """The val columns, and the test columns when some job has a held-out test split."""
+    has_test = any("test/auroc" in j.metrics for j in jobs)
+    return METRIC_COLUMNS if has_test else VAL_COLUMNS
+
+
 def _fmt(value: float | None) -> str:
     return "" if value is None or math.isnan(value) else f"{value:.4f}"
 
@@ -132,11 +149,28 @@ def _overrides_text(job: JobResult, keys: Sequence[str]) -> str:
     return " ".join(f"{k}={job.overrides[k]}" for k in keys if k in job.overrides)
 
 
+def _group_stats(members: Sequence[JobResult], key: str) -> tuple[float, float]:
+    values = [j.metrics[key] for j in members if key in j.metrics]
+    return mean_std(values) if len(values) >= 2 else (math.nan, math.nan)
+
+
 def summary_csv(jobs, keys, groups) -> str:
+    """One row per job (and mean/std rows per k-fold group); `threshold_policy` says how each
+    job's threshold, at which the `@thr` columns are, was chosen."""
+    columns = metric_columns(jobs)
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(
-        ["job", "status", "overrides", *(k for k, _ in METRIC_COLUMNS), "best", "run_dir", "error"]
+        [
+            "job",
+            "status",
+            "overrides",
+            *(k for k, _ in columns),
+            "threshold_policy",
+            "best",
+            "run_dir",
+            "error",
+        ]
     )
     for job in jobs:
         writer.writerow(
@@ -144,14 +178,15 @@ def summary_csv(jobs, keys, groups) -> str:
                 job.job,
                 job.status,
                 _overrides_text(job, keys),
-                *(_fmt(job.metrics.get(k)) for k, _ in METRIC_COLUMNS),
+                *(_fmt(job.metrics.get(k)) for k, _ in columns),
+                job.threshold_policy,
                 "best" if job.best else "",
                 str(job.run_dir),
                 job.error.strip(),
             ]
         )
     for label, members in groups:
-        stats = [mean_std([j.metrics[k] for j in members]) for k, _ in METRIC_COLUMNS]
+        stats = [_group_stats(members, k) for k, _ in columns]
         for i, name in enumerate(("mean", "std")):
             writer.writerow(
                 [
@@ -162,15 +197,30 @@ def summary_csv(jobs, keys, groups) -> str:
                     "",
                     "",
                     "",
+                    "",
                 ]
             )
     return out.getvalue()
 
 
 def summary_markdown(jobs, keys, groups, metric: str, direction: str) -> str:
-    titles = [title for _, title in METRIC_COLUMNS]
+    columns = metric_columns(jobs)
+    titles = [title for _, title in columns]
+    policies = sorted({j.threshold_policy for j in jobs if j.threshold_policy})
+    chosen_by = f"threshold.policy={'/'.join(policies)}" if policies else "threshold.policy"
     lines = [
         f"# Sweep summary ({len(jobs)} jobs; best = {direction} {metric}, marked **best**)",
+        "",
+        "Threshold-free: val AUROC, val AP (average precision) and val loss rank the jobs. "
+        "`threshold` is each job's own operating threshold (p_tb >= it is called "
+        f"Tuberculosis), chosen on that job's validation split by {chosen_by}; the `@thr` "
+        "columns are sensitivity and specificity at it: on the validation split they are "
+        "optimistic (the threshold was chosen on those images)"
+        + (
+            ", on the held-out test split they are not."
+            if columns is METRIC_COLUMNS
+            else "; data.test_size holds out a test split that is scored at it too."
+        ),
         "",
         "| job | status | overrides | " + " | ".join(titles) + " | best | run dir |",
         "|---|---|---|" + "---:|" * len(titles) + "---|---|",
@@ -179,7 +229,7 @@ def summary_markdown(jobs, keys, groups, metric: str, direction: str) -> str:
         status = job.status
         if job.error:
             status = f"failed: {' '.join(job.error.split())}".replace("|", "\\|")
-        values = [_fmt(job.metrics.get(k)) for k, _ in METRIC_COLUMNS]
+        values = [_fmt(job.metrics.get(k)) for k, _ in columns]
         if job.best:
             values = [f"**{v}**" for v in values]
         lines.append(
@@ -189,23 +239,19 @@ def summary_markdown(jobs, keys, groups, metric: str, direction: str) -> str:
         )
     for label, members in groups:
         cells = []
-        for key, _ in METRIC_COLUMNS:
-            mean, std = mean_std([j.metrics[key] for j in members])
-            cells.append(f"{mean:.4f} ± {std:.4f}")
+        for key, _ in columns:
+            mean, std = _group_stats(members, key)
+            cells.append("" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}")
         lines.append(
             f"| mean ± std | {len(members)} folds | {label} | " + " | ".join(cells) + " |  |  |"
         )
     if groups:
-        lines += ["", "mean ± std: over the folds of each group; std is the sample std (n - 1)."]
+        lines += [
+            "",
+            "mean ± std: over the folds of each group; std is the sample std (n - 1). Each fold "
+            "has its own threshold, so the `@thr` means are over different thresholds.",
+        ]
     return "\n".join(lines) + "\n"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename: concurrent writers never leave a torn file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def write_summary(

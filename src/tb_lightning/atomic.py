@@ -1,0 +1,65 @@
+"""Atomic file writes: a reader, or a kill at any moment, sees the old file or the new one, never
+half of one.
+
+The bytes go to a temporary file beside the target (`.<name>.<random>.tmp`), are fsynced, and
+`os.replace` swaps it in (an atomic rename on POSIX and Windows); then the directory is fsynced
+so that the rename itself survives a crash. Every file this project writes for later reading
+(checkpoints, metrics, reports, caches, phantoms, summaries) goes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_with(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call write(binary file) on a temporary file, then rename it to path.
+
+    The file gets the mode a plain open() would give it (mkstemp makes it private, 0600).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    try:
+        os.chmod(tmp_name, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename durable (POSIX); not possible on Windows
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write text (UTF-8) or bytes to path atomically."""
+    payload = data.encode() if isinstance(data, str) else data
+    atomic_write_with(path, lambda f: f.write(payload))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save(obj, path) such that path holds either the old or the new file, never half."""
+    import torch
+
+    atomic_write_with(path, lambda f: torch.save(obj, f))

@@ -1,0 +1,121 @@
+"""The end of a training run: one pass over the val (and test) images with the chosen checkpoint,
+the operating threshold chosen from that pass's validation probabilities, and report.txt /
+metrics.json at that threshold.
+
+The pass runs the whole network on the decoded images, exactly as `python -m tb_lightning.eval`
+(and predict and export) do, with the same batch size: the same checkpoint and split give the
+same numbers in train's report and in eval's. The per-epoch curves may come from cached
+backbone features in reduced precision (data.cache_features); the final figures never do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tb_lightning.atomic import atomic_write
+from tb_lightning.data.datamodule import TBDataModule
+from tb_lightning.data.sources import CLASS_NAMES
+from tb_lightning.errors import DataError
+from tb_lightning.evaluation.evaluate import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    SYNTHETIC_BANNER,
+    bootstrap_settings,
+    format_threshold_header,
+    optimism_note,
+    score_split,
+)
+from tb_lightning.evaluation.operating import choose_operating_threshold, store_operating_threshold
+from tb_lightning.evaluation.report import format_split_block
+from tb_lightning.inference import (
+    INFERENCE_BATCH_SIZE,
+    describe_threshold_choice,
+    predict_images,
+    probabilities,
+)
+
+TEST_NOTE = (
+    "Scored at the same operating threshold, which these images did not influence: the "
+    "unbiased estimate of the figures at it."
+)
+NO_TEST_HINT = (
+    "No held-out test split: data.test_size=0.15 (or a count) keeps one apart and reports it "
+    "here at this threshold.\n"
+)
+
+
+def final_report(
+    model: torch.nn.Module,
+    checkpoint: str | None,
+    datamodule: TBDataModule,
+    policy: str,
+    target: float,
+    output_dir: Path,
+    device: torch.device | None = None,
+) -> tuple[dict[str, Any], str]:
+    """Score `model` (holding the checkpoint's weights) on the val and test splits, choose and
+    store the operating threshold, write metrics.json and report.txt; return (metrics, report)."""
+    val, test = list(datamodule.val_samples or []), list(datamodule.test_samples)
+    predictions = predict_images(
+        model,
+        [s.path for s in [*val, *test]],
+        datamodule.image_size,
+        INFERENCE_BATCH_SIZE,
+        datamodule.num_workers,
+        device,
+        description="Scoring the val/test images",
+    )
+    if not predictions.readable.all():  # they passed the scan: changed on disk since
+        first = predictions.reasons[int(np.argmin(predictions.readable))]
+        raise DataError(f"An image could not be read after the scan ({first}); train again.")
+    val_logits, test_logits = predictions.logits[: len(val)], predictions.logits[len(val) :]
+
+    choice = choose_operating_threshold(
+        probabilities(val_logits), [s.label for s in val], policy, target
+    )
+    if checkpoint:
+        store_operating_threshold(checkpoint, choice)
+    source = describe_threshold_choice(choice)
+    threshold = choice["value"]
+    pos_weight = float(model.pos_weight)
+    scores = score_split("val", val, val_logits, threshold, pos_weight)
+    if test:
+        scores.update(score_split("test", test, test_logits, threshold, pos_weight))
+
+    counts = {
+        f"{split}_counts": dict(zip(CLASS_NAMES, datamodule.class_counts(split), strict=True))
+        for split in ("train", "val", "test")
+    }
+    metrics: dict[str, Any] = {
+        "checkpoint": checkpoint,
+        "threshold": {**choice, "source": source},
+        "bootstrap": bootstrap_settings(BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED),
+        "synthetic_data": datamodule.is_synthetic,
+        **scores,
+        # The cross-validation fold of this run (null without k-fold); sweep summaries use it.
+        "data.fold": datamodule.fold if datamodule.num_folds is not None else None,
+        "data.num_folds": datamodule.num_folds,
+        **counts,
+        "pos_weight": pos_weight,
+    }
+    report = format_threshold_header(
+        checkpoint or "final weights (no checkpoint saved)", threshold, source
+    )
+    if datamodule.is_synthetic:
+        report += SYNTHETIC_BANNER
+    if not test:
+        report += NO_TEST_HINT
+    report += "\n" + format_split_block(
+        scores, "val", BOOTSTRAP_RESAMPLES, optimism_note("val", source)
+    )
+    if test:
+        report += "\n" + format_split_block(scores, "test", BOOTSTRAP_RESAMPLES, TEST_NOTE)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write(output_dir / "report.txt", report)
+    return metrics, report
