@@ -44,8 +44,10 @@ def first_output_s(src: Path, args: list[str], until: str | None) -> float:
         if until is None:
             proc.communicate(timeout=120)
             return time.perf_counter() - start
-        for line in proc.stdout:  # Hydra's log lines start with "[<date> <time>]["
-            if line.startswith("[") and "][" in line and until in line:
+        for line in proc.stdout:
+            # Hydra's log lines start with "[<date> <time>]["; Lightning's own may not.
+            is_log_line = line.startswith("[") and "][" in line
+            if (until and until in line) or (not until and is_log_line):
                 return time.perf_counter() - start
         raise RuntimeError(f"{' '.join(args)} printed no log line")
     finally:
