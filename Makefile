@@ -9,7 +9,7 @@ ARGS ?=
 # Import this checkout's code even when .venv was installed editable from another checkout.
 export PYTHONPATH := $(CURDIR)/src
 
-.PHONY: install train test test-fast lint format tensorboard bench clean distclean
+.PHONY: install train test test-fast lint format tensorboard bench chaos clean distclean
 
 install: $(STAMP)
 
@@ -32,12 +32,12 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix src tests benchmarks
-	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks scripts
+	$(BIN)/ruff format src tests benchmarks scripts
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir outputs/ $(ARGS)
@@ -46,6 +46,10 @@ tensorboard: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+## Kill short runs at random moments, resume them, check nothing was lost (not part of make test).
+chaos: $(STAMP)
+	$(BIN)/python scripts/chaos.py $(ARGS)
 
 clean:
 	rm -rf outputs/train outputs/eval outputs/predict outputs/export .pytest_cache .ruff_cache

@@ -1,10 +1,14 @@
+import lightning as L
 import pytest
 import torch
 from torchvision import models
 
+from conftest import PHANTOM_NORMAL, PHANTOM_SIZE, PHANTOM_TB
+from tb_lightning.data.datamodule import TBDataModule
 from tb_lightning.errors import ConfigError
 from tb_lightning.models import weights as weights_module
 from tb_lightning.models.backbones import ARCHS
+from tb_lightning.models.module import TBClassifier
 from tb_lightning.models.net import build_net
 
 
@@ -67,3 +71,42 @@ def test_own_network_state_dict_round_trip(tmp_path):
     )
     for key, value in net.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_backbone_trains_with_the_default_feature_cache(arch, phantom_root, tmp_path):
+    # The defaults of `train model.net.arch=<arch>`: frozen features, data.cache_features=auto.
+    # BatchNorm trunks hold a 0-dim num_batches_tracked buffer that the cache key must digest.
+    datamodule = TBDataModule(
+        source="phantom",
+        root=str(phantom_root),
+        phantom={
+            "num_normal": PHANTOM_NORMAL,
+            "num_tb": PHANTOM_TB,
+            "image_size": PHANTOM_SIZE,
+            "progress": False,
+        },
+        image_size=64,  # smaller than the phantoms: a fast extraction, valid for every arch
+        batch_size=8,
+        val_size=12,
+        num_workers=0,
+        cache_dir=str(tmp_path / "features"),
+    )
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = TBClassifier(
+        net={"arch": arch, "weights": None, "image_size": 64, "hidden_dim": 8},
+        optimizer={"_target_": "torch.optim.Adam", "lr": 1e-3},
+    )
+    assert datamodule.use_feature_cache(model.net)
+    assert list((tmp_path / "features").glob("features-*.pt"))
+    trainer = L.Trainer(
+        fast_dev_run=True,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    assert trainer.state.finished

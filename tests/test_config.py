@@ -132,3 +132,36 @@ def test_entry_points_start_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+data.rooot=/x", "data.rooot is not a setting here (did you mean data.root? "),
+        ("+model.net.dropuot=0.3", "model.net.dropuot is not a setting here (did you mean "),
+        ("+trainer.max_epoch=3", "trainer.max_epoch is not a setting here (did you mean "),
+        ("+sed=3", "sed is not a setting here (did you mean seed? "),
+    ],
+)
+def test_keys_added_with_plus_that_nothing_reads_are_refused(
+    phantom_root, tmp_path, override, message
+):
+    """Hydra's advice for a typo is `+key=value`: that used to end in a TypeError."""
+    cfg = compose_train([*phantom_overrides(phantom_root), override], output_dir=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert str(err.value).startswith(message)
+    assert f"remove +{override[1:].split('=')[0]}=..." in str(err.value)
+
+
+def test_an_unwritable_cache_folder_is_one_sentence_before_any_work(phantom_root, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = compose_train(
+        [*phantom_overrides(phantom_root), f"data.scan_cache_dir={blocker}/scan"],
+        output_dir=tmp_path / "run",
+    )
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert str(err.value).startswith(f"{blocker}/scan cannot be written (")
+    assert "data.scan_cache_dir=<folder>" in str(err.value)

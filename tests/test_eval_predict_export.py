@@ -17,17 +17,20 @@ from sklearn import metrics as skm
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import phantom_overrides, run_cli
+from data_builders import write_bad
 from tb_lightning.config import CONF_DIR
 from tb_lightning.data.sources import Sample
-from tb_lightning.data.split import read_split_csv
+from tb_lightning.data.split import read_split_csv, read_split_sides, write_split_csv
 from tb_lightning.data.transforms import build_transform, load_image
 from tb_lightning.errors import ConfigError, DataError, UserError
+from tb_lightning.eval import evaluate
 from tb_lightning.evaluation.evaluate import evaluate_samples, resolve_split
 from tb_lightning.export import export
 from tb_lightning.exporting import export_model
 from tb_lightning.inference import load_model, resolve_threshold
 from tb_lightning.models.module import load_checkpoint
 from tb_lightning.prediction import collect_inputs, run_prediction
+from test_integrity import corrupt_png, png_with_header
 
 FIGURES = {"confusion_matrix", "roc_curve", "pr_curve", "p_tb_distribution", "calibration_curve"}
 
@@ -224,6 +227,7 @@ def test_predict_cli_with_saliency_skips_unreadable_files(
         shutil.copy(path, images / path.name)
     (images / "broken.png").write_bytes(b"not an image")
     (images / "truncated.png").write_bytes(good[0].read_bytes()[:200])
+    corrupt_png(images / "corrupt.png")  # torchvision's PNG decoder crashes on this one
     (images / "notes.txt").write_text("not an image, ignored")
     out = tmp_path / "run"
     result = run_cli(
@@ -236,7 +240,7 @@ def test_predict_cli_with_saliency_skips_unreadable_files(
     )
     assert_ok(result)
     output = result.stdout + result.stderr
-    assert "Skipped 2 unreadable file(s)" in output and "broken.png" in output
+    assert "Skipped 3 bad file(s)" in output and "broken.png" in output
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in good)
     expected = model_probs(loaded, [r["path"] for r in rows])
@@ -250,8 +254,11 @@ def test_predict_cli_with_saliency_skips_unreadable_files(
         overlay = Image.open(row["saliency"])
         assert overlay.size == (128, 128) and overlay.mode == "RGB"
     skipped = list(csv.DictReader((out / "skipped.csv").open()))
-    assert {Path(r["path"]).name for r in skipped} == {"broken.png", "truncated.png"}
-    assert all(r["reason"].startswith("Cannot read image") for r in skipped)
+    reasons = {Path(r["path"]).name: r["reason"] for r in skipped}
+    assert reasons.keys() == {"broken.png", "truncated.png", "corrupt.png"}
+    assert reasons["broken.png"].startswith("not an image")
+    assert reasons["truncated.png"].startswith("truncated or corrupt PNG")
+    assert reasons["corrupt.png"].startswith("truncated or corrupt PNG")
 
 
 def test_predict_csv_input_and_user_errors(loaded, phantom_root, tmp_path):
@@ -267,6 +274,122 @@ def test_predict_csv_input_and_user_errors(loaded, phantom_root, tmp_path):
         collect_inputs("/no/such/folder")
     with pytest.raises(ConfigError, match="input is not set"):
         collect_inputs(None)
+
+
+def write_hostile_files(folder: Path) -> dict[str, str]:
+    """One file of every bad kind in folder: {file name: words its reason must hold}."""
+    png_with_header(folder / "huge_30000.png", 30000, 30000)  # 2.7 GB if decoded
+    png_with_header(folder / "bomb_70000.png", 70000, 70000)  # PIL's decompression-bomb limit
+    png_with_header(folder / "tiny_1x1.png", 1, 1)
+    write_bad(folder, "truncated_png")
+    write_bad(folder, "not_an_image")
+    write_bad(folder, "zero_byte")
+    return {
+        "huge_30000.png": "huge image",
+        "bomb_70000.png": "huge image",
+        "tiny_1x1.png": "tiny image (1x1 px",
+        "truncated_png.png": "truncated or corrupt PNG",
+        "not_an_image.png": "not an image",
+        "zero_byte.png": "empty file",
+    }
+
+
+def test_predict_keeps_going_past_every_kind_of_bad_file(loaded, phantom_root, tmp_path):
+    """Huge, bomb, tiny, truncated, non-image, empty: each skipped with its reason, the good
+    images beside them predicted as if alone."""
+    images = tmp_path / "in"
+    good = sorted((phantom_root / "Tuberculosis").glob("*.png"))[:2]
+    images.mkdir()
+    for path in good:
+        shutil.copy(path, images / path.name)
+    expected = write_hostile_files(images)
+    predictions = run_prediction(loaded, collect_inputs(images), 0.5, "test", tmp_path / "out")
+    assert int(predictions.readable.sum()) == len(good)
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in good)
+    probs = model_probs(loaded, [r["path"] for r in rows])
+    assert [float(r["p_tb"]) for r in rows] == pytest.approx(probs.tolist(), abs=1e-5)
+    skipped = list(csv.DictReader((tmp_path / "out" / "skipped.csv").open()))
+    reasons = {Path(r["path"]).name: r["reason"] for r in skipped}
+    assert reasons.keys() == expected.keys()
+    for name, words in expected.items():
+        assert words in reasons[name], (name, reasons[name])
+
+
+def eval_config(ckpt: Path, output_dir: Path, *overrides: str):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(
+            "eval",
+            [
+                f"ckpt_path={ckpt}",
+                "eval.bootstrap=100",
+                "trainer.accelerator=cpu",
+                f"paths.output_dir={output_dir}",
+                *overrides,
+            ],
+        )
+
+
+def test_eval_of_a_folder_follows_data_on_bad_file(trained_run, loaded, phantom_root, tmp_path):
+    """eval data=folder: the scan's checks, data.on_bad_file=error stops naming the file, skip
+    leaves every bad file out of the numbers and lists it in skipped.csv."""
+    root = tmp_path / "db"
+    for folder in ("Normal", "Tuberculosis"):
+        (root / folder).mkdir(parents=True)
+        for path in sorted((phantom_root / folder).glob("*.png"))[:6]:
+            shutil.copy(path, root / folder / path.name)
+    expected = write_hostile_files(root / "Normal")
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    data = ["data=folder", f"data.root={root}"]
+    with pytest.raises(DataError) as err:
+        evaluate(eval_config(ckpt, tmp_path / "error", *data))
+    message = str(err.value)
+    assert "data.on_bad_file=skip" in message and "(5 more bad file(s) after it)" in message
+    assert any(str(root / "Normal" / name) in message for name in expected)
+    out = tmp_path / "skip"
+    metrics = evaluate(eval_config(ckpt, out, *data, "data.on_bad_file=skip"))
+    assert metrics["all"]["overall"]["images"] == 12 and metrics["skipped_files"] == 6
+    assert metrics["all"]["overall"]["counts"] == {"Normal": 6, "Tuberculosis": 6}
+    skipped = list(csv.DictReader((out / "skipped.csv").open()))
+    reasons = {Path(r["path"]).name: r["reason"] for r in skipped}
+    assert reasons.keys() == expected.keys() and {r["label"] for r in skipped} == {"0"}
+    for name, words in expected.items():
+        assert words in reasons[name], (name, reasons[name])
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 12 and not {Path(r["path"]).name for r in rows} & expected.keys()
+    probs = model_probs(loaded, [r["path"] for r in rows])
+    assert [float(r["p_tb"]) for r in rows] == pytest.approx(probs.tolist(), abs=1e-5)
+    assert "Left out: 6 bad file(s)" in (out / "report.txt").read_text()
+
+
+def test_eval_of_a_split_file_refuses_a_bad_row(trained_run, tmp_path):
+    """A split.csv's rows passed training's scan: a bad one now is an error naming it."""
+    sides = read_split_sides(trained_run / "split.csv")
+    tiny = png_with_header(tmp_path / "tiny.png", 1, 1)
+    val = [*sides["val"], Sample(str(tiny), 1, "tiny", "phantom")]
+    split_file = tmp_path / "split.csv"
+    write_split_csv(split_file, sides["train"], val)
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    config = eval_config(ckpt, tmp_path / "out", f"eval.split_file={split_file}")
+    with pytest.raises(DataError) as err:
+        evaluate(config)
+    message = str(err.value)
+    assert f"Cannot use image {tiny} (val row of {split_file}): tiny image (1x1 px" in message
+
+
+def test_eval_refuses_a_split_whose_val_images_were_trained_on(trained_run, tmp_path):
+    sides = read_split_sides(trained_run / "split.csv")
+    seen = sides["train"][:3]
+    split_file = tmp_path / "other_split.csv"
+    write_split_csv(split_file, sides["train"][3:], [*sides["val"], *seen])
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    config = eval_config(ckpt, tmp_path / "out", f"eval.split_file={split_file}")
+    with pytest.raises(DataError) as err:
+        evaluate(config)
+    message = str(err.value)
+    assert message.startswith(f"3 val image(s) of {split_file} are training images of the ")
+    assert f"(train rows of {trained_run / 'split.csv'}), e.g. {seen[0].path};" in message
+    assert not (tmp_path / "out").exists()  # refused before any image was predicted
 
 
 @pytest.mark.parametrize("folder", ["tbx11k-512", "shenzhen-512"])

@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import shutil
+import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -137,6 +139,53 @@ def test_concurrent_jobs_extract_once(tmp_path, net, images, monkeypatch):
     assert len(calls) == 1 and len(results) == 3
     assert all(torch.equal(r, results[0]) for r in results)
     assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_temporary_files_of_killed_writes_are_removed(tmp_path, net, images, caplog):
+    cache = make_cache(tmp_path, net, images)
+    cache.cache_dir.mkdir(parents=True)
+    hour_ago = time.time() - feature_cache.STALE_TMP_SECONDS - 60
+
+    def tmp_file(name: str, old: bool) -> Path:
+        path = cache.cache_dir / name
+        path.write_bytes(b"half a cache file")
+        if old:
+            os.utime(path, (hour_ago, hour_ago))
+        return path
+
+    # Killed writes: of this file (any age: its writer holds the lock), an old one of another
+    # file, and one of the cache's former own writer; a fresh one of another file may be being
+    # written by a concurrent job and stays.
+    own = tmp_file(f".{cache.path.name}.k1ll3d.tmp", old=False)
+    stale = tmp_file(".features-0123456789abcdef01234567.pt.x1.tmp", old=True)
+    legacy = tmp_file(".features-a8b7c6.tmp", old=True)
+    busy = tmp_file(".features-fedcba9876543210fedcba98.pt.y2.tmp", old=False)
+    with caplog.at_level(logging.INFO):
+        cache.load_or_build()
+    assert "Removed 2 temporary file(s)" in caplog.text  # the stale ones, before the lock
+    assert not own.exists() and not stale.exists() and not legacy.exists()
+    assert busy.exists() and cache.path.is_file()
+    # A run that finds its cache file also sweeps old leftovers.
+    os.utime(busy, (hour_ago, hour_ago))
+    make_cache(tmp_path, net, images).load_or_build()
+    assert not busy.exists()
+
+
+def test_cache_file_is_written_with_the_atomic_helper(tmp_path, net, images, monkeypatch):
+    written = []
+    real = feature_cache.atomic_torch_save
+    monkeypatch.setattr(
+        feature_cache,
+        "atomic_torch_save",
+        lambda obj, path: (written.append(Path(path)), real(obj, path)),
+    )
+    cache = make_cache(tmp_path, net, images)
+    cache.load_or_build()
+    assert written == [cache.path]
+    # Shared by users and sweep jobs: the mode of a plain open(), not mkstemp's private 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(cache.path.stat().st_mode) == 0o666 & ~umask
 
 
 def test_bf16_features_match_fp32(net, images):

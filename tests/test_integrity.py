@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import shutil
+import struct
+import subprocess
+import sys
+import tracemalloc
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +27,9 @@ from data_builders import (
     write_bad,
     write_odd_valid,
 )
+from tb_lightning.config import PROJECT_ROOT
 from tb_lightning.data.datamodule import TBDataModule
-from tb_lightning.data.integrity import cache_file_for, inspect_files
+from tb_lightning.data.integrity import cache_file_for, inspect_file, inspect_files
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.split import write_split_csv
 from tb_lightning.data.transforms import load_image
@@ -202,3 +210,164 @@ def test_train_skips_bad_files_and_reports_test_and_fold(tmp_path):
     assert metrics["data.fold"] == 2 and metrics["data.num_folds"] == 3
     assert "test/auroc" in metrics and sum(metrics["test_counts"].values()) == 4
     assert "Held-out test split:" in (run_dir / "report.txt").read_text()
+
+
+def png_with_header(path, width: int, height: int):
+    """A PNG whose header says width x height, with one row of pixel data (a few hundred bytes).
+
+    The header is all the check may read: a decoder would allocate width x height x 3 bytes
+    before finding the data short (30000 x 30000 is 2.7 GB).
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    pixels_row = zlib.compress(b"\0" * (min(width, 70000) + 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", pixels_row)
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+HEADER_CASES = {
+    "huge_30000": ((30000, 30000), "huge image"),
+    "bomb_70000": ((70000, 70000), "huge image"),
+    "wide_8200": ((8200, 64), "huge image (8200x64 px, more than 8192 px)"),
+    "tiny_1x1": ((1, 1), "tiny image (1x1 px, less than 64 px)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_CASES))
+def test_one_check_refuses_from_the_header_before_decoding(tmp_path, case):
+    """The scan, and load_image (train, eval, predict, saliency, export) refuse alike."""
+    (width, height), words = HEADER_CASES[case]
+    path = png_with_header(tmp_path / f"{case}.png", width, height)
+    assert path.stat().st_size < 1000
+    # The scan first: a decoder that got this far would crash on the short pixel data.
+    info = inspect_file(str(path))
+    assert words in info["problem"] and "sha256" not in info  # refused before hashing
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as err:
+            load_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(err.value) and words in str(err.value)
+    assert err.value.problem == info["problem"]  # one wording everywhere
+    assert peak < 2**20  # nothing was decoded
+
+
+def test_huge_file_is_refused_without_reading_it(tmp_path, monkeypatch):
+    """A 3 GB sparse `.png` (no disk used) is `huge` from its size alone: no byte is read."""
+    path = tmp_path / "sparse.png"
+    with path.open("wb") as f:
+        f.truncate(3 * 2**30)
+
+    def no_whole_file_reads(self):
+        raise AssertionError(f"{self} was read into memory whole")
+
+    monkeypatch.setattr(Path, "read_bytes", no_whole_file_reads)
+    tracemalloc.start()
+    try:
+        infos, _ = inspect_files([str(path)], progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    problem = infos[str(path)]["problem"]
+    assert problem == "huge image file (3072 MiB, more than 256 MiB)"
+    assert peak < 2**20
+    with pytest.raises(DataError, match="huge image file"):
+        load_image(path)
+
+
+def test_files_are_hashed_in_chunks(tmp_path):
+    """A valid image larger than the hash chunk: the right SHA-256, with flat memory."""
+    from tb_lightning.data import integrity
+
+    path = tmp_path / "noise.png"
+    noise = np.random.default_rng(0).integers(0, 256, (1200, 1200), dtype=np.uint8)
+    Image.fromarray(noise).save(path, compress_level=0)  # ~1.4 MB: more than one chunk
+    assert path.stat().st_size > integrity.HASH_CHUNK_BYTES
+    tracemalloc.start()
+    try:
+        digest = integrity.sha256_file(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert peak < 1.5 * integrity.HASH_CHUNK_BYTES
+    assert inspect_file(str(path))["sha256"] == digest
+
+
+def test_cache_of_an_older_version_is_not_trusted(tmp_path):
+    """Entries written before the file-size check are checked again, not reused."""
+    from tb_lightning.data import integrity
+
+    tiny = png_with_header(tmp_path / "db" / "tiny.png", 1, 1)
+    cache = cache_file_for(tmp_path / "cache", [str(tmp_path / "db")])
+    key = list(integrity.file_key(str(tiny)))
+    stale = {"key": key, "info": {"problem": None, "sha256": "0" * 64, "phash": "0" * 64}}
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"version": 1, "files": {str(tiny): stale}}))
+    infos, stats = inspect_files([str(tiny)], cache, progress=False)
+    assert stats["decoded"] == 1 and "tiny image" in infos[str(tiny)]["problem"]
+    assert json.loads(cache.read_text())["version"] == integrity.CACHE_VERSION > 1
+
+
+def corrupt_png(path, seed: int = 0, fix_crc: bool = True):
+    """A PNG with one byte of its compressed pixel data flipped (and the chunk CRC redone, as a
+    careless repair tool would, unless fix_crc=False): the header is fine, decoding fails."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels(seed)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    start = data.index(b"IDAT")
+    (length,) = struct.unpack(">I", data[start - 4 : start])
+    data[start + 4 + length // 2] ^= 0xFF
+    if fix_crc:
+        crc = zlib.crc32(bytes(data[start : start + 4 + length]))
+        data[start + 4 + length : start + 8 + length] = struct.pack(">I", crc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_corrupt_png_data_is_refused_not_a_crash(tmp_path):
+    """torchvision's PNG decoder kills the process (SIGSEGV) on these; load_image refuses them.
+
+    Run in a child process, so that a crash fails this test instead of the whole session.
+    """
+    paths = [
+        corrupt_png(tmp_path / "crc_fixed.png"),
+        corrupt_png(tmp_path / "bad_crc.png", seed=1, fix_crc=False),
+    ]
+    code = (
+        "import sys\n"
+        "from tb_lightning.data.transforms import load_image\n"
+        "from tb_lightning.errors import DataError\n"
+        "for path in sys.argv[1:]:\n"
+        "    try:\n"
+        "        load_image(path)\n"
+        "        print('decoded', path)\n"
+        "    except DataError as err:\n"
+        "        print(err.problem)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("truncated or corrupt PNG") for line in lines)
+    for path in paths:  # the scan says the same
+        assert inspect_file(str(path))["problem"].startswith("truncated or corrupt PNG")

@@ -92,8 +92,39 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     with path.open("wb") as f:
         pickle.dump({"features.0.weight": Exploit()}, f)
-    with pytest.raises(WeightsError, match="refused"):
+    with pytest.raises(WeightsError, match="refused") as err:
         build_net(weights=str(path), image_size=128)
+    assert "could run code (it asks for builtins.print" in str(err.value)  # the refused object
+    assert "weights_only" not in str(err.value)
+
+
+def truncated_state_dict(path):
+    torch.save(models.alexnet(weights=None).features.state_dict(), path)
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize(
+    "write, problem",
+    [
+        (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+        (truncated_state_dict, "is truncated or damaged"),
+        (lambda p: p.write_bytes(bytes(range(1, 256)) * 4), "is not a PyTorch file"),
+        (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "(it is a PNG image)"),
+        (lambda p: p.write_text("version https://git-lfs.github.com/spec/v1\n"), "Git LFS pointer"),
+        (lambda p: p.mkdir(), "is a directory"),
+        (lambda p: torch.save([torch.zeros(1)], p), "but a list"),
+    ],
+    ids=["empty", "truncated", "random-bytes", "png", "lfs-pointer", "directory", "list"],
+)
+def test_a_bad_weights_file_says_what_is_wrong_with_it(tmp_path, write, problem):
+    path = tmp_path / "weights.pth"
+    write(path)
+    with pytest.raises(WeightsError) as err:
+        build_net(weights=str(path), image_size=128)
+    message = str(err.value)
+    assert message.startswith(f"model.net.weights={path} ")
+    assert problem in message
+    assert "weights_only" not in message and "could run code" not in message
 
 
 def test_imagenet_offline_names_cache_file_and_fix(tmp_path, monkeypatch):

@@ -91,6 +91,68 @@ def test_manifest_mistakes_name_the_row(tmp_path, content, message):
         scan_manifest(tmp_path / "list.csv")
 
 
+@pytest.mark.parametrize("row", ["../secret/x.png", "{outside}/secret/x.png", "~/x.png"])
+def test_manifest_paths_must_stay_inside_its_folder(tmp_path, row):
+    write_png(tmp_path / "secret" / "x.png", 0)
+    class_tree(tmp_path / "data" / "img", counts=(1, 1))
+    manifest = tmp_path / "data" / "list.csv"
+    row = row.format(outside=tmp_path)
+    manifest.write_text(f"path,label\nimg/Normal/Normal-0.png,0\n{row},1\n")
+    with pytest.raises(DataError, match="line 3 lists .*outside the manifest's folder") as err:
+        scan_manifest(manifest)
+    assert str(manifest) in str(err.value) and "data.allow_outside_paths=true" in str(err.value)
+    if not row.startswith("~"):
+        samples = scan_manifest(manifest, allow_outside_paths=True)
+        assert samples[1].path == str(tmp_path / "secret" / "x.png")  # `..` folded away
+
+
+def test_manifest_outside_paths_through_the_config(tmp_path):
+    class_tree(tmp_path / "img", counts=(6, 6))
+    (tmp_path / "lists").mkdir()
+    rows = ["path,label"] + [
+        f"../img/{name}/{name}-{i}.png,{name}"
+        for name in ("Normal", "Tuberculosis")
+        for i in range(6)
+    ]
+    (tmp_path / "lists" / "list.csv").write_text("\n".join(rows) + "\n")
+    overrides = ["data=manifest", f"data.root={tmp_path / 'lists' / 'list.csv'}"]
+    overrides += ["data.num_workers=0", "data.image_size=64", "data.scan_cache_dir=null"]
+    overrides += ["data.val_size=0.25"]
+    with pytest.raises(DataError, match="data.allow_outside_paths=true"):
+        compose_data(overrides).setup()
+    dm = compose_data([*overrides, "data.allow_outside_paths=true"])
+    dm.setup()
+    assert dm.report["images"] == 12
+
+
+def test_manifest_with_a_utf8_byte_order_mark(tmp_path):
+    class_tree(tmp_path / "img", counts=(1, 1))
+    content = "path,label\nimg/Normal/Normal-0.png,0\nimg/Tuberculosis/Tuberculosis-0.png,TB\n"
+    # Excel's "CSV UTF-8" starts the file with a BOM.
+    (tmp_path / "list.csv").write_bytes(content.encode("utf-8-sig"))
+    assert [s.label for s in scan_manifest(tmp_path / "list.csv")] == [0, 1]
+    (tmp_path / "latin1.csv").write_bytes("path,label\nimg/é.png,0\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.csv is not UTF-8 text"):
+        scan_manifest(tmp_path / "latin1.csv")
+
+
+def test_manifest_duplicate_rows_are_refused(tmp_path):
+    class_tree(tmp_path / "img", counts=(6, 1))
+    rows = ["path,label"] + [f"img/Normal/Normal-{i}.png,0" for i in range(6)]
+    rows += ["img/Tuberculosis/Tuberculosis-0.png,1", "img/Normal/Normal-0.png,0"]
+    rows += ["./img/Normal/../Normal/Normal-1.png,1"]  # the same file, spelled otherwise
+    rows += [f"{tmp_path}/img/Normal/Normal-{i}.png,0" for i in (2, 3, 4)]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError) as err:
+        scan_manifest(tmp_path / "list.csv")
+    message = str(err.value)
+    assert "lists the same image more than once" in message
+    assert "line 9 repeats line 2" in message and "Normal-0.png" in message
+    assert "line 10 repeats line 3" in message and "line 11 repeats line 4" in message
+    assert "line 12" not in message and "2 more" in message  # the first few only
+    assert "remove the repeated rows" in message
+
+
 def test_manifest_through_the_config_keeps_patients_together(tmp_path):
     class_tree(tmp_path / "img", counts=(12, 12))
     rows = ["path,label,patient_id"]

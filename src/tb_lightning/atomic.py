@@ -63,3 +63,35 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     import torch
 
     atomic_write_with(path, lambda f: torch.save(obj, f))
+
+
+def check_writable(folder: str | Path, key: str) -> None:
+    """Create `folder` if needed and make sure files can be written in it: one sentence naming
+    the folder and the config key that sets it, before any work that would be lost."""
+    from tb_lightning.errors import ConfigError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"{folder} cannot be written ({err.strerror or err}); make it writable, or choose "
+            f"another folder with {key}=<folder>."
+        ) from None
+
+
+def remove_temp_files(folder: str | Path, min_age_s: float = 0.0) -> list[Path]:
+    """Delete the temporary files of interrupted atomic writes (`.<name>.<random>.tmp`) in
+    folder, those at least min_age_s old; only call it on folders no other process writes."""
+    import time
+
+    removed = []
+    now = time.time()
+    for path in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            if now - path.stat().st_mtime >= min_age_s:
+                path.unlink()
+                removed.append(path)
+    return removed

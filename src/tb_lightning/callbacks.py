@@ -1,5 +1,5 @@
-"""Lightning callbacks of this project: exact resume, clean stops, a guard against NaN, and
-TensorBoard's Custom Scalars layout.
+"""Lightning callbacks of this project: exact resume, a guard against NaN, and TensorBoard's
+Custom Scalars layout and confusion-matrix images. (Stops by signal: engine/stopping.py.)
 
 Configured in conf/callbacks/default.yaml.
 """
@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tb_lightning.data.sources import CLASS_NAMES
 from tb_lightning.errors import UserError
@@ -106,46 +105,6 @@ class StopOnNonFiniteLoss(Callback):
             f"batch {batch_idx}; {kept}. Lower model.optimizer.lr (now {lr:g}) or check the "
             "input images, then train again."
         )
-
-
-class CleanStop(Callback):
-    """On Ctrl-C (SIGINT) or SIGTERM: keep a checkpoint to resume from and say how to resume.
-
-    Lightning turns both signals into an exception that runs every callback's `on_exception`,
-    then finalises (flushes) the loggers. last.ckpt holds the last finished epoch, from which a
-    resume is exact; when no epoch has finished yet, the current state is saved there instead.
-    """
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        if isinstance(exception, KeyboardInterrupt):
-            signal_name = "Ctrl-C (SIGINT)"
-        elif isinstance(exception, SIGTERMException):
-            signal_name = "SIGTERM"
-        else:
-            return
-        last = last_good_checkpoint(trainer)
-        callback = last_checkpoint_callback(trainer)
-        if last is None and callback is not None and callback.dirpath:
-            last = str(Path(callback.dirpath) / f"{callback.filename}{callback.FILE_EXTENSION}")
-            trainer.save_checkpoint(last)
-            where = "mid-epoch state: the resumed epoch restarts with other random draws"
-        else:
-            where = "the end of the last finished epoch"
-        if trainer.is_global_zero:
-            if last is None:
-                log.warning("Training stopped by %s; no checkpoint was configured.", signal_name)
-                return
-            log.warning(
-                "Training stopped by %s during epoch %d. Checkpoint: %s (%s). Resume with: "
-                "python -m tb_lightning.train <the same overrides> ckpt_path=%s",
-                signal_name,
-                trainer.current_epoch,
-                last,
-                where,
-                last,
-            )
 
 
 def custom_scalars_layout(class_names: Sequence[str] = CLASS_NAMES) -> dict:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tb_lightning.resume import resume_run_dir
+from tb_lightning.resume import invocation_subdir, resume_run_dir
 
 # The package is installed editable from the checkout (`make install`), so the project root is
 # two levels above src/tb_lightning/.
@@ -24,9 +24,12 @@ def register_resolvers() -> None:
             return name()
 
         OmegaConf.register_new_resolver("sweep_run_name", sweep_run_name)
-    # conf/hydra/default.yaml: a resumed training run continues in its own directory.
+    # conf/hydra/default.yaml: a resumed training run continues in its own directory (only when
+    # its config is the run's), and never overwrites the run's own .hydra/.
     if not OmegaConf.has_resolver("tb_run_dir"):
         OmegaConf.register_new_resolver("tb_run_dir", resume_run_dir)
+    if not OmegaConf.has_resolver("tb_hydra_subdir"):
+        OmegaConf.register_new_resolver("tb_hydra_subdir", invocation_subdir)
 
 
 register_resolvers()

@@ -9,6 +9,8 @@ refused by Hydra's struct mode ("Key 'dropuot' is not in struct").
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,7 +22,7 @@ from tb_lightning.data.datamodule import SOURCES, resolve_num_workers
 from tb_lightning.data.split import resolve_val_count, stratified_split
 from tb_lightning.errors import ConfigError, WeightsError
 from tb_lightning.models.backbones import ARCHS, MIN_IMAGE_SIZE
-from tb_lightning.resume import resolve_ckpt_path
+from tb_lightning.resume import LAST, check_ckpt_path
 from tb_lightning.task import check_accelerator
 
 # Lightning 2.x precision names (the short aliases "32", "16", "bf16" included).
@@ -129,8 +131,71 @@ def check_trainer(trainer: Mapping[str, Any]) -> None:
         )
 
 
+# The top level of conf/train.yaml (experiment/debug/sweep presets merge into these).
+TOP_LEVEL_KEYS = (
+    "task_name",
+    "seed",
+    "ckpt_path",
+    "init_from",
+    "optimized_metric",
+    "threshold",
+    "data",
+    "model",
+    "callbacks",
+    "logger",
+    "trainer",
+    "paths",
+)
+THRESHOLD_KEYS = ("policy", "target")
+
+
+def _parameters(target: Any) -> set[str] | None:
+    """The keyword arguments a callable (or a `_target_` path) takes; None when it takes any."""
+    if isinstance(target, str):
+        from hydra.utils import get_object
+
+        try:
+            target = get_object(target)
+        except (ImportError, ValueError, AttributeError):
+            return None  # Hydra reports a bad _target_ itself
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params) - {"self"}
+
+
+def _refuse_unknown(section: str, keys: Any, allowed: set[str] | Sequence[str] | None) -> None:
+    if allowed is None:
+        return
+    allowed = set(allowed) | {"_target_", "_recursive_", "_partial_"}
+    for key in keys:
+        if key not in allowed:
+            name = f"{section}.{key}" if section else key
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f"did you mean {section + '.' if section else ''}{close[0]}? " if close else ""
+            raise ConfigError(
+                f"{name} is not a setting here ({hint}the settings are listed in conf/); remove "
+                f"+{name}=... from the command line."
+            )
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Keys added with `+key=value` (Hydra's advice for a typo) that nothing would read: one
+    sentence with the closest real key, instead of a TypeError from the class later."""
+    _refuse_unknown("", cfg.keys(), TOP_LEVEL_KEYS)
+    _refuse_unknown("threshold", (cfg.get("threshold") or {}).keys(), THRESHOLD_KEYS)
+    for section in ("data", "model", "trainer"):
+        node = cfg.get(section) or {}
+        _refuse_unknown(section, node.keys(), _parameters(node.get("_target_", "")))
+    net = (cfg.get("model") or {}).get("net") or {}
+    from tb_lightning.models.net import build_net
+
+    _refuse_unknown("model.net", net.keys(), _parameters(build_net))
+
+
 def check_config(cfg: DictConfig) -> None:
     """Check every value train() uses before anything is read or written."""
+    check_known_keys(cfg)
     seed = cfg.get("seed")
     if seed is not None and not _is_int(seed):
         raise ConfigError(f"seed={seed!r} must be an integer, or null for an unseeded run.")
@@ -140,7 +205,14 @@ def check_config(cfg: DictConfig) -> None:
     if arch not in ARCHS:
         raise ConfigError(f"model.net.arch={arch!r} is not supported; use one of {list(ARCHS)}.")
     check_data(cfg.data, arch)
-    resolve_ckpt_path(cfg.get("ckpt_path"), runs_dir(cfg))
+    if cfg.get("ckpt_path") not in (None, "", LAST):
+        check_ckpt_path(cfg.ckpt_path)
+    init_from = cfg.get("init_from")
+    if init_from is not None and not Path(str(init_from)).expanduser().is_file():
+        raise ConfigError(
+            f"init_from={init_from} does not exist; pass the checkpoint whose weights the new "
+            "run starts from, e.g. outputs/train/runs/<run>/checkpoints/best.ckpt."
+        )
 
 
 def runs_dir(cfg: DictConfig) -> Path:

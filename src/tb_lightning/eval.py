@@ -1,6 +1,7 @@
 """`python -m tb_lightning.eval ckpt_path=<run>/checkpoints/best.ckpt`: evaluate without retraining.
 
-Writes metrics.json, report.txt, predictions.csv, figures/*.png and tensorboard/ into
+Writes metrics.json, report.txt, predictions.csv, figures/*.png and tensorboard/ (and
+skipped.csv, the bad files left out with data.on_bad_file=skip) into
 outputs/eval/runs/<timestamp>/ and prints the report.
 """
 
@@ -30,10 +31,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
     split = resolve_split(cfg.eval.get("split"), cfg.get("data") is not None)
     if split == "all":
-        samples = instantiate_config(cfg.data).scan()
+        datamodule = instantiate_config(cfg.data)
+        samples = datamodule.scan()
+        # Bad files (the scan's checks, applied while predicting) follow data.on_bad_file.
+        on_bad_file, split_path = datamodule.on_bad_file, None
         log.info("Evaluating on all %d images of %s", len(samples), cfg.data.root)
     else:
+        # Rows of a split file passed training's scan: a bad one is an error (evaluate_samples).
         samples, split_path = split_samples(loaded.run_dir, cfg.eval.get("split_file"), split)
+        on_bad_file = "error"
         log.info("Evaluating on the %d %s images of %s", len(samples), split, split_path)
     metrics, report = evaluate_samples(
         loaded,
@@ -47,6 +53,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         batch_size=cfg.eval.batch_size,
         num_workers=cfg.eval.num_workers,
         device=pick_device(cfg.trainer.accelerator),
+        on_bad_file=on_bad_file,
+        split_file=split_path,
     )
     log.info("Evaluation of %s:\n%s", loaded.checkpoint_path, report)
     log.info("Wrote %s in %s", ", ".join(sorted(p.name for p in output_dir.iterdir())), output_dir)

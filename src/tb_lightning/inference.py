@@ -13,9 +13,10 @@ import torch
 from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
-from tb_lightning.data.transforms import build_transform, load_image
+from tb_lightning.data.transforms import BadImageError, build_transform, load_image
 from tb_lightning.errors import ConfigError, UserError
 from tb_lightning.models.module import TBClassifier, load_checkpoint
+from tb_lightning.models.torch_file import describe_key_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,12 @@ def load_model(ckpt_path: str | Path | None) -> LoadedModel:
     path = Path(ckpt_path).expanduser().resolve()
     checkpoint = load_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters")
-    if not hparams or "net" not in hparams or "state_dict" not in checkpoint:
+    # load_checkpoint made sure of state_dict and hyper_parameters; these say what to build.
+    absent = [k for k in ("net", "optimizer", "threshold") if k not in hparams]
+    if absent:
         raise UserError(
-            f"Checkpoint {path} holds no tb_lightning model (no hyper_parameters/state_dict); "
-            "pass a checkpoints/best.ckpt written by tb_lightning.train."
+            f"Checkpoint {path} holds no tb_lightning model (its hyper_parameters lack "
+            f"{', '.join(absent)}); pass a checkpoints/best.ckpt written by tb_lightning.train."
         )
     # The checkpoint holds every weight: never look for (or download) ImageNet weights here.
     net = {**hparams["net"], "weights": None}
@@ -79,6 +82,16 @@ def load_model(ckpt_path: str | Path | None) -> LoadedModel:
         )
     finally:
         net_log.setLevel(level)
+    # A checkpoint of another architecture or head size (or with edited hyper_parameters) would
+    # fail in load_state_dict with a long traceback: say which keys do not fit instead.
+    mismatch = describe_key_mismatch(model.state_dict(), checkpoint["state_dict"])
+    if mismatch:
+        raise UserError(
+            f"Checkpoint {path} does not fit the network its hyper_parameters describe "
+            f"(model.net.arch={net.get('arch', 'alexnet')}, image_size={net.get('image_size')}): "
+            f"its state_dict {mismatch}; pass a checkpoint written by tb_lightning.train, with "
+            "its hyper_parameters unedited."
+        )
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()
     return LoadedModel(
@@ -112,7 +125,12 @@ def resolve_threshold(loaded: LoadedModel, override: float | None) -> tuple[floa
 
 
 class TolerantImageDataset(Dataset):
-    """Yields (image, ok, reason): an unreadable file gives a zero image, ok=False and why."""
+    """Yields (image, ok, reason): a bad file gives a zero image, ok=False and why.
+
+    load_image applies the scan's checks (transforms.check_image_file: huge, tiny, not an image,
+    unreadable, before decoding; truncated, when decoding), so eval and predict refuse exactly
+    what training's scan refuses, and one bad file never stops the others.
+    """
 
     def __init__(self, paths: Sequence[str], image_size: int) -> None:
         self.paths = list(paths)
@@ -125,11 +143,10 @@ class TolerantImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, bool, str]:
         path = self.paths[index]
         try:
-            if not Path(path).is_file():
-                raise UserError(f"{path} does not exist")
             return self.transform(load_image(path)), True, ""
-        except UserError as err:
-            return torch.zeros(3, self.image_size, self.image_size), False, str(err)
+        except BadImageError as err:
+            # The reason alone: skipped.csv and the logs show the path beside it.
+            return torch.zeros(3, self.image_size, self.image_size), False, err.problem
 
 
 def pick_device(accelerator: str) -> torch.device:
@@ -165,7 +182,7 @@ def predict_images(
     progress: bool = True,
     description: str = "Predicting",
 ) -> Predictions:
-    """TB logits for every path, batched, with a progress bar; unreadable files are marked."""
+    """TB logits for every path, batched, with a progress bar; bad files are marked, not run."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     loader = DataLoader(

@@ -29,7 +29,8 @@ def collect_inputs(input_path: str | Path | None) -> list[str]:
     """The image paths named by `input`: one file, a folder (recursive), or a CSV's path column.
 
     Folder entries without an image extension are left out (and counted in the log); files that
-    are named but cannot be read are kept here and reported as skipped after prediction.
+    are named but cannot be used (missing, unreadable, not an image, truncated, huge, tiny) are
+    kept here and reported as skipped after prediction.
     """
     if not input_path:
         raise ConfigError("input is not set; pass input=<image file, folder or CSV of paths>.")
@@ -71,7 +72,7 @@ def write_predictions(
     threshold_source: str,
     saliency: list[Path] | None = None,
 ) -> tuple[Path, Path | None]:
-    """predictions.csv for the readable images and skipped.csv (path, reason) for the rest."""
+    """predictions.csv for the usable images and skipped.csv (path, reason) for the rest."""
     output_dir.mkdir(parents=True, exist_ok=True)
     predictions_csv = output_dir / "predictions.csv"
     columns = list(PREDICTION_COLUMNS) + (["saliency"] if saliency is not None else [])
@@ -113,7 +114,12 @@ def run_prediction(
     saliency: bool = False,
     device: torch.device | None = None,
 ) -> Predictions:
-    """Predict every path, write the CSVs (and Grad-CAM overlays); unreadable files are skipped."""
+    """Predict every path, write the CSVs (and Grad-CAM overlays); bad files are skipped.
+
+    Every file gets the scan's checks (transforms.check_image_file, then a decode): a huge,
+    tiny, truncated, unreadable or non-image file is listed in skipped.csv with the reason and
+    gets no prediction, and the run goes on with the rest.
+    """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1.")
     predictions = predict_images(
@@ -144,10 +150,10 @@ def run_prediction(
     )
     if skipped_csv:
         skipped = [(p, r) for p, r in zip(paths, predictions.reasons, strict=True) if r]
-        listing = "\n".join(f"  {reason}" for _, reason in skipped[:20])
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in skipped[:20])
         more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
         log.warning(
-            "Skipped %d unreadable file(s), listed in %s:\n%s%s",
+            "Skipped %d bad file(s) (no prediction), listed in %s:\n%s%s",
             len(skipped),
             skipped_csv,
             listing,

@@ -12,7 +12,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tb_lightning.errors import ConfigError, UserError
+from tb_lightning.errors import ConfigError, Stopped, UserError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,15 +79,22 @@ def run_task(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | None:
             record_job_error(message)
             return None
         raise SystemExit(1) from None
+    except Stopped as stop:  # a signal: the whole program stops, a multirun too
+        log.warning(str(stop))
+        raise SystemExit(stop.exit_code) from None
 
 
 def record_job_error(message: str) -> None:
-    """Write the job's error sentence into its output directory (error.txt)."""
+    """Write the job's error sentence into its output directory (error.txt), unless the
+    directory holds a finished run (a multirun started again in the same folder): that run's
+    files stay as they are."""
     from hydra.core.hydra_config import HydraConfig
 
     from tb_lightning.atomic import atomic_write
 
-    atomic_write(Path(HydraConfig.get().runtime.output_dir) / ERROR_FILE, message + "\n")
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not (output_dir / "metrics.json").exists():
+        atomic_write(output_dir / ERROR_FILE, message + "\n")
 
 
 def in_multirun() -> bool:

@@ -44,5 +44,14 @@ def main(cfg: DictConfig) -> float | None:
     return float(value) if value is not None else None
 
 
+def cli() -> None:
+    """The command (`python -m tb_lightning.train`, `tb-train`): Ctrl-C and SIGTERM stop it
+    with a sentence and exit code 130 / 143 from its first moment (engine/stopping.py)."""
+    from tb_lightning.engine.stopping import exit_on_stop
+
+    with exit_on_stop():
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -13,7 +13,11 @@ import lightning as L
 
 
 class PauseAt(L.Callback):
-    """Before batch `batch` of epoch `epoch`: touch `flag_file`, then wait to be killed."""
+    """Before batch `batch` of epoch `epoch`: touch `flag_file`, then wait to be killed.
+
+    Only once: when `flag_file` exists (a resume of the killed run, with the same overrides),
+    it does nothing.
+    """
 
     def __init__(self, epoch: int, batch: int, flag_file: str) -> None:
         self.epoch, self.batch, self.flag_file = epoch, batch, Path(flag_file)
@@ -21,7 +25,9 @@ class PauseAt(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch) and not (
+            self.flag_file.exists()
+        ):
             self.flag_file.write_text(f"epoch {self.epoch} batch {self.batch}\n")
             # The test sends SIGKILL, SIGTERM or SIGINT meanwhile; Lightning's SIGTERM handler
             # only sets a flag, acted upon after the batch.

@@ -19,6 +19,7 @@ from tb_lightning.data.data_report import build_data_report, write_data_report
 from tb_lightning.data.dataset import ImageTableDataset
 from tb_lightning.data.feature_cache import FeatureCache, parse_cache_mode, should_cache
 from tb_lightning.data.phantom import ensure_phantom_dataset
+from tb_lightning.data.sampling import EpochSeededDataLoader, EpochShuffleSampler
 from tb_lightning.data.sources import (
     CLASS_NAMES,
     Sample,
@@ -96,6 +97,7 @@ class TBDataModule(L.LightningDataModule):
         cache_features: bool | str = "auto",
         cache_dir: str | None = None,
         augment: dict[str, Any] | None = None,
+        allow_outside_paths: bool = False,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -152,6 +154,8 @@ class TBDataModule(L.LightningDataModule):
         self.on_leak = on_leak
         self.near_duplicate_distance = near_duplicate_distance
         self.scan_cache_dir = scan_cache_dir
+        # data=manifest: rows may point outside the CSV's folder only when allowed.
+        self.allow_outside_paths = allow_outside_paths
         self.transform = build_transform(image_size)
         self.augment = check_augment(augment)
         self.train_transform = build_train_transform(image_size, self.augment)
@@ -214,7 +218,7 @@ class TBDataModule(L.LightningDataModule):
         if source == "nlm_tb":
             return scan_nlm(root_path, name)
         if source == "manifest":
-            return scan_manifest(root_path, name or "manifest")
+            return scan_manifest(root_path, name or "manifest", self.allow_outside_paths)
         if source == "folder" and class_map:
             return scan_class_map(root_path, class_map, name or source)
         return scan_class_folders(root_path, class_names or self.class_names, name or source)
@@ -405,11 +409,30 @@ class TBDataModule(L.LightningDataModule):
         )
         # Feature rows are ready in memory: worker processes would only add start-up time.
         num_workers = 0 if self.feature_cache is not None else self.num_workers
-        return DataLoader(
+        # Shuffles and worker seeds from (seed, epoch) alone: a resumed run draws what an
+        # uninterrupted one would, with any number of workers (data/sampling.py).
+        seed = torch.initial_seed()  # the run's seed, set by seed_everything
+        return EpochSeededDataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), seed, self._current_epoch)
+            if shuffle
+            else None,
             num_workers=num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=num_workers > 0,
+            # Shuffled epochs start fresh workers, whose random streams then depend on the epoch.
+            persistent_workers=num_workers > 0 and not shuffle,
+            seed=seed,
+            current_epoch=self._current_epoch,
         )
+
+    def _current_epoch(self) -> int:
+        """The epoch whose iterator is being created; 0 outside a Trainer.
+
+        The count of epochs whose training has run, not `trainer.current_epoch`: after a resume
+        Lightning creates the first iterator before it brings current_epoch up to date.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_progress.current.processed)

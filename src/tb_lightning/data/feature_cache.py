@@ -9,9 +9,10 @@ exactly as it would on images.
 The cache file name is a hash of everything that changes the features: the backbone's weights
 (their bytes, so random-init backbones are told apart too), the image size and preprocessing, the
 extraction precision, and the file list with sizes and modification times. Any change builds a new
-file; old files are left for other configurations to reuse. Writes are atomic (temporary file +
-`os.replace`) and serialised by a lock file: the jobs of a sweep that start together extract once.
-A damaged or unreadable cache file is rebuilt with a warning.
+file; old files are left for other configurations to reuse. Writes are atomic (tb_lightning.atomic:
+temporary file + `os.replace`) and serialised by a lock file: the jobs of a sweep that start
+together extract once. A damaged or unreadable cache file is rebuilt with a warning, and the
+temporary files of writes that were killed are removed by later runs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from tb_lightning.atomic import TMP_SUFFIX, atomic_torch_save
 from tb_lightning.data.dataset import ImageTableDataset
 from tb_lightning.data.sources import Sample
 from tb_lightning.errors import ConfigError
@@ -52,6 +54,13 @@ DETERMINISTIC_TRANSFORMS = (
     v2.ToImage,
     v2.ToPureTensor,
 )
+# Temporary files of cache writes: `.features-<key>.pt.<random>.tmp` (tb_lightning.atomic) and
+# `.features-<random>.tmp` (the cache's own writer before it used tb_lightning.atomic).
+TMP_PATTERN = ".features-*" + TMP_SUFFIX
+# A temporary file untouched for this long was left by a killed write, not one in progress: the
+# cache file is written in one go after the extraction, which takes seconds, and every write
+# renews the file's modification time.
+STALE_TMP_SECONDS = 3600
 
 
 def parse_cache_mode(value: Any) -> str | bool:
@@ -126,7 +135,11 @@ def weights_digest(module: nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # Flattened first: a 0-dim tensor (BatchNorm's int64 num_batches_tracked) cannot be
+        # viewed as bytes. The shape is digested above, and flattening keeps the bytes (and so
+        # the keys of existing cache files) of every other tensor unchanged.
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -260,10 +273,13 @@ class FeatureCache:
         if self._features is not None:
             return self._features
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_tmp_files(STALE_TMP_SECONDS)
         features = self._read()
         if features is None:
             # One builder at a time; the others wait here, then read what it wrote.
             with FileLock(str(self.path) + ".lock"):
+                # Only the lock holder writes this file, so its temporary files are leftovers.
+                self._remove_tmp_files(0, f".{self.path.name}.*{TMP_SUFFIX}")
                 features = self._read()
                 if features is None:
                     features = self._build()
@@ -275,6 +291,28 @@ class FeatureCache:
         table = self.load_or_build()
         rows = torch.tensor([self._rows[s.path] for s in samples], dtype=torch.long)
         return FeatureDataset(table[rows], [s.label for s in samples])
+
+    def _remove_tmp_files(self, min_age_s: float, pattern: str = TMP_PATTERN) -> None:
+        """Delete temporary files of interrupted writes (matching pattern, at least min_age_s old).
+
+        Other jobs may be writing other cache files right now: their temporary files are young,
+        so only those of this file (under its lock, min_age_s=0) or old ones are removed.
+        """
+        now = time.time()
+        removed = 0
+        for tmp in self.cache_dir.glob(pattern):
+            try:
+                if now - tmp.stat().st_mtime >= min_age_s:
+                    tmp.unlink()
+                    removed += 1
+            except OSError:  # removed or renamed by another job first, or not ours to delete
+                continue
+        if removed:
+            log.info(
+                "Removed %d temporary file(s) of interrupted feature cache writes from %s",
+                removed,
+                self.cache_dir,
+            )
 
     def _read(self) -> torch.Tensor | None:
         if not self.path.is_file():
@@ -319,14 +357,7 @@ class FeatureCache:
         half = features.to(torch.float16)
         payload = {"key": self.key, "paths": [s.path for s in self.samples], "features": half}
         # Atomic: readers see either no file or a whole one.
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".features-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(payload, fh)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(payload, self.path)
         size_mb = self.path.stat().st_size / 2**20
         log.info(
             "Cached backbone features of %d images (%.0f MB, fp16) in %s",

@@ -1,16 +1,16 @@
 """Data integrity at scan time: unreadable files, exact and near duplicates across the split.
 
-Every image is opened and fully decoded once when the data is scanned, so a broken file stops
-the run (or is skipped) before training, never in the middle of an epoch. The same pass computes
-a content hash (SHA-256 of the bytes) and a perceptual hash (imagehash's 256-bit pHash of the
-8-bit grayscale image). Both are cached per file (keyed by path, size and modification time), so
-a rescan of an unchanged folder reads no image.
+Every image is checked (transforms.check_image_file: size, header, side limits, the one check
+eval and predict apply too) and fully decoded once when the data is scanned, so a broken file
+stops the run (or is skipped) before training, never in the middle of an epoch. The same pass
+computes a content hash (SHA-256 of the bytes, read in chunks) and a perceptual hash
+(imagehash's 256-bit pHash of the 8-bit grayscale image). Both are cached per file (keyed by
+path, size and modification time), so a rescan of an unchanged folder reads no image.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -22,16 +22,20 @@ from typing import Any
 
 import imagehash
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from tb_lightning.data.sources import Sample
-from tb_lightning.data.transforms import pil_to_rgb_array
+from tb_lightning.data.transforms import (
+    IMAGE_FORMATS,
+    MAX_SIDE,  # noqa: F401 - the limits are defined beside the check; re-exported here
+    MIN_SIDE,  # noqa: F401
+    check_image_file,
+    pil_to_rgb_array,
+)
 from tb_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-MIN_SIDE = 64  # smaller images hold too little to learn from (and are usually icons/thumbnails)
-MAX_SIDE = 8192  # larger ones are not chest X-rays as exported for ML; decoding them costs GBs
 BAD_FILE_POLICIES = ("error", "skip")
 LEAK_POLICIES = ("warn", "error", "drop")
 # pHash on a 16x16 DCT block: 256 bits. Chest X-rays all look alike, and imagehash's default
@@ -40,7 +44,10 @@ LEAK_POLICIES = ("warn", "error", "drop")
 PHASH_SIZE = 16
 PHASH_BITS = PHASH_SIZE * PHASH_SIZE
 # Bump when inspect_file changes what it stores, so old cache entries are not trusted.
-CACHE_VERSION = 1
+# 2: the file-size limit and `bytes`; no hash of a file the check refuses.
+CACHE_VERSION = 2
+# Files are hashed in chunks of this size: a large file never sits in memory whole.
+HASH_CHUNK_BYTES = 2**20
 # Split order: on a leak, `drop` keeps the copy on the earliest side and drops the later ones.
 SPLIT_ORDER = ("train", "val", "test")
 
@@ -50,37 +57,36 @@ def check_policy(key: str, value: str, allowed: Sequence[str]) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}.")
 
 
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in HASH_CHUNK_BYTES chunks into one reused buffer."""
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            digest.update(view[:size])
+    return digest.hexdigest()
+
+
 def inspect_file(path: str) -> dict[str, Any]:
-    """Decode one image fully; return its hashes, size and mode, or `problem` when unusable."""
-    info: dict[str, Any] = {"problem": None}
+    """Check and decode one image fully; return its hashes, size and mode, or `problem`.
+
+    check_image_file comes first, so a huge, tiny or non-image file is refused from its size or
+    header, before it is hashed or decoded.
+    """
+    info = check_image_file(path)
+    if info["problem"]:
+        return info
     try:
-        data = Path(path).read_bytes()
+        info["sha256"] = sha256_file(path)
     except OSError as err:
-        return {"problem": f"cannot be read ({err.strerror or err})"}
-    if not data:
-        return {"problem": "empty file (0 bytes)"}
-    info["sha256"] = hashlib.sha256(data).hexdigest()
+        return {**info, "problem": f"cannot be read ({err.strerror or err})"}
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            info.update(width=width, height=height, mode=image.mode, format=image.format)
-            # Size limits are checked on the header, before a huge image is decoded.
-            if max(width, height) > MAX_SIDE:
-                info["problem"] = f"huge image ({width}x{height} px, more than {MAX_SIDE} px)"
-                return info
-            if min(width, height) < MIN_SIDE:
-                info["problem"] = f"tiny image ({width}x{height} px, less than {MIN_SIDE} px)"
-                return info
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             image.load()  # a truncated PNG/JPEG fails here
             gray = Image.fromarray(pil_to_rgb_array(image)).convert("L")
-    except UnidentifiedImageError:
-        info["problem"] = "not an image (the content is not a format PIL can read)"
-        return info
-    except Image.DecompressionBombError as err:
-        info["problem"] = f"huge image ({err})"
-        return info
-    except (OSError, SyntaxError, ValueError) as err:
-        info["problem"] = f"truncated or corrupt {info.get('format') or 'image'} ({err})"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        info["problem"] = f"truncated or corrupt {info['format']} ({err})"
         return info
     info["phash"] = str(imagehash.phash(gray, hash_size=PHASH_SIZE))
     return info
@@ -165,9 +171,16 @@ def inspect_files(
 
 
 def apply_bad_file_policy(
-    samples: Sequence[Sample], infos: Mapping[str, Mapping[str, Any]], on_bad_file: str
+    samples: Sequence[Sample],
+    infos: Mapping[str, Mapping[str, Any]],
+    on_bad_file: str,
+    listed_in: str = "data_report.json",
 ) -> tuple[list[Sample], list[dict[str, str]]]:
-    """Samples that decode; `error` stops at the first bad file, `skip` lists each one."""
+    """Samples that decode; `error` stops at the first bad file, `skip` lists each one.
+
+    `listed_in` names the file that lists the skipped ones (train: data_report.json, eval:
+    skipped.csv).
+    """
     check_policy("data.on_bad_file", on_bad_file, BAD_FILE_POLICIES)
     bad = [(s, infos[s.path]["problem"]) for s in samples if infos[s.path]["problem"]]
     if bad and on_bad_file == "error":
@@ -175,7 +188,7 @@ def apply_bad_file_policy(
         more = f" ({len(bad) - 1} more bad file(s) after it)" if len(bad) > 1 else ""
         raise DataError(
             f"Cannot use image {sample.path}: {problem}{more}; remove or replace it, or pass "
-            "data.on_bad_file=skip to leave bad files out (listed in data_report.json)."
+            f"data.on_bad_file=skip to leave bad files out (listed in {listed_in})."
         )
     skipped = [{"path": s.path, "reason": problem} for s, problem in bad]
     for entry in skipped:

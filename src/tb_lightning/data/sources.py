@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -181,11 +183,28 @@ def scan_class_map(
     return samples
 
 
-def scan_manifest(path: str | Path, source: str = "manifest") -> list[Sample]:
+# Duplicated manifest rows named in the error message; the rest are counted.
+MAX_DUPLICATES_SHOWN = 3
+
+
+def is_inside(image: Path, folder: Path) -> bool:
+    """True when image lies under folder, as written (`..` folded) or once symlinks are resolved.
+
+    The first keeps a folder of symlinks to a data store usable; the second accepts absolute
+    rows that spell the folder through another link (e.g. /tmp vs /private/tmp).
+    """
+    return image.is_relative_to(folder) or image.resolve().is_relative_to(folder.resolve())
+
+
+def scan_manifest(
+    path: str | Path, source: str = "manifest", allow_outside_paths: bool = False
+) -> list[Sample]:
     """A CSV with `path,label` and optional `patient_id,source` columns.
 
     Relative paths are relative to the CSV's folder; a missing patient_id means one image per
-    patient, a missing source means `source`.
+    patient, a missing source means `source`. Rows must point inside the CSV's folder unless
+    `allow_outside_paths` (a manifest from elsewhere must not read arbitrary files), and each
+    image may be listed once (a repeated row would be trained on twice, or leak across the split).
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -193,29 +212,60 @@ def scan_manifest(path: str | Path, source: str = "manifest") -> list[Sample]:
             f"data.root={path} is not a file; for data=manifest pass the CSV with path,label "
             "columns (and optional patient_id,source)."
         )
+    folder = Path(os.path.normpath(path.parent.absolute()))
     samples: list[Sample] = []
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"path", "label"} - set(reader.fieldnames or [])
-        if missing:
+    first_line: dict[Path, int] = {}  # resolved image -> the line that listed it first
+    duplicates: list[str] = []
+    # utf-8-sig: spreadsheet programs save "CSV UTF-8" with a byte-order mark, which would
+    # otherwise become part of the first column's name. Decoded whole (manifests are small) so
+    # that a non-UTF-8 file fails here, with a clear message; newline="" as csv wants.
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"Manifest {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as "
+            "UTF-8 CSV."
+        ) from err
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = {"path", "label"} - set(reader.fieldnames or [])
+    if missing:
+        raise DataError(
+            f"Manifest {path} lacks the column(s) {sorted(missing)}; its header must hold "
+            "path,label (and optionally patient_id,source)."
+        )
+    for line, row in enumerate(reader, start=2):
+        # Folded lexically: the path that is checked is the path that is read.
+        image = Path(os.path.normpath(folder / Path(row["path"]).expanduser()))
+        if not allow_outside_paths and not is_inside(image, folder):
             raise DataError(
-                f"Manifest {path} lacks the column(s) {sorted(missing)}; its header must hold "
-                "path,label (and optionally patient_id,source)."
+                f"Manifest {path} line {line} lists {row['path']!r}, which is outside the "
+                f"manifest's folder {folder}; move the image under that folder or set "
+                "data.allow_outside_paths=true."
             )
-        for line, row in enumerate(reader, start=2):
-            image = Path(row["path"]).expanduser()
-            if not image.is_absolute():
-                image = path.parent / image
-            if not image.is_file():
-                raise DataError(
-                    f"Manifest {path} line {line} lists {image}, which does not exist; fix the "
-                    "path or remove the row."
-                )
-            label = parse_label(row["label"], f"Manifest {path} line {line}")
-            patient = (row.get("patient_id") or "").strip() or image.stem
-            samples.append(
-                Sample(str(image), label, patient, (row.get("source") or "").strip() or source)
+        if not image.is_file():
+            raise DataError(
+                f"Manifest {path} line {line} lists {image}, which does not exist; fix the "
+                "path or remove the row."
             )
+        key = image.resolve()  # one file under two spellings (./a.png, a link) counts once
+        if key in first_line:
+            duplicates.append(f"line {line} repeats line {first_line[key]} ({image})")
+            continue
+        first_line[key] = line
+        label = parse_label(row["label"], f"Manifest {path} line {line}")
+        patient = (row.get("patient_id") or "").strip() or image.stem
+        samples.append(
+            Sample(str(image), label, patient, (row.get("source") or "").strip() or source)
+        )
+    if duplicates:
+        more = len(duplicates) - MAX_DUPLICATES_SHOWN
+        shown = "; ".join(duplicates[:MAX_DUPLICATES_SHOWN]) + (
+            f"; {more} more" if more > 0 else ""
+        )
+        raise DataError(
+            f"Manifest {path} lists the same image more than once ({shown}); remove the "
+            "repeated rows so that each image is listed once."
+        )
     if not samples:
         raise DataError(f"Manifest {path} has no rows; add path,label rows.")
     return samples

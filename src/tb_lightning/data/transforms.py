@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
@@ -19,6 +22,75 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # PIL modes of 16/32-bit integer grayscale (16-bit PNGs open as one of these).
 PIL_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+# The limits every image meets before a pixel of it is decoded (scan, training, eval, predict).
+MIN_SIDE = 64  # smaller images hold too little to learn from (and are usually icons/thumbnails)
+MAX_SIDE = 8192  # larger ones are not chest X-rays as exported for ML; decoding them costs GBs
+# A larger file is refused without reading it (hashing and torchvision's JPEG decode would read
+# it all); an 8192 x 8192 8-bit RGB image stored with no compression at all is 192 MiB.
+MAX_FILE_BYTES = 256 * 2**20
+# The formats PIL may open: what .png/.jpg/.jpeg files hold (PIL's JPEG opener also opens a
+# camera's multi-picture JPEG, as MPO). No other PIL plugin ever sees a file (EPS, for one,
+# hands the file to Ghostscript).
+IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+class BadImageError(DataError):
+    """An image file that cannot be used; `problem` is the reason alone (for skipped.csv)."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        super().__init__(f"Cannot use image {path}: {problem}; remove or replace this file.")
+        self.path = str(path)
+        self.problem = problem
+
+
+def check_image_file(path: str | Path) -> dict[str, Any]:
+    """Check one image file before any pixel of it is decoded; `problem` says why it is unusable.
+
+    The one check of every image, wherever it is decoded: the scan (data/integrity.py), training,
+    eval and predict (via load_image). In order: a regular file (a `.png` link to /dev/zero
+    would never end); its size from stat, nothing read (at most MAX_FILE_BYTES); its header
+    only (PIL reads no pixel at open): a PNG or JPEG whose sides are within MIN_SIDE..MAX_SIDE.
+    Returns {"problem": None or the reason, "bytes", "width", "height", "mode", "format"} (as
+    far as it got). Truncated pixel data is found only by decoding (load_image, the scan).
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return {"problem": "does not exist"}
+    except OSError as err:
+        return {"problem": f"cannot be read ({err.strerror or err})"}
+    if not stat.S_ISREG(info.st_mode):
+        return {"problem": "not a regular file"}
+    result: dict[str, Any] = {"problem": None, "bytes": info.st_size}
+    if info.st_size == 0:
+        return {**result, "problem": "empty file (0 bytes)"}
+    if info.st_size > MAX_FILE_BYTES:
+        return {
+            **result,
+            "problem": f"huge image file ({info.st_size / 2**20:.0f} MiB, more than "
+            f"{MAX_FILE_BYTES // 2**20} MiB)",
+        }
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; open errors differ from bad content
+    except OSError as err:
+        return {**result, "problem": f"cannot be read ({err.strerror or err})"}
+    with f:
+        try:
+            with Image.open(f, formats=IMAGE_FORMATS) as image:
+                width, height = image.size
+                result.update(width=width, height=height, mode=image.mode, format=image.format)
+        except UnidentifiedImageError:
+            return {**result, "problem": "not an image (the content is not a PNG or JPEG image)"}
+        except Image.DecompressionBombError as err:  # PIL's own pixel limit, at open
+            return {**result, "problem": f"huge image ({err})"}
+        except (OSError, SyntaxError, ValueError) as err:
+            return {**result, "problem": f"truncated or corrupt image header ({err})"}
+    if max(width, height) > MAX_SIDE:
+        result["problem"] = f"huge image ({width}x{height} px, more than {MAX_SIDE} px)"
+    elif min(width, height) < MIN_SIDE:
+        result["problem"] = f"tiny image ({width}x{height} px, less than {MIN_SIDE} px)"
+    return result
 
 
 def pil_to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -35,29 +107,55 @@ def pil_to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+def decode_png(path: str | Path) -> torch.Tensor:
+    """A PNG as a uint8 (3, H, W) tensor, decoded by PIL, pixel for pixel as torchvision would.
+
+    torchvision 0.29's PNG decoder crashes the whole process (SIGSEGV, from libpng's longjmp)
+    on corrupt or short pixel data, where PIL raises an OSError; PIL is about as fast on PNG.
+    16-bit samples keep their high byte (x >> 8), as torchvision's uint16 -> uint8 scaling did,
+    so training, eval and the feature cache see the same pixels as before.
+    """
+    with Image.open(path, formats=("PNG",)) as image:
+        image.load()  # corrupt or short pixel data raises here
+        if image.mode in PIL_WIDE_GRAY_MODES:
+            wide = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+            gray = (wide >> 8).astype(np.uint8)
+        elif image.mode == "L":
+            gray = np.array(image)
+        else:  # RGB as is; palette, alpha, 1-bit through PIL's conversion (alpha dropped)
+            gray = None
+            rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    # numpy, not torch, makes the channel-first copy: torch's copy of a small tensor is ~10x
+    # slower on a busy machine (thread-pool start-up).
+    if gray is not None:
+        return torch.from_numpy(np.repeat(gray[None], 3, axis=0))
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
+
 def load_image(path: str | Path) -> torch.Tensor:
     """Decode an image file to a uint8 RGB tensor (3, H, W); grayscale is repeated to 3 channels.
 
-    torchvision.io decodes PNG/JPEG in C++ (faster than PIL), including palette, RGBA and CMYK;
-    a 16-bit PNG comes back as uint16 and is scaled to uint8 here. PIL is the fallback for what
-    torchvision rejects. Files are checked at scan time (data/integrity.py), so a failure here
-    means the file changed after the scan.
+    check_image_file runs first, so a huge, tiny or non-image file is refused (BadImageError)
+    before any decoder allocates its pixels. PNGs are decoded by PIL (decode_png: torchvision's
+    PNG decoder crashes on corrupt data); JPEGs by torchvision.io in C++ (faster than PIL,
+    CMYK included), with PIL as the fallback for what it rejects. A truncated or corrupt file
+    fails in the decoders and is refused the same way.
     """
+    info = check_image_file(path)
+    if info["problem"]:
+        raise BadImageError(path, info["problem"])
     try:
-        image = decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        pass
-    else:
-        if image.dtype != torch.uint8:  # 16-bit PNG: scale, do not clip
-            image = v2.functional.to_dtype(image, torch.uint8, scale=True)
-        return image
-    try:
-        with Image.open(path) as pil_image:
+        if info["format"] == "PNG":
+            return decode_png(path)
+        try:
+            return decode_image(str(path), mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError):
+            pass
+        with Image.open(path, formats=IMAGE_FORMATS) as pil_image:
             rgb = pil_to_rgb_array(pil_image)
-    except OSError as err:
-        raise DataError(
-            f"Cannot read image {path} ({err}); remove or replace this file and run again."
-        ) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        problem = f"truncated or corrupt {info['format']} ({err})"
+        raise BadImageError(path, problem) from None
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 

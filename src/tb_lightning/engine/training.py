@@ -7,7 +7,7 @@ importing torch and Lightning: `--help` and the first log line come at once.
 from __future__ import annotations
 
 import logging
-import pickle
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,23 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
+from tb_lightning.atomic import check_writable, remove_temp_files
 from tb_lightning.config_checks import check_config, runs_dir
 from tb_lightning.data.datamodule import TBDataModule
-from tb_lightning.errors import UserError
+from tb_lightning.engine.stopping import (
+    SIGNAL_NAMES,
+    Stopped,
+    lightning_fit,
+    set_phase,
+    stop_on_signals,
+)
+from tb_lightning.errors import ConfigError
 from tb_lightning.evaluation.final import final_report
 from tb_lightning.evaluation.thresholds import check_policy
 from tb_lightning.inference import pick_device
-from tb_lightning.models.module import TBClassifier, load_checkpoint
-from tb_lightning.resume import resolve_ckpt_path
+from tb_lightning.models.module import TBClassifier, load_checkpoint, to_plain_dict
+from tb_lightning.models.torch_file import describe_key_mismatch
+from tb_lightning.resume import describe_differences, plan_resume, refuse_differences
 from tb_lightning.task import (
     check_accelerator,
     flatten_config,
@@ -53,15 +62,39 @@ HPARAM_METRICS = {
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train as configured and return the chosen checkpoint's final metrics (metrics.json).
 
-    Under DDP every process runs this function; only global rank 0 writes files and returns
-    the metrics (the others return an empty dict).
+    A signal stops it in any phase with `Stopped` (engine/stopping.py) carrying the sentence
+    that says how to resume. Under DDP every process runs this function; only global rank 0
+    writes files and returns the metrics (the others return an empty dict).
     """
-    log_lightning_through_hydra()
-    check_config(cfg)  # wrong values fail here, before any data is read
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), runs_dir(cfg))
     output_dir = Path(cfg.paths.output_dir)
-    if ckpt_path is not None:
-        log.info("Resuming from %s", ckpt_path)
+    with stop_on_signals():
+        try:
+            return _train(cfg, output_dir)
+        except Stopped as stop:
+            raise Stopped(stop.signum, stop.phase, stop_message(stop, cfg, output_dir)) from None
+
+
+def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    log_lightning_through_hydra()
+    set_phase("the config checks")
+    check_config(cfg)  # wrong values fail here, before any data is read
+    # Which checkpoint to resume, and whether this run may continue its run directory: a run
+    # whose config differs is refused here, before anything is read or written.
+    plan = plan_resume(cfg.get("ckpt_path"), runs_dir(cfg), cfg)
+    refuse_differences(plan, cfg.get("ckpt_path"))
+    if plan.checkpoint is None:
+        refuse_foreign_run(output_dir)
+    else:
+        check_resume_checkpoint(plan.checkpoint, cfg)
+        log.info("Resuming from %s", plan.checkpoint)
+    # Folders the run will write into, checked now rather than after an epoch's work; and the
+    # temporary files that a killed write may have left in this run's own folders.
+    check_writable(output_dir / "checkpoints", "hydra.run.dir")
+    for key in ("scan_cache_dir", "cache_dir"):
+        if cfg.data.get(key):
+            check_writable(cfg.data[key], f"data.{key}")
+    remove_temp_files(output_dir)
+    remove_temp_files(output_dir / "checkpoints")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     check_accelerator(cfg.trainer.get("accelerator"))
@@ -70,7 +103,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_policy(policy, target)
 
     # Data first: a wrong data.root is reported before any weights are loaded or downloaded.
-    datamodule: TBDataModule = instantiate_config(cfg.data)
+    set_phase("the data scan")
+    # A resume takes the split its run was trained on, never a new one.
+    same_split = plan.run_dir / "split.csv" if plan.run_dir is not None else None
+    if same_split is not None and same_split.is_file():
+        datamodule: TBDataModule = instantiate_config(cfg.data, split_file=str(same_split))
+    else:
+        datamodule = instantiate_config(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     if datamodule.is_synthetic:
@@ -78,13 +117,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "The data are SYNTHETIC phantom images (data=phantom), not medical images: the "
             "figures of this run say the pipeline works, nothing about TB detection."
         )
-    # Every DDP process computes the same seeded split; only rank 0 writes it.
-    if rank_zero_only.rank == 0:
+    # Every DDP process computes the same seeded split; only rank 0 writes it. A resume that
+    # continues its run leaves the run's split.csv and data_report.json as they are.
+    if rank_zero_only.rank == 0 and not plan.continues_run:
         datamodule.write_split(output_dir / "split.csv")
         datamodule.write_data_report(output_dir / "data_report.json")
     # The module keeps net/optimizer as plain dicts (saved in checkpoints), so no recursion.
     model: TBClassifier = instantiate_config(cfg.model, _recursive_=False)
+    if cfg.get("init_from"):
+        initialise_from(model, cfg.init_from)
     # data.cache_features: frozen backbone features computed once, shared by sweeps and runs.
+    set_phase("the feature extraction")
     datamodule.use_feature_cache(
         model.net, device=extraction_device(cfg.trainer.get("accelerator"))
     )
@@ -94,7 +137,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks=instantiate_group(cfg.get("callbacks")),
         logger=instantiate_group(cfg.get("logger")) or False,
     )
-    fit(trainer, model, datamodule, ckpt_path)
+    with lightning_fit():
+        fit(trainer, model, datamodule, plan.checkpoint)
     if trainer.world_size > 1:
         # The report comes from rank 0 alone: the others leave, and without a process group
         # the scoring below runs undistributed, on the whole val split, like a 1-process run.
@@ -103,6 +147,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if not trainer.is_global_zero:
             return {}
 
+    set_phase("the final scoring")
     checkpoint = chosen_checkpoint(trainer)
     if checkpoint:
         model.load_state_dict(load_checkpoint(checkpoint)["state_dict"])
@@ -114,11 +159,87 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         target,
         output_dir,
         device=pick_device(cfg.trainer.get("accelerator", "auto")),
+        extra={"init_from": str(cfg.init_from)} if cfg.get("init_from") else None,
     )
     log.info("Final figures of %s:\n%s", checkpoint or "the final weights", report)
     log_hparams(trainer, cfg, metrics, report)
     log.info("Wrote %s", ", ".join(sorted(p.name for p in output_dir.iterdir())))
     return metrics
+
+
+def refuse_foreign_run(output_dir: Path) -> None:
+    """A new run never writes into a directory that holds another run's results."""
+    found = [p.name for p in (output_dir / "metrics.json", output_dir / "report.txt") if p.exists()]
+    found += [f"checkpoints/{p.name}" for p in sorted(output_dir.glob("checkpoints/*.ckpt"))]
+    if found:
+        raise ConfigError(
+            f"hydra.run.dir={output_dir} already holds a run ({', '.join(found)}); choose "
+            f"another directory, or resume it with ckpt_path={output_dir}/checkpoints/last.ckpt."
+        )
+
+
+def check_resume_checkpoint(path: Path, cfg: DictConfig) -> None:
+    """Before anything is written: the file is a checkpoint of this project, of this model."""
+    checkpoint = load_checkpoint(path, config_key="ckpt_path")
+    hparams = checkpoint.get("hyper_parameters") or {}
+    current = to_plain_dict(cfg.model)
+    differences = [
+        (key, hparams.get(key), current.get(key))
+        for key in ("net", "optimizer", "threshold", "scheduler")
+        if key in hparams and hparams.get(key) != current.get(key)
+    ]
+    if "loops" not in checkpoint:  # load_checkpoint made sure of the state_dict
+        raise ConfigError(
+            f"ckpt_path={path} is not a training checkpoint of tb_lightning.train (no "
+            "optimizer and loop state to resume); start a new run from its weights with "
+            f"init_from={path}."
+        )
+    if differences:
+        raise ConfigError(
+            f"ckpt_path={path} was trained with other model settings: "
+            f"{describe_differences([(f'model.{k}', a, b) for k, a, b in differences])}; "
+            "resume with the same model.* overrides, or start a new run from its weights with "
+            f"init_from={path}."
+        )
+
+
+def initialise_from(model: TBClassifier, path: Any) -> None:
+    """init_from: a new run that starts from a checkpoint's network weights (fine-tuning)."""
+    checkpoint = load_checkpoint(Path(str(path)).expanduser(), config_key="init_from")
+    state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("net.")}
+    mismatch = describe_key_mismatch(own, state)
+    if mismatch:
+        raise ConfigError(
+            f"init_from={path} holds another network than model.net.* describes: it {mismatch}; "
+            "use the same model.net settings and data.image_size as the run it comes from."
+        )
+    model.load_state_dict(state, strict=False)
+    log.info("Initialised the network from %s (a new run: optimizer and epochs start afresh)", path)
+
+
+def stop_message(stop: Stopped, cfg: DictConfig, output_dir: Path) -> str:
+    """What to tell a user whose run a signal stopped: what was kept and the command to resume."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    what = f"Stopped by {SIGNAL_NAMES.get(stop.signum, stop.signum)} during {stop.phase}."
+    command = "python -m tb_lightning.train " + " ".join(
+        shlex.quote(o) for o in task_overrides() if not o.startswith("ckpt_path=")
+    )
+    if last.is_file():
+        return (
+            f"{what} Kept: {last} (the end of the last finished epoch). Resume with: "
+            f"{command} ckpt_path={last}"
+        )
+    return f"{what} No epoch had finished, so there is nothing to resume: run {command} again."
+
+
+def task_overrides() -> list[str]:
+    """The overrides this run was started with (Hydra's), or none outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
 
 
 def extraction_device(accelerator: str | None) -> str:
@@ -131,18 +252,9 @@ def extraction_device(accelerator: str | None) -> str:
 def fit(
     trainer: L.Trainer, model: TBClassifier, datamodule: TBDataModule, ckpt_path: Path | None
 ) -> None:
-    """trainer.fit; a checkpoint that holds pickled code is refused, not run."""
-    try:
-        # weights_only=True: torch.load refuses anything but tensors and plain containers.
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's message is long; its "unsupported GLOBAL" line names the refused object.
-        lines = str(err).splitlines()
-        reason = next((line for line in lines if "GLOBAL" in line), lines[0])
-        raise UserError(
-            f"ckpt_path={ckpt_path} was refused because loading it could run code "
-            f"({reason.strip()}); resume only from checkpoints written by tb_lightning.train."
-        ) from None
+    """trainer.fit, resuming from ckpt_path (already checked by check_resume_checkpoint)."""
+    # weights_only=True: torch.load refuses anything but tensors and plain containers.
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
 
 def chosen_checkpoint(trainer: L.Trainer) -> str | None:

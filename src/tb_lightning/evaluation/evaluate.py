@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from tb_lightning.atomic import atomic_write
+from tb_lightning.data.integrity import BAD_FILE_POLICIES, apply_bad_file_policy, check_policy
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.split import read_split_sides
 from tb_lightning.errors import ConfigError, DataError
@@ -29,6 +31,7 @@ from tb_lightning.inference import (
     CHOSEN_ON_VAL,
     INFERENCE_BATCH_SIZE,
     LoadedModel,
+    Predictions,
     predict_images,
     probabilities,
 )
@@ -75,7 +78,58 @@ def split_samples(
             f"{path} has no {split} rows; the run was trained without "
             f"{'data.test_size' if split == 'test' else 'a validation split'}: use eval.split=val."
         )
+    refuse_trained_images(samples, run_dir / "split.csv", path, split)
     return samples, path
+
+
+def same_file_key(path: str | Path) -> str:
+    """One spelling per file (absolute, links resolved), to compare paths from two CSVs."""
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def train_paths(run_split: Path) -> set[str] | None:
+    """The train rows of a run's split.csv (same_file_key), or None when the file is unusable.
+
+    Read directly, not with read_split_sides: the checkpoint's training images need not exist
+    on this machine for their paths to be compared.
+    """
+    try:
+        with run_split.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if not {"path", "split"} <= set(reader.fieldnames or []):
+                return None
+            return {same_file_key(row["path"]) for row in reader if row["split"] == "train"}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+
+
+def refuse_trained_images(
+    samples: Sequence[Sample], run_split: Path, split_file: Path, split: str
+) -> None:
+    """Refuse a split whose `split` images the checkpoint was trained on.
+
+    The checkpoint's training images are the train rows of its run's split.csv; an
+    eval.split_file from another run (or edited by hand) may list some of them as val/test,
+    and metrics on images the model has learned say nothing about new ones.
+    """
+    trained = train_paths(run_split) if run_split.is_file() else None
+    if trained is None:
+        log.warning(
+            "No readable split.csv beside the checkpoint (%s): cannot check that the %s images "
+            "of %s were not trained on.",
+            run_split,
+            split,
+            split_file,
+        )
+        return
+    overlap = [s.path for s in samples if same_file_key(s.path) in trained]
+    if overlap:
+        raise DataError(
+            f"{len(overlap)} {split} image(s) of {split_file} are training images of the "
+            f"checkpoint (train rows of {run_split}), e.g. {overlap[0]}; evaluate on a split "
+            "whose val/test images the checkpoint was not trained on (eval.split_file=null uses "
+            "its own split.csv)."
+        )
 
 
 # Bootstrap settings of every report: train's report.txt and eval's defaults (conf/eval.yaml)
@@ -134,12 +188,22 @@ def evaluate_samples(
     batch_size: int = INFERENCE_BATCH_SIZE,
     num_workers: int = 0,
     device: torch.device | None = None,
+    on_bad_file: str = "error",
+    split_file: Path | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """Predict, compute every number with its CI, write the run dir; return (metrics, report)."""
+    """Predict, compute every number with its CI, write the run dir; return (metrics, report).
+
+    Every image gets the scan's checks (via predict_images). Bad files follow `on_bad_file`
+    (data.on_bad_file: error stops at the first, skip leaves them out of every number and lists
+    them in skipped.csv), except for the rows of a split file (`split_file`): those passed
+    training's scan, so a bad one changed since and is always an error (skipping it would make
+    the numbers differ from train's report on the same split without saying why).
+    """
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 100:
         raise ConfigError(
             f"eval.bootstrap={n_bootstrap!r} must be an integer >= 100 (default 2000)."
         )
+    check_policy("data.on_bad_file", on_bad_file, BAD_FILE_POLICIES)  # before the long pass
     labels = np.array([s.label for s in samples], dtype=int)
     if len(set(labels.tolist())) < 2:
         raise DataError(
@@ -154,12 +218,23 @@ def evaluate_samples(
         num_workers,
         device,
     )
-    if not predictions.readable.all():
-        bad = int((~predictions.readable).sum())
-        first = predictions.reasons[int(np.argmin(predictions.readable))]
-        raise DataError(
-            f"{bad} image(s) could not be read, e.g. {first}; remove or replace them and run again."
+    samples, predictions, skipped = drop_bad_files(
+        samples, predictions, on_bad_file, split_file, split
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if skipped:
+        write_skipped(output_dir / "skipped.csv", skipped)
+        log.warning(
+            "Left %d bad file(s) out of the metrics, listed in %s",
+            len(skipped),
+            output_dir / "skipped.csv",
         )
+        if not samples:
+            raise DataError(
+                f"All {len(skipped)} images to evaluate are bad files (listed in "
+                f"{output_dir / 'skipped.csv'}); replace them or evaluate another folder."
+            )
+    labels = np.array([s.label for s in samples], dtype=int)
     scores = score_split(
         split, samples, predictions.logits, threshold, loaded.pos_weight, n_bootstrap, seed
     )
@@ -168,14 +243,18 @@ def evaluate_samples(
         "split": split,
         "threshold": {"value": threshold, "source": threshold_source},
         "bootstrap": bootstrap_settings(n_bootstrap, seed),
+        "skipped_files": len(skipped),
         **scores,
     }
     note = optimism_note(split, threshold_source)
     report = format_threshold_header(loaded.checkpoint_path, threshold, threshold_source)
+    if skipped:
+        report += (
+            f"Left out: {len(skipped)} bad file(s) (data.on_bad_file=skip), listed in skipped.csv\n"
+        )
     if any(s.source == "phantom" for s in samples):
         report += SYNTHETIC_BANNER
     report += "\n" + format_split_block(scores, split, n_bootstrap, note)
-    output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     atomic_write(output_dir / "report.txt", report)
     write_eval_predictions(
@@ -190,6 +269,50 @@ def evaluate_samples(
     probs = predictions.probs
     write_figures(evaluation_figures(probs, labels, overall), output_dir, scalars, report)
     return metrics, report
+
+
+def drop_bad_files(
+    samples: Sequence[Sample],
+    predictions: Predictions,
+    on_bad_file: str,
+    split_file: Path | None,
+    split: str,
+) -> tuple[list[Sample], Predictions, list[dict[str, Any]]]:
+    """The samples (and predictions) of usable images, and the skipped ones with their reason.
+
+    See evaluate_samples for the policy; errors name the first bad file and what is wrong.
+    """
+    infos = {
+        s.path: {"problem": reason or None}
+        for s, reason in zip(samples, predictions.reasons, strict=True)
+    }
+    bad = [(path, info["problem"]) for path, info in infos.items() if info["problem"]]
+    if split_file is not None and bad:
+        path, problem = bad[0]
+        more = f" ({len(bad) - 1} more bad file(s) after it)" if len(bad) > 1 else ""
+        raise DataError(
+            f"Cannot use image {path} ({split} row of {split_file}): {problem}{more}; restore "
+            "or replace it, or evaluate a folder instead with data=folder data.root=<folder> "
+            "data.on_bad_file=skip to leave bad files out."
+        )
+    kept, skipped = apply_bad_file_policy(samples, infos, on_bad_file, listed_in="skipped.csv")
+    if not skipped:
+        return list(samples), predictions, []
+    keep = predictions.readable
+    labels = {s.path: s.label for s in samples}
+    rows = [{**entry, "label": labels[entry["path"]]} for entry in skipped]
+    reasons = [r for r, ok in zip(predictions.reasons, keep, strict=True) if ok]
+    return kept, Predictions(predictions.logits[keep], keep[keep], reasons), rows
+
+
+def write_skipped(path: Path, skipped: Sequence[dict[str, Any]]) -> None:
+    """skipped.csv: path, label and reason of each file left out."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["path", "label", "reason"])
+    for entry in skipped:
+        writer.writerow([entry["path"], entry["label"], entry["reason"]])
+    atomic_write(path, out.getvalue())
 
 
 def bootstrap_settings(n_bootstrap: int, seed: int) -> dict[str, Any]:

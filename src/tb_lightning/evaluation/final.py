@@ -57,6 +57,7 @@ def final_report(
     target: float,
     output_dir: Path,
     device: torch.device | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Score `model` (holding the checkpoint's weights) on the val and test splits, choose and
     store the operating threshold, write metrics.json and report.txt; return (metrics, report)."""
@@ -102,6 +103,7 @@ def final_report(
         "data.num_folds": datamodule.num_folds,
         **counts,
         "pos_weight": pos_weight,
+        **(extra or {}),
     }
     report = format_threshold_header(
         checkpoint or "final weights (no checkpoint saved)", threshold, source

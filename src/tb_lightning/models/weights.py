@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import pickle
 import re
 import socket
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from torchvision import models
 from torchvision.models import WeightsEnum
 
 from tb_lightning.errors import WeightsError
+from tb_lightning.models.torch_file import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -71,33 +71,31 @@ def load_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
+# What to pass instead of a file that holds no usable state dict.
+STATE_DICT_FIX = (
+    "a state dict saved with torch.save(model.state_dict(), path), or "
+    "model.net.weights=imagenet or null"
+)
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a .pth file (or the `state_dict` of a Lightning checkpoint)."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():  # a directory or a bad file gets its own sentence from the loader
         raise WeightsError(
             f"model.net.weights={path} does not exist; pass the path of a .pth state dict, "
             "imagenet, or null."
         )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise WeightsError(
-            f"model.net.weights={path} is not a plain state dict and was refused because "
-            f"loading it could run code ({str(err).splitlines()[0]}); save it with "
-            "torch.save(model.state_dict(), path)."
-        ) from None
-    except (RuntimeError, OSError, EOFError) as err:
-        raise WeightsError(
-            f"model.net.weights={path} could not be read as a PyTorch file ({err}); check the file."
-        ) from None
+    # Empty, truncated, not a PyTorch file, pickled code: one sentence each, naming the file.
+    obj = load_torch_file(path, f"model.net.weights={path}", STATE_DICT_FIX, WeightsError)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         # A Lightning checkpoint of a TBClassifier: its weights sit under `net.`.
         obj = {k.removeprefix("net."): v for k, v in obj["state_dict"].items()}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        what = f"a {type(obj).__name__}" if not isinstance(obj, dict) else "a dict of non-tensors"
         raise WeightsError(
             f"model.net.weights={path} does not hold a state dict (a mapping of names to "
-            "tensors); save it with torch.save(model.state_dict(), path)."
+            f"tensors) but {what}; save it with torch.save(model.state_dict(), path)."
         )
     return obj
 
