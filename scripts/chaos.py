@@ -90,14 +90,12 @@ def run(overrides: list[str], log: Path) -> int:
 
 
 def whole_files(root: Path) -> list[str]:
-    """Problems with the files under root: unloadable checkpoints, bad JSON, temporary files."""
+    """Problems with the files under root: unloadable checkpoints, bad JSON."""
     import torch
 
     problems = []
     for path in root.rglob("*"):
-        if path.name.endswith(".tmp"):
-            problems.append(f"temporary file left: {path}")
-        elif path.suffix == ".ckpt":
+        if path.suffix == ".ckpt":
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:  # noqa: BLE001 - any failure is the finding
@@ -110,9 +108,19 @@ def whole_files(root: Path) -> list[str]:
     return problems
 
 
-def finished_metrics(log_dir: Path) -> dict | None:
+def finished_run(log_dir: Path) -> Path | None:
     found = sorted(log_dir.glob("train/runs/*/metrics.json"))
-    return json.loads(found[-1].read_text()) if found else None
+    return found[-1].parent if found else None
+
+
+def finished_metrics(log_dir: Path) -> dict | None:
+    run = finished_run(log_dir)
+    return json.loads((run / "metrics.json").read_text()) if run else None
+
+
+def temp_files(folder: Path) -> list[Path]:
+    """Temporary files of interrupted writes (`.<name>.<random>.tmp`) under folder."""
+    return sorted(folder.rglob("*.tmp"))
 
 
 def main() -> int:
@@ -183,7 +191,15 @@ def main() -> int:
                 if metrics.get(key) != reference[name].get(key):
                     problems.append(f"{key}: {metrics.get(key)} != {reference[name].get(key)}")
         problems += whole_files(round_dir / "train")
+        # The run that finished (resumed, or run again) has removed what a kill left in it;
+        # a killed run that had no checkpoint to resume is left as it was (noted, not a loss).
+        run_dir = finished_run(round_dir)
+        if run_dir is not None:
+            problems += [f"temporary file left: {p}" for p in temp_files(run_dir)]
+        abandoned = [p for p in temp_files(round_dir / "train") if run_dir not in p.parents]
         how = "resumed from last.ckpt" if resume else ("run again" if code else "-")
+        if abandoned:
+            how += f" ({len(abandoned)} temporary file(s) left in the abandoned run's folder)"
         status = "ok" if not problems else "FAILED: " + "; ".join(problems)
         print(
             f"round {i:2d} {name:8s} {signal.Signals(sig).name} at {at:5.1f} s: {outcome}, "

@@ -1,5 +1,5 @@
 """Lightning callbacks of this project: exact resume, a guard against NaN, and TensorBoard's
-Custom Scalars layout and confusion-matrix images. (Stops by signal: engine/stopping.py.)
+Custom Scalars layout and confusion-matrix images. (Stops by signal: tb_lightning/signals.py.)
 
 Configured in conf/callbacks/default.yaml.
 """

@@ -17,6 +17,7 @@ from tb_lightning.data.transforms import BadImageError, build_transform, load_im
 from tb_lightning.errors import ConfigError, UserError
 from tb_lightning.models.module import TBClassifier, load_checkpoint
 from tb_lightning.models.torch_file import describe_key_mismatch
+from tb_lightning.signals import raise_if_stopped
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ def predict_images(
         task = bar.add_task(description, total=len(paths))
         with torch.inference_mode():
             for images, ok, why in loader:
+                raise_if_stopped()  # a safe point for Ctrl-C / SIGTERM (tb_lightning/signals.py)
                 out = model(images.to(device, non_blocking=True)).float().cpu().numpy()
                 logits.append(np.where(ok.numpy(), out, np.nan))
                 readable.append(ok.numpy())

@@ -46,8 +46,8 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     """The command (`python -m tb_lightning.train`, `tb-train`): Ctrl-C and SIGTERM stop it
-    with a sentence and exit code 130 / 143 from its first moment (engine/stopping.py)."""
-    from tb_lightning.engine.stopping import exit_on_stop
+    with a sentence and exit code 130 / 143 from its first moment (tb_lightning/signals.py)."""
+    from tb_lightning.signals import exit_on_stop
 
     with exit_on_stop():
         main()

@@ -37,6 +37,7 @@ from tb_lightning.atomic import TMP_SUFFIX, atomic_torch_save
 from tb_lightning.data.dataset import ImageTableDataset
 from tb_lightning.data.sources import Sample
 from tb_lightning.errors import ConfigError
+from tb_lightning.signals import raise_if_stopped
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,7 @@ def extract_features(
             ) as bar,
         ):
             for images, _ in loader:
+                raise_if_stopped()  # a safe point for Ctrl-C / SIGTERM (tb_lightning/signals.py)
                 images = images.to(device, non_blocking=True)
                 images = images.contiguous(memory_format=torch.channels_last)
                 chunks.append(net.forward_features(images).float().cpu())

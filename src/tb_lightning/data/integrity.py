@@ -33,6 +33,7 @@ from tb_lightning.data.transforms import (
     pil_to_rgb_array,
 )
 from tb_lightning.errors import ConfigError, DataError
+from tb_lightning.signals import cancel_pending_on_stop, raise_if_stopped
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def inspect_files(
 
         # PIL and hashlib release the GIL while decoding and hashing, so threads scale.
         workers = min(16, os.cpu_count() or 1)
-        with ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(workers) as pool, cancel_pending_on_stop(pool):
             results = pool.map(inspect_file, todo)
             bar = tqdm(
                 zip(todo, results, strict=True),
@@ -156,6 +157,7 @@ def inspect_files(
                 disable=not progress or len(todo) < 200,
             )
             for path, info in bar:
+                raise_if_stopped()  # a safe point for Ctrl-C / SIGTERM (tb_lightning/signals.py)
                 infos[path] = info
                 key = file_key(path)
                 if key is not None:

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from tb_lightning.errors import ConfigError, DataError
+from tb_lightning.signals import cancel_pending_on_stop, raise_if_stopped
 
 log = logging.getLogger(__name__)
 
@@ -700,8 +701,12 @@ def _generate(jobs: list[tuple[str, int, int, int, int]], progress: bool, worker
     with bar:
         if workers > 1:
             try:
-                with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+                with (
+                    concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool,
+                    cancel_pending_on_stop(pool),
+                ):
                     for _ in pool.map(_render_and_write, jobs, chunksize=8):
+                        raise_if_stopped()  # a safe point for Ctrl-C / SIGTERM
                         bar.update(1)
                 return
             except (OSError, RuntimeError, concurrent.futures.process.BrokenProcessPool) as exc:
@@ -710,5 +715,6 @@ def _generate(jobs: list[tuple[str, int, int, int, int]], progress: bool, worker
                 jobs = [j for j in jobs if not phantom_path(Path(j[0]), j[1], j[2]).is_file()]
                 bar.reset(total=len(jobs))
         for job in jobs:
+            raise_if_stopped()  # a safe point for Ctrl-C / SIGTERM (tb_lightning/signals.py)
             _render_and_write(job)
             bar.update(1)

@@ -19,13 +19,6 @@ from omegaconf import DictConfig
 from tb_lightning.atomic import check_writable, remove_temp_files
 from tb_lightning.config_checks import check_config, runs_dir
 from tb_lightning.data.datamodule import TBDataModule
-from tb_lightning.engine.stopping import (
-    SIGNAL_NAMES,
-    Stopped,
-    lightning_fit,
-    set_phase,
-    stop_on_signals,
-)
 from tb_lightning.errors import ConfigError
 from tb_lightning.evaluation.final import final_report
 from tb_lightning.evaluation.thresholds import check_policy
@@ -33,6 +26,13 @@ from tb_lightning.inference import pick_device
 from tb_lightning.models.module import TBClassifier, load_checkpoint, to_plain_dict
 from tb_lightning.models.torch_file import describe_key_mismatch
 from tb_lightning.resume import describe_differences, plan_resume, refuse_differences
+from tb_lightning.signals import (
+    SIGNAL_NAMES,
+    Stopped,
+    lightning_fit,
+    set_phase,
+    stop_on_signals,
+)
 from tb_lightning.task import (
     check_accelerator,
     flatten_config,
@@ -62,7 +62,7 @@ HPARAM_METRICS = {
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train as configured and return the chosen checkpoint's final metrics (metrics.json).
 
-    A signal stops it in any phase with `Stopped` (engine/stopping.py) carrying the sentence
+    A signal stops it in any phase with `Stopped` (tb_lightning/signals.py) carrying the sentence
     that says how to resume. Under DDP every process runs this function; only global rank 0
     writes files and returns the metrics (the others return an empty dict).
     """
