@@ -82,8 +82,13 @@ def check_image_file(path: str | Path) -> dict[str, Any]:
                 result.update(width=width, height=height, mode=image.mode, format=image.format)
         except UnidentifiedImageError:
             return {**result, "problem": "not an image (the content is not a PNG or JPEG image)"}
-        except Image.DecompressionBombError as err:  # PIL's own pixel limit, at open
-            return {**result, "problem": f"huge image ({err})"}
+        except Image.DecompressionBombError:  # PIL's own pixel limit, checked at open
+            limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+            return {
+                **result,
+                "problem": f"huge image (over {limit} pixels by its header, more than "
+                f"{MAX_SIDE} px a side)",
+            }
         except (OSError, SyntaxError, ValueError) as err:
             return {**result, "problem": f"truncated or corrupt image header ({err})"}
     if max(width, height) > MAX_SIDE:
