@@ -39,15 +39,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 
-from tb_lightning.allocator import keep_large_blocks_in_heap
 from tb_lightning.config import PROJECT_ROOT
+from tb_lightning.core.allocator import keep_large_blocks_in_heap
+from tb_lightning.core.tasks import quiet_known_warnings
 from tb_lightning.data.dataset import ImageTableDataset
-from tb_lightning.data.feature_cache import FeatureCache, bf16_supported
 from tb_lightning.data.phantom import ensure_phantom_dataset
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.transforms import build_transform
-from tb_lightning.models.module import TBClassifier
-from tb_lightning.task import quiet_known_warnings
+from tb_lightning.inference.features import FeatureCache, bf16_supported
+from tb_lightning.models.classifier import TBClassifier
 
 sys.path.insert(0, str(Path(__file__).parent))
 from page import cpu_name, write_section  # noqa: E402

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from tb_lightning.allocator import keep_large_blocks_in_heap
+from tb_lightning.core.allocator import keep_large_blocks_in_heap
 
 
 @pytest.mark.skipif(

@@ -14,8 +14,8 @@ from omegaconf import DictConfig
 
 from conftest import phantom_overrides
 from tb_lightning.config import CONF_DIR
-from tb_lightning.errors import ConfigError
-from tb_lightning.task import instantiate_group
+from tb_lightning.core.errors import ConfigError
+from tb_lightning.core.tasks import instantiate_group
 from tb_lightning.train import train
 
 

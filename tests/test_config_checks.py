@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 from conftest import phantom_overrides
-from tb_lightning.config_checks import check_config
-from tb_lightning.errors import ConfigError, WeightsError
+from tb_lightning.config import CONF_DIR
+from tb_lightning.config.checks import check_config
+from tb_lightning.core.errors import ConfigError, WeightsError
 from test_config import compose_train
 
 # data.root points nowhere: a check that got past the config would fail on the data instead.
@@ -84,3 +86,92 @@ def test_good_configs_pass():
 def test_typo_in_an_override_key_is_refused_by_hydra():
     with pytest.raises(ConfigCompositionException, match="dropuot"):
         compose_train(["model.net.dropuot=0.3"])
+
+
+# One validation layer: the values the classes used to check themselves, now refused here, with
+# the sentence each mistake has (written once, in config/checks.py).
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.net.arch=vgg16"], "model.net.arch='vgg16' is not one of"),
+        (["data.image_size=48"], "data.image_size=48 is too small for alexnet"),
+        (["model.net.dropout=-0.1"], "model.net.dropout=-0.1 must be a number in [0, 1)"),
+        (["model.net.pool_size=0"], "model.net.pool_size=0 must be null or an integer >= 1"),
+        (["model.optimizer.backbone_lr_scale=-1"], "model.optimizer.backbone_lr_scale=-1 must"),
+        (["model.threshold=1.5"], "model.threshold=1.5 must be a number in (0, 1)"),
+        (["data.class_names=[a]"], "data.class_names=['a'] must name two folders"),
+        (["data.source=kaggle"], "data.source='kaggle' is not one of"),
+        (["data.num_folds=3", "data.fold=3"], "data.fold=3 is not a fold of data.num_folds=3"),
+        (["data.num_folds=1"], "data.num_folds=1 must be an integer >= 2"),
+        (["data.test_size=-3"], "data.test_size=-3 must be a count >= 2 or a fraction"),
+        (["data.on_bad_file=ignore"], "data.on_bad_file='ignore' is not one of"),
+        (["data.on_leak=maybe"], "data.on_leak='maybe' is not one of"),
+        (["data.near_duplicate_distance=300"], "data.near_duplicate_distance=300 must be"),
+        (["data.cache_features=sometimes"], "data.cache_features='sometimes' is not allowed"),
+        (["+data.augment.rotation_degree=5"], "data.augment.rotation_degree is not an"),
+        (["data/augment=cxr", "data.augment.brightness=-1"], "data.augment.brightness=-1 must"),
+        (["data.sources=[{root:/x}]"], "data.sources entry {'root': '/x'} must set source"),
+        (["data=phantom", "data.phantom.num_normal=0"], "data.phantom.num_normal=0 must be an"),
+        (["data=phantom", "data.phantom.num_tb=2.5"], "data.phantom.num_tb=2.5 must be an"),
+        (["data=phantom", "data.phantom.image_size=32"], "data.phantom.image_size=32 must be"),
+        (["data=phantom", "data.phantom.seed=-1"], "data.phantom.seed=-1 must be an integer"),
+        (["data=phantom", "data.phantom.lesions=loud"], "data.phantom.lesions='loud' is not"),
+        (["model.scheduler.name=step"], "model.scheduler.name='step' is not one of"),
+        (
+            ["model/scheduler=cosine", "model.scheduler.warmup_epochs=10"],
+            "model.scheduler.warmup_epochs=10 must be >= 0 and below trainer.max_epochs=10",
+        ),
+        (
+            ["model.optimizer._target_=torch.optim.RMSprop"],
+            "model.optimizer._target_=torch.optim.RMSprop has no `fused` argument; add "
+            "~model.optimizer.fused",
+        ),
+        (["threshold.policy=f2"], "threshold.policy='f2' is not one of"),
+        (
+            ["threshold.policy=sensitivity", "threshold.target=1.5"],
+            "threshold.target=1.5 must be a sensitivity in (0, 1]",
+        ),
+    ],
+)
+def test_each_mistake_is_refused_by_the_config_checks(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        check_config(compose_train(["data=tb_cxr", f"data.root={NO_DATA}", *overrides]))
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_the_optimizer_checks_let_good_settings_through():
+    for overrides in (
+        ["model.optimizer._target_=torch.optim.RMSprop", "~model.optimizer.fused"],
+        ["model.optimizer._target_=torch.optim.SGD"],
+    ):
+        check_config(compose_train(overrides))
+
+
+@pytest.mark.parametrize(
+    "task, overrides, message",
+    [
+        ("eval", ["eval.split=all"], "eval.split=all needs a data source"),
+        ("eval", ["eval.split=train"], "eval.split='train' is not one of"),
+        ("eval", ["eval.bootstrap=10"], "eval.bootstrap=10 must be an integer >= 100"),
+        ("eval", ["threshold.value=1.5"], "threshold.value=1.5 must be in (0, 1)"),
+        ("predict", ["input=null"], "input is not set"),
+        ("predict", ["input=x", "batch_size=0"], "batch_size=0 must be an integer >= 1"),
+        ("export", ["format=tflite"], "format='tflite' is not one of"),
+        ("export", ["check_images=0"], "check_images=0 must be an integer >= 1"),
+        ("eval", ["ckpt_path=null"], "ckpt_path is not set"),
+    ],
+)
+def test_eval_predict_export_values_are_checked_first(task, overrides, message):
+    from tb_lightning.config import checks
+
+    check = {
+        "eval": checks.check_eval_config,
+        "predict": checks.check_predict_config,
+        "export": checks.check_export_config,
+    }[task]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(task, overrides=["ckpt_path=x.ckpt", *overrides])
+    with pytest.raises(ConfigError) as err:
+        check(cfg)
+    assert str(err.value).startswith(message)

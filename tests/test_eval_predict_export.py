@@ -19,17 +19,18 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import phantom_overrides, run_cli
 from data_builders import write_bad
 from tb_lightning.config import CONF_DIR
+from tb_lightning.config.checks import check_eval_config
+from tb_lightning.core.errors import ConfigError, DataError, UserError
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.split import read_split_csv, read_split_sides, write_split_csv
 from tb_lightning.data.transforms import build_transform, load_image
-from tb_lightning.errors import ConfigError, DataError, UserError
 from tb_lightning.eval import evaluate
-from tb_lightning.evaluation.evaluate import evaluate_samples, resolve_split
+from tb_lightning.evaluation.evaluate import evaluate_samples
 from tb_lightning.export import export
-from tb_lightning.exporting import export_model
-from tb_lightning.inference import load_model, resolve_threshold
-from tb_lightning.models.module import load_checkpoint
-from tb_lightning.prediction import collect_inputs, run_prediction
+from tb_lightning.inference.checkpoint import load_model, resolve_threshold
+from tb_lightning.inference.deploy import export_model
+from tb_lightning.inference.predict_files import collect_inputs, run_prediction
+from tb_lightning.models.torch_file import load_checkpoint
 from test_integrity import corrupt_png, png_with_header
 
 FIGURES = {"confusion_matrix", "roc_curve", "pr_curve", "p_tb_distribution", "calibration_curve"}
@@ -208,10 +209,12 @@ def test_eval_per_source_with_threshold_override(loaded, phantom_root, tmp_path)
 
 
 def test_eval_user_errors(loaded):
+    cfg = compose_config("eval", ["ckpt_path=x.ckpt", "eval.split=all"])
     with pytest.raises(ConfigError, match="eval.split=all needs a data source"):
-        resolve_split("all", has_data=False)
+        check_eval_config(cfg)
+    cfg = compose_config("eval", ["ckpt_path=x.ckpt", "threshold.value=1.5"])
     with pytest.raises(ConfigError, match="threshold.value=1.5 must be in"):
-        resolve_threshold(loaded, 1.5)
+        check_eval_config(cfg)
     with pytest.raises(UserError, match="does not exist; check ckpt_path"):
         load_model("/no/such.ckpt")
 
@@ -272,8 +275,6 @@ def test_predict_csv_input_and_user_errors(loaded, phantom_root, tmp_path):
     assert "does not exist" in predictions.reasons[1]
     with pytest.raises(DataError, match="input=/no/such/folder does not exist"):
         collect_inputs("/no/such/folder")
-    with pytest.raises(ConfigError, match="input is not set"):
-        collect_inputs(None)
 
 
 def write_hostile_files(folder: Path) -> dict[str, str]:
@@ -451,5 +452,8 @@ def test_export_onnx(trained_run, loaded, tmp_path):
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
     got = session.run(None, {"image": images})[0]
     np.testing.assert_allclose(got, model_probs(loaded, paths), atol=1e-5)
-    with pytest.raises(ConfigError, match="format='tflite' is not one of"):
-        export_model(loaded, "tflite", tmp_path, 0.4, "test")
+
+
+def compose_config(name: str, overrides: list[str]):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=overrides)

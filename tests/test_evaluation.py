@@ -8,14 +8,15 @@ from scipy import stats
 from sklearn import calibration
 from sklearn import metrics as skm
 
+from tb_lightning.config.checks import check_policy
+from tb_lightning.core.errors import ConfigError
 from tb_lightning.data.sources import Sample
-from tb_lightning.errors import ConfigError
 from tb_lightning.evaluation.bootstrap import bootstrap_ci, bootstrap_weights
 from tb_lightning.evaluation.figures import calibration_bins
+from tb_lightning.evaluation.populations import source_groups, source_of
 from tb_lightning.evaluation.report import screening_summary, seed_report_metrics
-from tb_lightning.evaluation.sources import source_groups, source_of
 from tb_lightning.evaluation.stats import weighted_metrics
-from tb_lightning.evaluation.thresholds import check_policy, choose_threshold
+from tb_lightning.evaluation.thresholds import choose_threshold
 
 
 @pytest.fixture

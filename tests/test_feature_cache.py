@@ -16,17 +16,17 @@ import torch
 from torchvision.transforms import v2
 
 from conftest import PHANTOM_SIZE, phantom_overrides, run_cli
-from tb_lightning.data import feature_cache
-from tb_lightning.data.feature_cache import (
+from tb_lightning.config.checks import check_data
+from tb_lightning.core.errors import ConfigError
+from tb_lightning.data.sources import Sample
+from tb_lightning.data.transforms import build_transform
+from tb_lightning.inference import features as feature_cache
+from tb_lightning.inference.features import (
     FeatureCache,
     cache_blockers,
     extract_features,
-    parse_cache_mode,
     should_cache,
 )
-from tb_lightning.data.sources import Sample
-from tb_lightning.data.transforms import build_transform
-from tb_lightning.errors import ConfigError
 from tb_lightning.models.net import build_net
 
 
@@ -201,8 +201,9 @@ def test_cache_mode_validation(net):
     transform = build_transform(PHANTOM_SIZE)
     assert should_cache("auto", net, transform) and should_cache(True, net, transform)
     assert not should_cache(False, net, transform)
+    cfg = {"source": "tb_cxr", "class_names": ["N", "T"], "image_size": 128, "batch_size": 8}
     with pytest.raises(ConfigError, match="data.cache_features='sometimes'"):
-        parse_cache_mode("sometimes")
+        check_data({**cfg, "val_size": 0.2, "cache_features": "sometimes"})
     augmented = v2.Compose([v2.RandomHorizontalFlip(), *transform.transforms])
     assert cache_blockers(net, augmented) and not should_cache("auto", net, augmented)
     with pytest.raises(ConfigError, match="random augmentation"):

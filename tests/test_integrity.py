@@ -28,12 +28,12 @@ from data_builders import (
     write_odd_valid,
 )
 from tb_lightning.config import PROJECT_ROOT
+from tb_lightning.core.errors import DataError
 from tb_lightning.data.datamodule import TBDataModule
 from tb_lightning.data.integrity import cache_file_for, inspect_file, inspect_files
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.split import write_split_csv
 from tb_lightning.data.transforms import load_image
-from tb_lightning.errors import ConfigError, DataError
 
 
 def data_module(root, **kwargs) -> TBDataModule:
@@ -74,13 +74,6 @@ def test_bad_file_is_skipped_and_listed(tmp_path, kind):
     assert str(bad) not in used and len(used) == 12
     (skipped,) = dm.report["skipped_files"]
     assert skipped["path"] == str(bad) and BAD_KINDS[kind] in skipped["reason"]
-
-
-def test_bad_policies_are_checked():
-    with pytest.raises(ConfigError, match="data.on_bad_file"):
-        TBDataModule(on_bad_file="ignore")
-    with pytest.raises(ConfigError, match="data.on_leak"):
-        TBDataModule(on_leak="maybe")
 
 
 def test_hidden_and_non_image_files_are_ignored(tmp_path):
@@ -350,7 +343,7 @@ def test_corrupt_png_data_is_refused_not_a_crash(tmp_path):
     code = (
         "import sys\n"
         "from tb_lightning.data.transforms import load_image\n"
-        "from tb_lightning.errors import DataError\n"
+        "from tb_lightning.core.errors import DataError\n"
         "for path in sys.argv[1:]:\n"
         "    try:\n"
         "        load_image(path)\n"

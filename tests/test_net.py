@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision import models
 
-from tb_lightning.errors import ConfigError, WeightsError
+from tb_lightning.core.errors import WeightsError
 from tb_lightning.models import weights as weights_module
 from tb_lightning.models.net import alexnet_feature_size, build_net
 
@@ -44,21 +44,6 @@ def test_frozen_features_stay_in_eval_mode_and_get_no_gradient():
 def test_unfrozen_features_train():
     net = build_net(weights=None, image_size=128, freeze_features=False)
     assert all(p.requires_grad for p in net.parameters())
-
-
-@pytest.mark.parametrize(
-    "kwargs, key",
-    [
-        ({"dropout": 1.0}, "model.net.dropout"),
-        ({"dropout": -0.1}, "model.net.dropout"),
-        ({"hidden_dim": 0}, "model.net.hidden_dim"),
-        ({"image_size": 62}, "data.image_size"),
-        ({"arch": "vgg"}, "model.net.arch"),
-    ],
-)
-def test_bad_net_values_name_the_key(kwargs, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        build_net(weights=None, **{"image_size": 128, **kwargs})
 
 
 def test_weights_from_a_torchvision_state_dict_file(tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tb_lightning.core.errors import DataError
 from tb_lightning.data import phantom
 from tb_lightning.data.phantom import (
     CLASS_NAMES,
@@ -18,7 +19,6 @@ from tb_lightning.data.phantom import (
     phantom_path,
     render_phantom,
 )
-from tb_lightning.errors import DataError
 
 SIZE = 64  # smallest allowed size keeps the on-disk tests fast
 
@@ -150,8 +150,6 @@ def test_conspicuous_lesions_are_the_same_findings_drawn_stronger(monkeypatch):
     assert np.mean(in_chest) > 0.95
     # Normal phantoms do not depend on the setting.
     assert (render_phantom(3, 0, lesions="conspicuous") == render_phantom(3, 0)).all()
-    with pytest.raises(ValueError, match="data.phantom.lesions='loud' is not one of"):
-        render_phantom(3, 1, lesions="loud")
 
 
 def test_lesion_statistic_differs_between_classes(small_set):
@@ -279,23 +277,6 @@ def test_refuses_to_touch_what_may_be_the_real_dataset(tmp_path):
         ensure_phantom_dataset(tmp_path, 1, 1, image_size=SIZE, progress=False)
     assert real.read_bytes() == b"real image"
     assert not (tmp_path / "phantom.json").exists()
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "key"),
-    [
-        ({"num_normal": 0}, "data.phantom.num_normal"),
-        ({"num_tb": -1}, "data.phantom.num_tb"),
-        ({"num_tb": 2.5}, "data.phantom.num_tb"),
-        ({"image_size": 32}, "data.phantom.image_size"),
-        ({"seed": -1}, "data.phantom.seed"),
-    ],
-)
-def test_invalid_arguments_name_the_config_key(tmp_path, kwargs, key):
-    args = {"num_normal": 1, "num_tb": 1, "image_size": SIZE, "progress": False, **kwargs}
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        ensure_phantom_dataset(tmp_path, **args)
-    assert not any(tmp_path.iterdir())  # nothing written before the arguments are checked
 
 
 def test_parallel_generation_matches_serial(tmp_path):

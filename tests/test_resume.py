@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 
 from conftest import phantom_overrides, run_cli
 from tb_lightning.config import PROJECT_ROOT
-from tb_lightning.errors import ConfigError
-from tb_lightning.models.module import load_checkpoint
-from tb_lightning.resume import config_differences, plan_resume, run_dir_of
+from tb_lightning.core.errors import ConfigError
+from tb_lightning.core.run_dirs import config_differences, plan_resume, run_dir_of
+from tb_lightning.models.torch_file import load_checkpoint
 
 TESTS_DIR = Path(__file__).resolve().parent
 # Compared exactly: a CPU run repeats bit for bit, a resumed one too.
@@ -172,8 +172,8 @@ def test_a_signal_before_training_exits_non_zero_naming_the_phase(
 ):
     """During the data scan (or extraction) Lightning is not running: SIGTERM used to kill the
     process without a word, SIGINT to print a traceback."""
+    from tb_lightning.core.tasks import run_task
     from tb_lightning.data.datamodule import TBDataModule
-    from tb_lightning.task import run_task
     from tb_lightning.train import train
     from test_config import compose_train
 
@@ -192,8 +192,8 @@ def test_a_signal_before_training_exits_non_zero_naming_the_phase(
 
 
 def test_stop_message_names_phase_and_command(tmp_path):
+    from tb_lightning.core.errors import Stopped
     from tb_lightning.engine.training import stop_message
-    from tb_lightning.errors import Stopped
 
     message = stop_message(Stopped(signal.SIGTERM, "the data scan"), None, tmp_path)
     assert message.startswith("Stopped by SIGTERM during the data scan. No epoch had finished")

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from conftest import phantom_overrides
-from tb_lightning.callbacks import StopOnNonFiniteLoss, TrainingDivergedError
-from tb_lightning.checkpoint_io import AtomicCheckpointIO
-from tb_lightning.errors import UserError, WeightsError
-from tb_lightning.inference import load_model
-from tb_lightning.models.module import TBClassifier, load_checkpoint
+from tb_lightning.core.errors import UserError, WeightsError
+from tb_lightning.engine.callbacks import StopOnNonFiniteLoss, TrainingDivergedError
+from tb_lightning.engine.checkpoint_io import AtomicCheckpointIO
+from tb_lightning.inference.checkpoint import load_model
+from tb_lightning.models.classifier import TBClassifier
+from tb_lightning.models.torch_file import load_checkpoint
 from tb_lightning.train import train
 from test_config import compose_train
 

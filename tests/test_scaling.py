@@ -12,8 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import phantom_overrides, run_cli
 from tb_lightning.config import CONF_DIR
-from tb_lightning.models.module import load_checkpoint
-from tb_lightning.task import instantiate_config
+from tb_lightning.core.tasks import instantiate_config
+from tb_lightning.models.torch_file import load_checkpoint
 from test_config import compose_train
 
 # Threshold-free: the per-epoch figures at 0.5 and the report's at the operating threshold differ

@@ -1,5 +1,6 @@
 import pytest
 
+from tb_lightning.core.errors import ConfigError, DataError
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.split import (
     allocate_per_class,
@@ -8,7 +9,6 @@ from tb_lightning.data.split import (
     stratified_split,
     write_split_csv,
 )
-from tb_lightning.errors import ConfigError, DataError
 
 
 def test_seed_split_is_stratified_600_of_4200():

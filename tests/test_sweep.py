@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import phantom_overrides, run_cli
-from tb_lightning.callbacks import custom_scalars_layout
 from tb_lightning.config import CONF_DIR
+from tb_lightning.engine.callbacks import custom_scalars_layout
 from tb_lightning.sweep.naming import run_name
 from tb_lightning.sweep.summary import write_summary
 

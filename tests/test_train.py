@@ -13,10 +13,11 @@ from sklearn import metrics as skm
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import phantom_overrides, run_cli
-from tb_lightning.data.dataset import ImageTableDataset
+from tb_lightning.data.dataset import ImageDataset
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.transforms import build_transform
-from tb_lightning.models.module import TBClassifier, load_checkpoint
+from tb_lightning.models.classifier import TBClassifier
+from tb_lightning.models.torch_file import load_checkpoint
 
 # Per-epoch curves: threshold-free loss and AUROC, the rest named for the fixed threshold 0.5
 # (the operating-point figures are in report.txt / metrics.json only).
@@ -89,7 +90,11 @@ def test_metrics_json_matches_sklearn_on_the_best_checkpoints_predictions(two_ep
     model.eval()
     rows = [r for r in csv.DictReader((two_epoch_run / "split.csv").open()) if r["split"] == "val"]
     samples = [Sample(r["path"], int(r["label"]), r["patient_id"], r["source"]) for r in rows]
-    dataset = ImageTableDataset(samples, build_transform(hparams["net"]["image_size"]))
+    dataset = ImageDataset(
+        [s.path for s in samples],
+        [s.label for s in samples],
+        build_transform(hparams["net"]["image_size"]),
+    )
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     target = np.array([s.label for s in samples])
     with torch.no_grad():

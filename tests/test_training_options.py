@@ -9,9 +9,10 @@ from hydra.utils import instantiate
 
 from conftest import phantom_overrides, run_cli
 from tb_lightning.config import CONF_DIR
-from tb_lightning.data.augment import build_train_transform, check_augment, is_random
-from tb_lightning.errors import ConfigError
-from tb_lightning.models.module import TBClassifier
+from tb_lightning.config.checks import check_augment
+from tb_lightning.core.errors import ConfigError
+from tb_lightning.data.augment import build_train_transform, is_random
+from tb_lightning.models.classifier import TBClassifier
 from tb_lightning.models.schedules import build_scheduler
 
 NET = {"arch": "resnet18", "weights": None, "freeze_features": False, "hidden_dim": 8,
@@ -46,19 +47,13 @@ def test_cosine_with_warmup_schedule():
     assert lrs[0] == pytest.approx(0.1)  # warm-up starts at 10%
     assert lrs[2] == pytest.approx(1.0)  # full lr after warm-up
     assert lrs[2] > lrs[3] > lrs[4] > lrs[5]  # then cosine decay
-    with pytest.raises(ConfigError, match="model.scheduler.warmup_epochs=6"):
-        build_scheduler(optimizer, {"name": "cosine", "warmup_epochs": 6}, max_epochs=6)
-
-
-def test_unknown_schedule_is_refused_at_construction():
-    with pytest.raises(ConfigError, match="model.scheduler.name='step'"):
-        TBClassifier(NET, {"_target_": "torch.optim.Adam", "lr": 1e-3}, scheduler={"name": "step"})
 
 
 def test_cxr_augmentation_is_random_but_shape_preserving():
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["paths.output_dir=/tmp/x", "data/augment=cxr"])
-    augment = check_augment(cfg.data.augment)
+    check_augment(cfg.data.augment)
+    augment = dict(cfg.data.augment)
     assert is_random(augment) and not augment["horizontal_flip"]
     transform = build_train_transform(64, augment)
     image = torch.randint(0, 255, (3, 90, 80), dtype=torch.uint8)
@@ -66,7 +61,7 @@ def test_cxr_augmentation_is_random_but_shape_preserving():
     first, second = transform(image), transform(image)
     assert first.shape == (3, 64, 64) and first.dtype == torch.float32
     assert not torch.equal(first, second)
-    assert not is_random(check_augment({}))
+    assert not is_random({})
 
 
 def test_bad_augment_values_name_the_key():
@@ -144,15 +139,6 @@ def test_nlm_scratch_recipe_runs_one_fold_and_reports_its_last_epoch(shared_data
     assert hparams["net"]["arch"] == "resnet18" and hparams["net"]["weights"] is None
 
 
-def test_fused_with_an_optimizer_that_has_no_fused_argument_is_one_sentence():
-    optimizer = {"_target_": "torch.optim.RMSprop", "lr": 1e-3, "fused": True}
-    with pytest.raises(ConfigError, match=r"torch.optim.RMSprop has no `fused`.*~model.optimizer"):
-        TBClassifier(NET, optimizer)
-    # Without the key, or with an optimizer that has it, the model builds.
-    TBClassifier(NET, {"_target_": "torch.optim.RMSprop", "lr": 1e-3})
-    TBClassifier(NET, {"_target_": "torch.optim.SGD", "lr": 1e-3, "fused": True})
-
-
 def test_step_loss_reaches_tensorboard_every_log_every_n_steps(tmp_path):
     """training_step logs the step loss only on the steps the loggers write (each self.log costs
     Python time, and a GPU sync for the progress bar); TensorBoard still gets one point every
@@ -162,7 +148,7 @@ def test_step_loss_reaches_tensorboard_every_log_every_n_steps(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.data import DataLoader
 
-    from tb_lightning.data.feature_cache import FeatureDataset
+    from tb_lightning.inference.features import FeatureDataset
 
     class StepLosses(L.Callback):
         def __init__(self) -> None:

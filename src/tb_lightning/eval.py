@@ -15,18 +15,20 @@ import hydra
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
-from tb_lightning.task import check_accelerator, instantiate_config, quiet_known_warnings, run_task
+from tb_lightning.core.tasks import instantiate_config, quiet_known_warnings, run_task
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    # Imported here: torch and friends take seconds, which --help and config errors should not.
+    # Imported here: torch and friends take seconds, which --help should not.
+    from tb_lightning.config.checks import check_eval_config
     from tb_lightning.evaluation.evaluate import evaluate_samples, resolve_split, split_samples
-    from tb_lightning.inference import load_model, pick_device, resolve_threshold
+    from tb_lightning.inference.checkpoint import load_model, resolve_threshold
+    from tb_lightning.inference.runner import pick_device
 
+    check_eval_config(cfg)  # every value, before the checkpoint or any image is read
     output_dir = Path(cfg.paths.output_dir)
-    check_accelerator(cfg.trainer.accelerator)
     loaded = load_model(cfg.get("ckpt_path"))
     threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
     split = resolve_split(cfg.eval.get("split"), cfg.get("data") is not None)

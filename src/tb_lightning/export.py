@@ -13,16 +13,18 @@ import hydra
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
-from tb_lightning.task import quiet_known_warnings, run_task
+from tb_lightning.core.tasks import quiet_known_warnings, run_task
 
 log = logging.getLogger(__name__)
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
-    # Imported here: torch and friends take seconds, which --help and config errors should not.
-    from tb_lightning.exporting import export_model
-    from tb_lightning.inference import load_model, resolve_threshold
+    # Imported here: torch and friends take seconds, which --help should not.
+    from tb_lightning.config.checks import check_export_config
+    from tb_lightning.inference.checkpoint import load_model, resolve_threshold
+    from tb_lightning.inference.deploy import export_model
 
+    check_export_config(cfg)  # every value, before the checkpoint is read
     output_dir = Path(cfg.paths.output_dir)
     loaded = load_model(cfg.get("ckpt_path"))
     threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))

@@ -13,18 +13,20 @@ import hydra
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
-from tb_lightning.task import check_accelerator, quiet_known_warnings, run_task
+from tb_lightning.core.tasks import quiet_known_warnings, run_task
 
 log = logging.getLogger(__name__)
 
 
 def predict(cfg: DictConfig) -> Path:
-    # Imported here: torch and friends take seconds, which --help and config errors should not.
-    from tb_lightning.inference import load_model, pick_device, resolve_threshold
-    from tb_lightning.prediction import collect_inputs, run_prediction
+    # Imported here: torch and friends take seconds, which --help should not.
+    from tb_lightning.config.checks import check_predict_config
+    from tb_lightning.inference.checkpoint import load_model, resolve_threshold
+    from tb_lightning.inference.predict_files import collect_inputs, run_prediction
+    from tb_lightning.inference.runner import pick_device
 
+    check_predict_config(cfg)  # every value, before the checkpoint or any image is read
     output_dir = Path(cfg.paths.output_dir)
-    check_accelerator(cfg.trainer.accelerator)
     paths = collect_inputs(cfg.get("input"))
     loaded = load_model(cfg.get("ckpt_path"))
     threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))

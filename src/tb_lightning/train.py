@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
-from tb_lightning.task import quiet_known_warnings, run_task
+from tb_lightning.core.tasks import quiet_known_warnings, run_task
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     log.info("Run directory: %s", Path(cfg.paths.output_dir))
     quiet_known_warnings()
-    from tb_lightning.allocator import keep_large_blocks_in_heap
+    from tb_lightning.core.allocator import keep_large_blocks_in_heap
 
     keep_large_blocks_in_heap()
     metrics = run_task(train, cfg)
@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> float | None:
 def cli() -> None:
     """The command (`python -m tb_lightning.train`, `tb-train`): Ctrl-C and SIGTERM stop it
     with a sentence and exit code 130 / 143 from its first moment (tb_lightning/signals.py)."""
-    from tb_lightning.signals import exit_on_stop
+    from tb_lightning.core.signals import exit_on_stop
 
     with exit_on_stop():
         main()

@@ -18,7 +18,6 @@ import torch
 from torchvision.transforms import v2
 
 from tb_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from tb_lightning.errors import ConfigError
 
 AUGMENT_KEYS = {
     "crop_scale",
@@ -29,29 +28,6 @@ AUGMENT_KEYS = {
     "contrast",
     "horizontal_flip",
 }
-
-
-def check_augment(augment: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The augmentation settings as a plain dict; {} means none. Unknown keys are refused."""
-    if augment is None:
-        return {}
-    if not isinstance(augment, Mapping):
-        raise ConfigError(
-            f"data.augment={augment!r} is not a set of options; pick a preset with "
-            "data/augment=cxr or data/augment=none."
-        )
-    unknown = sorted(set(augment) - AUGMENT_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"data.augment.{unknown[0]} is not an augmentation option; use {sorted(AUGMENT_KEYS)}."
-        )
-    for key in ("rotation_degrees", "translate", "brightness", "contrast"):
-        value = augment.get(key) or 0
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ConfigError(f"data.augment.{key}={value!r} must be a number >= 0.")
-    if (augment.get("translate") or 0) >= 1:
-        raise ConfigError(f"data.augment.translate={augment['translate']} must be below 1.")
-    return dict(augment)
 
 
 def is_random(augment: Mapping[str, Any]) -> bool:

@@ -13,15 +13,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from tb_lightning.core.errors import ConfigError
+from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data import integrity
-from tb_lightning.data.augment import build_train_transform, check_augment, is_random
-from tb_lightning.data.data_report import build_data_report, write_data_report
-from tb_lightning.data.dataset import ImageTableDataset
-from tb_lightning.data.feature_cache import FeatureCache, parse_cache_mode, should_cache
+from tb_lightning.data.augment import build_train_transform, is_random
+from tb_lightning.data.dataset import ImageDataset
+from tb_lightning.data.inventory import build_data_report, write_data_report
 from tb_lightning.data.phantom import ensure_phantom_dataset
 from tb_lightning.data.sampling import EpochSeededDataLoader, EpochShuffleSampler
 from tb_lightning.data.sources import (
-    CLASS_NAMES,
     Sample,
     scan_class_folders,
     scan_class_map,
@@ -35,25 +35,22 @@ from tb_lightning.data.split import (
     write_split_csv,
 )
 from tb_lightning.data.transforms import build_transform
-from tb_lightning.errors import ConfigError
-from tb_lightning.models.backbones import MIN_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
-
-SOURCES = ("tb_cxr", "nlm_tb", "folder", "manifest", "phantom")
-# Keys one entry of data.sources may set (the rest come from the top-level data.* keys).
-SOURCE_KEYS = ("source", "root", "class_names", "class_map", "name")
 
 
 def resolve_num_workers(num_workers: int | str) -> int:
     """`data.num_workers=auto`: one decoding worker per spare core, at most 8."""
     if num_workers == "auto":
         return min(8, max(0, (os.cpu_count() or 1) - 1))
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ConfigError(
-            f"data.num_workers={num_workers!r} is not allowed; use auto or an integer >= 0."
-        )
-    return num_workers
+    return int(num_workers)
+
+
+def parse_cache_mode(value: Any) -> str | bool:
+    """`data.cache_features`: auto, true or false (YAML may hand over strings)."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
 
 
 class TBDataModule(L.LightningDataModule):
@@ -100,40 +97,7 @@ class TBDataModule(L.LightningDataModule):
         allow_outside_paths: bool = False,
     ) -> None:
         super().__init__()
-        if source not in SOURCES:
-            raise ConfigError(f"data.source={source!r} is not one of {list(SOURCES)}.")
-        integrity.check_policy("data.on_bad_file", on_bad_file, integrity.BAD_FILE_POLICIES)
-        integrity.check_policy("data.on_leak", on_leak, integrity.LEAK_POLICIES)
-        if num_folds is not None and (
-            isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < num_folds
-        ):
-            raise ConfigError(
-                f"data.fold={fold!r} is not a fold of data.num_folds={num_folds}; use 0.."
-                f"{num_folds - 1 if isinstance(num_folds, int) else 'num_folds-1'}."
-            )
-        if (
-            isinstance(near_duplicate_distance, bool)
-            or not isinstance(near_duplicate_distance, int)
-            or not 0 <= near_duplicate_distance < integrity.PHASH_BITS
-        ):
-            raise ConfigError(
-                f"data.near_duplicate_distance={near_duplicate_distance!r} must be an integer "
-                f"in 0..{integrity.PHASH_BITS - 1} (differing bits of {integrity.PHASH_BITS}-bit "
-                "perceptual hashes; 0 = identical hashes only; default 20)."
-            )
-        if len(class_names) != 2:
-            raise ConfigError(
-                f"data.class_names={list(class_names)} must name two folders: "
-                "[negative, positive], e.g. [Normal, Tuberculosis]."
-            )
-        smallest = min(MIN_IMAGE_SIZE.values())  # the network checks its own arch's minimum
-        if not isinstance(image_size, int) or image_size < smallest:
-            raise ConfigError(
-                f"data.image_size={image_size!r} is too small; use an integer >= {smallest} "
-                "(the seed uses 512)."
-            )
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size!r} must be an integer >= 1.")
+        # The values were checked with the config (config/checks.py: check_data).
         self.source = source
         self.root = Path(root).expanduser().resolve()  # split.csv holds absolute paths
         self.class_names = tuple(class_names)
@@ -145,7 +109,7 @@ class TBDataModule(L.LightningDataModule):
         self.num_workers = resolve_num_workers(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.phantom = dict(phantom or {})
-        self.sources = [self._source_entry(entry) for entry in sources or []]
+        self.sources = [dict(entry) for entry in sources or []]
         self.class_map = dict(class_map) if class_map else None
         self.test_size = test_size
         self.num_folds = num_folds
@@ -157,32 +121,17 @@ class TBDataModule(L.LightningDataModule):
         # data=manifest: rows may point outside the CSV's folder only when allowed.
         self.allow_outside_paths = allow_outside_paths
         self.transform = build_transform(image_size)
-        self.augment = check_augment(augment)
+        self.augment = dict(augment or {})
         self.train_transform = build_train_transform(image_size, self.augment)
         self.train_samples: list[Sample] | None = None
         self.val_samples: list[Sample] | None = None
         self.test_samples: list[Sample] = []
         self.report: dict[str, Any] = {}
-        # data.cache_features: serve cached backbone features instead of images (feature_cache.py).
+        # data.cache_features: the engine may hand over cached backbone features to serve
+        # instead of images (serve_features; inference/features.py decides and builds them).
         self.cache_features = parse_cache_mode(cache_features)
         self.cache_dir = cache_dir
-        self.feature_cache: FeatureCache | None = None
-
-    def _source_entry(self, entry: Any) -> dict[str, Any]:
-        """One entry of data.sources with the top-level keys as its defaults."""
-        entry = dict(entry)
-        unknown = set(entry) - set(SOURCE_KEYS)
-        if unknown or "source" not in entry or "root" not in entry:
-            raise ConfigError(
-                f"data.sources entry {entry} must set source and root (and may set "
-                f"class_names, class_map, name); unknown keys: {sorted(unknown)}."
-            )
-        if entry["source"] not in SOURCES or entry["source"] == "phantom":
-            allowed = [s for s in SOURCES if s != "phantom"]
-            raise ConfigError(
-                f"data.sources entry source={entry['source']!r} is not one of {allowed}."
-            )
-        return entry
+        self.features: Any = None
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node: the right place to write files.
@@ -330,8 +279,7 @@ class TBDataModule(L.LightningDataModule):
     @property
     def is_synthetic(self) -> bool:
         """True when the images are the generated phantoms (data=phantom), not medical images."""
-        samples = [*(self.train_samples or []), *(self.val_samples or []), *self.test_samples]
-        return self.source == "phantom" or any(s.source == "phantom" for s in samples)
+        return self.source == "phantom" or any(s.source == "phantom" for s in self.all_samples)
 
     @property
     def pos_weight(self) -> float:
@@ -364,25 +312,15 @@ class TBDataModule(L.LightningDataModule):
             "near_duplicate_distance": self.near_duplicate_distance,
         }
 
-    def use_feature_cache(self, net: torch.nn.Module, device: str | torch.device = "cpu") -> bool:
-        """Serve (features, label) batches from `net`'s cached backbone features when valid.
+    @property
+    def all_samples(self) -> list[Sample]:
+        """Every sample of the split: train, val and test."""
+        return [*(self.train_samples or []), *(self.val_samples or []), *self.test_samples]
 
-        Needs setup(); returns whether the cache is on (`data.cache_features`).
-        """
-        if not should_cache(self.cache_features, net, self.train_transform):
-            return False
-        if self.cache_dir is None:
-            raise ConfigError("data.cache_dir is not set; set it to a folder, e.g. data/cache.")
-        self.feature_cache = FeatureCache(
-            self.cache_dir,
-            net,
-            [*(self.train_samples or []), *(self.val_samples or []), *self.test_samples],
-            self.transform,
-            device=device,
-            num_workers=self.num_workers,
-        )
-        self.feature_cache.load_or_build()
-        return True
+    def serve_features(self, features: Any) -> None:
+        """Serve (features, label) batches from `features.dataset(samples)` instead of images
+        (cached frozen-backbone features, inference/features.py)."""
+        self.features = features
 
     @property
     def augment_is_random(self) -> bool:
@@ -403,12 +341,12 @@ class TBDataModule(L.LightningDataModule):
         if samples is None:
             raise RuntimeError("dataloaders need setup() to have run")
         dataset = (
-            self.feature_cache.dataset(samples)
-            if self.feature_cache is not None
-            else ImageTableDataset(samples, transform)
+            self.features.dataset(samples)
+            if self.features is not None
+            else ImageDataset([s.path for s in samples], [s.label for s in samples], transform)
         )
         # Feature rows are ready in memory: worker processes would only add start-up time.
-        num_workers = 0 if self.feature_cache is not None else self.num_workers
+        num_workers = 0 if self.features is not None else self.num_workers
         # Shuffles and worker seeds from (seed, epoch) alone: a resumed run draws what an
         # uninterrupted one would, with any number of workers (data/sampling.py).
         seed = torch.initial_seed()  # the run's seed, set by seed_everything

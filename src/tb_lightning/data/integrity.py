@@ -24,16 +24,10 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from tb_lightning.core.errors import DataError
+from tb_lightning.core.signals import cancel_pending_on_stop, raise_if_stopped
 from tb_lightning.data.sources import Sample
-from tb_lightning.data.transforms import (
-    IMAGE_FORMATS,
-    MAX_SIDE,  # noqa: F401 - the limits are defined beside the check; re-exported here
-    MIN_SIDE,  # noqa: F401
-    check_image_file,
-    pil_to_rgb_array,
-)
-from tb_lightning.errors import ConfigError, DataError
-from tb_lightning.signals import cancel_pending_on_stop, raise_if_stopped
+from tb_lightning.data.transforms import IMAGE_FORMATS, check_image_file, pil_to_rgb_array
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +45,6 @@ CACHE_VERSION = 2
 HASH_CHUNK_BYTES = 2**20
 # Split order: on a leak, `drop` keeps the copy on the earliest side and drops the later ones.
 SPLIT_ORDER = ("train", "val", "test")
-
-
-def check_policy(key: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}.")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -183,7 +172,6 @@ def apply_bad_file_policy(
     `listed_in` names the file that lists the skipped ones (train: data_report.json, eval:
     skipped.csv).
     """
-    check_policy("data.on_bad_file", on_bad_file, BAD_FILE_POLICIES)
     bad = [(s, infos[s.path]["problem"]) for s in samples if infos[s.path]["problem"]]
     if bad and on_bad_file == "error":
         sample, problem = bad[0]
@@ -284,7 +272,6 @@ def apply_leak_policy(
 
     Returns the dropped files; `splits` is changed in place when dropping.
     """
-    check_policy("data.on_leak", on_leak, LEAK_POLICIES)
     leaks = leaking_paths(duplicates)
     if not leaks:
         return []

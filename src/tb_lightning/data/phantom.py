@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tb_lightning.errors import ConfigError, DataError
-from tb_lightning.signals import cancel_pending_on_stop, raise_if_stopped
+from tb_lightning.core.errors import DataError
+from tb_lightning.core.labels import CLASS_NAMES
+from tb_lightning.core.signals import cancel_pending_on_stop, raise_if_stopped
 
 log = logging.getLogger(__name__)
 
 PHANTOM_VERSION: int = 1  # bump when rendering changes; invalidates existing sets
-CLASS_NAMES = ("Normal", "Tuberculosis")
 
 _META_NAME = "phantom.json"
 _NOTE = "synthetic phantom images, not medical data"
@@ -261,7 +261,7 @@ def _sample_lesions(rng: np.random.Generator, pt: _Patient, lesions: str = "mixe
     that a small model learns them in a few minutes on a CPU (experiment=quickstart).
     """
     if lesions not in LESION_MIXES:
-        raise ConfigError(f"data.phantom.lesions={lesions!r} is not one of {list(LESION_MIXES)}.")
+        raise ValueError(f"lesions={lesions!r} is not one of {list(LESION_MIXES)}")
     bold = lesions == "conspicuous"
 
     def amp(lo: float, hi: float) -> float:
@@ -587,12 +587,6 @@ def _render_and_write(job: tuple[str, int, int, int, int, str]) -> None:
     _write_png(phantom_path(Path(root), label, index), image)
 
 
-def _check_count(value: object, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}.")
-    return int(value)
-
-
 def _generator_files(root: Path) -> Iterable[Path]:
     for name, pattern in _FILE_RE.items():
         folder = root / name
@@ -627,12 +621,8 @@ def ensure_phantom_dataset(
     over.
     ``workers``: processes for rendering (None = automatic, 1 = serial).
     """
-    num_normal = _check_count(num_normal, "data.phantom.num_normal", 1)
-    num_tb = _check_count(num_tb, "data.phantom.num_tb", 1)
-    image_size = _check_count(image_size, "data.phantom.image_size", 64)
-    seed = _check_count(seed, "data.phantom.seed", 0)  # SeedSequence needs a non-negative int
-    if lesions not in LESION_MIXES:
-        raise ConfigError(f"data.phantom.lesions={lesions!r} is not one of {list(LESION_MIXES)}.")
+    # The values are checked with the config (config/checks.py: check_phantom).
+    num_normal, num_tb, image_size, seed = int(num_normal), int(num_tb), int(image_size), int(seed)
     root = Path(root)
     wanted = {"version": PHANTOM_VERSION, "seed": seed, "image_size": image_size}
     wanted["lesions"] = lesions

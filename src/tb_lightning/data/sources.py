@@ -10,10 +10,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tb_lightning.errors import DataError
+from tb_lightning.core.errors import DataError
+from tb_lightning.core.labels import CLASS_NAMES
 
 # Label 0 is the negative class, label 1 the positive one; metric names use these class names.
-CLASS_NAMES = ("Normal", "Tuberculosis")
+# Where a data set's table comes from: data=<source> (conf/data/<source>.yaml).
+SOURCES = ("tb_cxr", "nlm_tb", "folder", "manifest", "phantom")
+# Keys one entry of data.sources may set (the rest come from the top-level data.* keys).
+SOURCE_KEYS = ("source", "root", "class_names", "class_map", "name")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
 KAGGLE_URL = "https://www.kaggle.com/datasets/tawsifurrahman/tuberculosis-tb-chest-xray-dataset"
 

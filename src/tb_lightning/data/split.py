@@ -7,8 +7,9 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from tb_lightning.data.sources import CLASS_NAMES, Sample
-from tb_lightning.errors import ConfigError, DataError
+from tb_lightning.core.errors import ConfigError, DataError
+from tb_lightning.core.labels import CLASS_NAMES
+from tb_lightning.data.sources import Sample
 
 SPLIT_COLUMNS = ("path", "label", "class_name", "split", "patient_id", "source")
 

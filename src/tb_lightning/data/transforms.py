@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from tb_lightning.errors import DataError
+from tb_lightning.core.errors import DataError
 
 # The backbones are ImageNet models, so inputs are normalised with ImageNet statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -16,30 +16,29 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from tb_lightning.atomic import check_writable, remove_temp_files
-from tb_lightning.config_checks import check_config, runs_dir
-from tb_lightning.data.datamodule import TBDataModule
-from tb_lightning.errors import ConfigError
-from tb_lightning.evaluation.final import final_report
-from tb_lightning.evaluation.thresholds import check_policy
-from tb_lightning.inference import pick_device
-from tb_lightning.models.module import TBClassifier, load_checkpoint, to_plain_dict
-from tb_lightning.models.torch_file import describe_key_mismatch
-from tb_lightning.resume import describe_differences, plan_resume, refuse_differences
-from tb_lightning.signals import (
+from tb_lightning.config.checks import check_config, runs_dir
+from tb_lightning.core.atomic import check_writable, remove_temp_files
+from tb_lightning.core.errors import ConfigError
+from tb_lightning.core.run_dirs import describe_differences, plan_resume, refuse_differences
+from tb_lightning.core.signals import (
     SIGNAL_NAMES,
     Stopped,
     lightning_fit,
     set_phase,
     stop_on_signals,
 )
-from tb_lightning.task import (
-    check_accelerator,
+from tb_lightning.core.tasks import (
     flatten_config,
     instantiate_config,
     instantiate_group,
     log_lightning_through_hydra,
 )
+from tb_lightning.data.datamodule import TBDataModule
+from tb_lightning.evaluation.final_report import final_report
+from tb_lightning.inference.features import build_feature_cache
+from tb_lightning.inference.runner import pick_device
+from tb_lightning.models.classifier import TBClassifier, to_plain_dict
+from tb_lightning.models.torch_file import describe_key_mismatch, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +96,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     remove_temp_files(output_dir / "checkpoints")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    check_accelerator(cfg.trainer.get("accelerator"))
     threshold_cfg = cfg.get("threshold") or {}
     policy, target = threshold_cfg.get("policy", "youden"), threshold_cfg.get("target", 0.95)
-    check_policy(policy, target)
 
     # Data first: a wrong data.root is reported before any weights are loaded or downloaded.
     set_phase("the data scan")
@@ -128,9 +125,11 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         initialise_from(model, cfg.init_from)
     # data.cache_features: frozen backbone features computed once, shared by sweeps and runs.
     set_phase("the feature extraction")
-    datamodule.use_feature_cache(
-        model.net, device=extraction_device(cfg.trainer.get("accelerator"))
+    features = build_feature_cache(
+        datamodule, model.net, device=extraction_device(cfg.trainer.get("accelerator"))
     )
+    if features is not None:
+        datamodule.serve_features(features)
 
     trainer: L.Trainer = instantiate_config(
         cfg.trainer,

@@ -14,23 +14,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from tb_lightning.atomic import atomic_write
-from tb_lightning.data.integrity import BAD_FILE_POLICIES, apply_bad_file_policy, check_policy
+from tb_lightning.core.atomic import atomic_write
+from tb_lightning.core.errors import DataError
+from tb_lightning.data.integrity import apply_bad_file_policy
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.split import read_split_sides
-from tb_lightning.errors import ConfigError, DataError
 from tb_lightning.evaluation.figures import evaluation_figures, write_figures
+from tb_lightning.evaluation.populations import source_groups, source_of
 from tb_lightning.evaluation.report import (
     format_split_block,
     screening_summary,
     seed_report_metrics,
 )
-from tb_lightning.evaluation.sources import source_groups, source_of
 from tb_lightning.evaluation.stats import RANKING, RATES
-from tb_lightning.inference import (
-    CHOSEN_ON_VAL,
+from tb_lightning.inference.checkpoint import CHOSEN_ON_VAL, LoadedModel
+from tb_lightning.inference.runner import (
     INFERENCE_BATCH_SIZE,
-    LoadedModel,
     Predictions,
     predict_images,
     probabilities,
@@ -48,16 +47,10 @@ SYNTHETIC_BANNER = (
 
 
 def resolve_split(split: str | None, has_data: bool) -> str:
-    """eval.split: val, test or all; unset means all when data= is given, else val."""
+    """eval.split (checked with the config): val, test or all; unset means all when data= is
+    given, else val."""
     if split is None:
         return "all" if has_data else "val"
-    if split not in SPLITS:
-        raise ConfigError(f"eval.split={split!r} is not one of {list(SPLITS)}.")
-    if split == "all" and not has_data:
-        raise ConfigError(
-            "eval.split=all needs a data source: add data=folder data.root=<folder> (or "
-            "data=tb_cxr / data=phantom)."
-        )
     return split
 
 
@@ -199,11 +192,6 @@ def evaluate_samples(
     training's scan, so a bad one changed since and is always an error (skipping it would make
     the numbers differ from train's report on the same split without saying why).
     """
-    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 100:
-        raise ConfigError(
-            f"eval.bootstrap={n_bootstrap!r} must be an integer >= 100 (default 2000)."
-        )
-    check_policy("data.on_bad_file", on_bad_file, BAD_FILE_POLICIES)  # before the long pass
     labels = np.array([s.label for s in samples], dtype=int)
     if len(set(labels.tolist())) < 2:
         raise DataError(

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from tb_lightning.data.sources import CLASS_NAMES  # noqa: E402
+from tb_lightning.core.labels import CLASS_NAMES  # noqa: E402
 from tb_lightning.evaluation.stats import curve_points  # noqa: E402
 
 

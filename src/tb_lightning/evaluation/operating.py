@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from tb_lightning.atomic import atomic_torch_save
+from tb_lightning.core.atomic import atomic_torch_save
 from tb_lightning.evaluation.thresholds import choose_threshold
-from tb_lightning.inference import THRESHOLD_KEY
-from tb_lightning.models.module import load_checkpoint
+from tb_lightning.inference.checkpoint import THRESHOLD_KEY
+from tb_lightning.models.torch_file import load_checkpoint
 
 log = logging.getLogger(__name__)
 

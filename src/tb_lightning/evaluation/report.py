@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from tb_lightning.data.sources import CLASS_NAMES
+from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.evaluation.bootstrap import bootstrap_ci
 from tb_lightning.evaluation.stats import COUNTS, RANKING, RATES, weighted_metrics
 

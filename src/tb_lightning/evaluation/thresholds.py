@@ -4,23 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from tb_lightning.errors import ConfigError
 from tb_lightning.evaluation.stats import curve_points
 
 POLICIES = ("youden", "max_f1", "sensitivity")
-
-
-def check_policy(policy: str, target: float | None = None) -> None:
-    """Fail early (before training) on an unknown policy or a sensitivity target out of range."""
-    if policy not in POLICIES:
-        raise ConfigError(f"threshold.policy={policy!r} is not one of {list(POLICIES)}.")
-    if policy == "sensitivity" and (
-        isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target <= 1
-    ):
-        raise ConfigError(
-            f"threshold.target={target!r} must be a sensitivity in (0, 1], e.g. 0.95, "
-            "for threshold.policy=sensitivity."
-        )
 
 
 def choose_threshold(
@@ -39,7 +25,6 @@ def choose_threshold(
       specificity that meets the target).
     Ties go to the higher threshold (fewer false alarms).
     """
-    check_policy(policy, sensitivity)
     probs = np.asarray(probs, dtype=np.float64)
     target = np.asarray(target).astype(bool)
     if target.all() or not target.any():

@@ -25,7 +25,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from tb_lightning.data.sources import CLASS_NAMES
+from tb_lightning.core.labels import CLASS_NAMES
 
 
 class ClassificationMetrics(nn.Module):

@@ -10,10 +10,7 @@ import logging
 import torch
 from torch import nn
 
-from tb_lightning.errors import ConfigError
 from tb_lightning.models.backbones import (
-    MIN_IMAGE_SIZE,
-    check_arch,
     feature_trunk,
     torchvision_model,
 )
@@ -94,19 +91,7 @@ def build_net(
     pool_size: side of the pooled feature map fed to the head. null keeps AlexNet's native map
     (15x15 at 512, as the seed) and pools the other backbones globally (1x1), as torchvision does.
     """
-    check_arch(arch)
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-        raise ConfigError(f"model.net.dropout={dropout!r} must be a number in [0, 1).")
-    if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 1:
-        raise ConfigError(f"model.net.hidden_dim={hidden_dim!r} must be an integer >= 1.")
-    min_size = MIN_IMAGE_SIZE[arch]
-    if not isinstance(image_size, int) or image_size < min_size:
-        raise ConfigError(
-            f"data.image_size={image_size!r} is too small for {arch}; use an integer >= "
-            f"{min_size} (the seed uses 512)."
-        )
-    if pool_size is not None and (not isinstance(pool_size, int) or pool_size < 1):
-        raise ConfigError(f"model.net.pool_size={pool_size!r} must be null or an integer >= 1.")
+    # The values were checked with the config (config/checks.py: check_model).
     if pool_size is None:
         pool_size = alexnet_feature_size(image_size) if arch == "alexnet" else 1
 

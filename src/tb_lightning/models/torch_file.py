@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from tb_lightning.errors import UserError
+from tb_lightning.core.errors import UserError
 
 # torch.save's zip format; torch itself only checks these first four bytes (_is_zipfile).
 ZIP_MAGIC = b"PK\x03\x04"
@@ -246,3 +246,49 @@ def shape(value: Any) -> str:
     if not isinstance(value, torch.Tensor):
         return type(value).__name__
     return "x".join(map(str, value.shape)) or "scalar"
+
+
+CHECKPOINT_FIX = (
+    "a checkpoint written by tb_lightning.train, e.g. "
+    "outputs/train/runs/<run>/checkpoints/best.ckpt"
+)
+
+
+def load_checkpoint(path: str | Path, config_key: str | None = None) -> dict[str, Any]:
+    """A Lightning checkpoint of this project, loaded without running pickled code.
+
+    Any problem raises UserError with one sentence that starts `Checkpoint <path>` (or
+    `<config_key>=<path>`, e.g. `ckpt_path=...`) and says what is wrong with the file: missing,
+    empty, not a PyTorch file, truncated, holding code, or not a Lightning checkpoint.
+    """
+    subject = f"{config_key}={path}" if config_key else f"Checkpoint {path}"
+    if not Path(path).expanduser().exists():
+        raise UserError(
+            f"{subject} does not exist; check {config_key or 'ckpt_path'} (pass {CHECKPOINT_FIX})."
+        )
+    checkpoint = load_torch_file(Path(path).expanduser(), subject, CHECKPOINT_FIX)
+    problem = _not_a_checkpoint(checkpoint)
+    if problem:
+        raise UserError(f"{subject} {problem}; pass {CHECKPOINT_FIX}.")
+    return checkpoint
+
+
+def _not_a_checkpoint(obj: Any) -> str | None:
+    """Why a loaded file is no Lightning checkpoint of this project, or None if it is one."""
+    if not isinstance(obj, dict):
+        return f"holds a {type(obj).__name__}, not a Lightning checkpoint"
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        # The usual mix-up: a bare state dict, which model.net.weights= accepts.
+        return (
+            f"holds a plain state dict ({len(obj)} tensors), not a Lightning checkpoint with "
+            "state_dict and hyper_parameters (to start training from these weights use "
+            "model.net.weights=<path> instead)"
+        )
+    absent = [k for k in ("state_dict", "hyper_parameters") if not isinstance(obj.get(k), dict)]
+    if absent:
+        keys = ", ".join(map(str, list(obj)[:5])) + (", ..." if len(obj) > 5 else "")
+        return (
+            f"is not a Lightning checkpoint of tb_lightning: it has no {' or '.join(absent)} "
+            f"(its keys: {keys or 'none'})"
+        )
+    return None

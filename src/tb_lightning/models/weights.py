@@ -18,7 +18,7 @@ from torch import nn
 from torchvision import models
 from torchvision.models import WeightsEnum
 
-from tb_lightning.errors import WeightsError
+from tb_lightning.core.errors import WeightsError
 from tb_lightning.models.torch_file import load_torch_file
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from tb_lightning.atomic import atomic_write
+from tb_lightning.core.atomic import atomic_write
+from tb_lightning.core.tasks import ERROR_FILE
 from tb_lightning.sweep.summary import write_summary
-from tb_lightning.task import ERROR_FILE
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class PretrainedWeightsCheck(Callback):
         task_overrides = OmegaConf.to_container(config.hydra.overrides.task)
         if swept_keys(task_overrides) & set(WEIGHTS_KEYS):  # type: ignore[arg-type]
             return
-        from tb_lightning.errors import WeightsError
+        from tb_lightning.core.errors import WeightsError
         from tb_lightning.models.weights import load_imagenet_state_dict
 
         arch = OmegaConf.select(config, "model.net.arch", default="alexnet")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tb_lightning.atomic import atomic_write
+from tb_lightning.core.atomic import atomic_write
+from tb_lightning.core.tasks import ERROR_FILE
 from tb_lightning.sweep.naming import parse_overrides
-from tb_lightning.task import ERROR_FILE
 
 # (metrics.json key, short column title): threshold-free figures first (they rank the jobs),
 # then the job's operating threshold and the figures at it.

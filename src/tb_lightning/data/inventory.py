@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tb_lightning.data.sources import CLASS_NAMES, Sample
+from tb_lightning.core.labels import CLASS_NAMES
+from tb_lightning.data.sources import Sample
 
 
 def class_counts(samples: Sequence[Sample]) -> dict[str, int]:

@@ -9,7 +9,7 @@ exactly as it would on images.
 The cache file name is a hash of everything that changes the features: the backbone's weights
 (their bytes, so random-init backbones are told apart too), the image size and preprocessing, the
 extraction precision, and the file list with sizes and modification times. Any change builds a new
-file; old files are left for other configurations to reuse. Writes are atomic (tb_lightning.atomic:
+file; old files are left for other configurations to reuse. Writes are atomic (core/atomic.py:
 temporary file + `os.replace`) and serialised by a lock file: the jobs of a sweep that start
 together extract once. A damaged or unreadable cache file is rebuilt with a warning, and the
 temporary files of writes that were killed are removed by later runs.
@@ -23,21 +23,19 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from filelock import FileLock
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from tb_lightning.atomic import TMP_SUFFIX, atomic_torch_save
-from tb_lightning.data.dataset import ImageTableDataset
+from tb_lightning.core.atomic import TMP_SUFFIX, atomic_torch_save
+from tb_lightning.core.errors import ConfigError
 from tb_lightning.data.sources import Sample
-from tb_lightning.errors import ConfigError
-from tb_lightning.signals import raise_if_stopped
+from tb_lightning.inference.runner import run_over_images
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +62,6 @@ TMP_PATTERN = ".features-*" + TMP_SUFFIX
 STALE_TMP_SECONDS = 3600
 
 
-def parse_cache_mode(value: Any) -> str | bool:
-    """`data.cache_features`: auto, true or false (YAML may hand over strings)."""
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        value = value.lower() == "true"
-    if value not in CACHE_MODES or (value != "auto" and not isinstance(value, bool)):
-        raise ConfigError(
-            f"data.cache_features={value!r} is not allowed; use auto (cache when the backbone is "
-            "frozen and there is no augmentation), true or false."
-        )
-    return value
-
-
 def is_deterministic(transform: Callable) -> bool:
     """True when `transform` has no random step (a Compose of known deterministic transforms)."""
     steps = transform.transforms if isinstance(transform, v2.Compose) else [transform]
@@ -94,7 +80,6 @@ def cache_blockers(net: nn.Module, train_transform: Callable) -> list[str]:
 
 def should_cache(mode: str | bool, net: nn.Module, train_transform: Callable) -> bool:
     """Resolve `data.cache_features` for this net and transform; true where invalid is an error."""
-    mode = parse_cache_mode(mode)
     if mode is False:
         return False
     reasons = cache_blockers(net, train_transform)
@@ -182,46 +167,36 @@ def extract_features(
 ) -> torch.Tensor:
     """`net.forward_features` of every sample, float32 (N, D), in the order of `samples`.
 
-    channels_last suits oneDNN/cuDNN convolutions; bf16 autocast only with native support.
-    The net is restored to its former device and memory format afterwards.
+    Through the one image pass of inference/runner.py. channels_last suits oneDNN/cuDNN
+    convolutions; bf16 autocast only with native support. The net is restored to its former
+    device, mode and memory format afterwards.
     """
-    from tqdm import tqdm
-
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    loader = DataLoader(
-        ImageTableDataset(samples, transform),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
     was_training, old_device = net.training, next(net.parameters()).device
-    # Converted outside no_grad: parameters must stay normal tensors for later training.
+    # Converted outside inference mode: parameters must stay normal tensors for later training.
     net.eval().to(device)
     net.features.to(memory_format=torch.channels_last)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    )
-    chunks = []
     try:
-        with (
-            torch.no_grad(),
-            autocast,
-            tqdm(
-                total=len(samples), desc=f"Extracting features ({precision})", disable=not progress
-            ) as bar,
-        ):
-            for images, _ in loader:
-                raise_if_stopped()  # a safe point for Ctrl-C / SIGTERM (tb_lightning/signals.py)
-                images = images.to(device, non_blocking=True)
-                images = images.contiguous(memory_format=torch.channels_last)
-                chunks.append(net.forward_features(images).float().cpu())
-                bar.update(len(images))
+        run = run_over_images(
+            lambda images: net.forward_features(
+                images.contiguous(memory_format=torch.channels_last)
+            ),
+            [s.path for s in samples],
+            transform,
+            image_size=0,  # not tolerant: no blank images are made
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            autocast_bf16=precision == "bf16",
+            tolerant=False,
+            progress=progress,
+            description=f"Extracting features ({precision})",
+        )
     finally:
         net.features.to(memory_format=torch.contiguous_format)
         net.to(old_device).train(was_training)
-    return torch.cat(chunks)
+    return run.outputs
 
 
 class FeatureDataset(Dataset):
@@ -368,3 +343,25 @@ class FeatureCache:
             self.path,
         )
         return half
+
+
+def build_feature_cache(
+    datamodule: Any, net: nn.Module, device: torch.device | str = "cpu"
+) -> FeatureCache | None:
+    """The feature cache `data.cache_features` asks for, built (or read) for every sample of the
+    datamodule's split; None when features are not cached (trainable backbone, augmentation,
+    or `data.cache_features=false`). The datamodule is set up already."""
+    if not should_cache(datamodule.cache_features, net, datamodule.train_transform):
+        return None
+    if datamodule.cache_dir is None:
+        raise ConfigError("data.cache_dir is not set; set it to a folder, e.g. data/cache.")
+    cache = FeatureCache(
+        datamodule.cache_dir,
+        net,
+        datamodule.all_samples,
+        datamodule.transform,
+        device=device,
+        num_workers=datamodule.num_workers,
+    )
+    cache.load_or_build()
+    return cache

@@ -14,11 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from tb_lightning.data.sources import CLASS_NAMES
+from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.split import read_split_csv
 from tb_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_image
-from tb_lightning.errors import ConfigError
-from tb_lightning.inference import LoadedModel
+from tb_lightning.inference.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +100,7 @@ def export_model(
     num_check_images: int = 4,
 ) -> dict[str, Any]:
     """Write model.onnx|model.pt and model.json into output_dir; return the sidecar's content."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"format={fmt!r} is not one of {list(FORMATS)}.")
-    if (
-        isinstance(num_check_images, bool)
-        or not isinstance(num_check_images, int)
-        or (num_check_images < 1)
-    ):
-        raise ConfigError(f"check_images={num_check_images!r} must be an integer >= 1.")
+    # fmt and num_check_images were checked with the config (config/checks.py).
     output_dir.mkdir(parents=True, exist_ok=True)
     model = ProbabilityModel(loaded.model.net).cpu().eval()
     images, image_paths = check_images(loaded, num_check_images)

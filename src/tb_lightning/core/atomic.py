@@ -68,7 +68,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 def check_writable(folder: str | Path, key: str) -> None:
     """Create `folder` if needed and make sure files can be written in it: one sentence naming
     the folder and the config key that sets it, before any work that would be lost."""
-    from tb_lightning.errors import ConfigError
+    from tb_lightning.core.errors import ConfigError
 
     folder = Path(folder)
     try:

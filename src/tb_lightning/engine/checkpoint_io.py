@@ -13,7 +13,7 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from tb_lightning.atomic import atomic_torch_save
+from tb_lightning.core.atomic import atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

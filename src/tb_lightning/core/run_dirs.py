@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tb_lightning.errors import ConfigError
+from tb_lightning.core.errors import ConfigError
 
 LAST = "last"
 # Keys that may differ between a run and its resume: they do not change what is computed

@@ -12,12 +12,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tb_lightning.errors import ConfigError, Stopped, UserError
+from tb_lightning.core.errors import Stopped, UserError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 
 
 def quiet_known_warnings() -> None:
@@ -90,7 +88,7 @@ def record_job_error(message: str) -> None:
     files stay as they are."""
     from hydra.core.hydra_config import HydraConfig
 
-    from tb_lightning.atomic import atomic_write
+    from tb_lightning.core.atomic import atomic_write
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     if not (output_dir / "metrics.json").exists():
@@ -103,22 +101,6 @@ def in_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def check_accelerator(accelerator: Any) -> None:
-    """Fail before any work when trainer.accelerator cannot run here."""
-    if accelerator not in ACCELERATORS:
-        raise ConfigError(
-            f"trainer.accelerator={accelerator!r} is not one of {list(ACCELERATORS)}; "
-            "use e.g. trainer=cpu or trainer=gpu."
-        )
-    import torch  # here, not at the top: entry points import this module before torch
-
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"trainer.accelerator={accelerator} but PyTorch sees no CUDA GPU here; use trainer=cpu "
-            "(or trainer.accelerator=auto), or run on a machine with an NVIDIA GPU and driver."
-        )
 
 
 def instantiate_config(config: Any, **kwargs: Any) -> Any:

@@ -4,11 +4,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tb_lightning.resume import invocation_subdir, resume_run_dir
+from tb_lightning.core.run_dirs import invocation_subdir, resume_run_dir
 
 # The package is installed editable from the checkout (`make install`), so the project root is
-# two levels above src/tb_lightning/.
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# three levels above src/tb_lightning/config/.
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 CONF_DIR = PROJECT_ROOT / "conf"
 
 

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric
 
-from tb_lightning.errors import ConfigError, UserError
 from tb_lightning.models.metrics import ClassificationMetrics
 from tb_lightning.models.net import build_net
 from tb_lightning.models.schedules import build_scheduler, scheduler_name
-from tb_lightning.models.torch_file import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +47,6 @@ class TBClassifier(L.LightningModule):
         super().__init__()
         net, optimizer = to_plain_dict(net), to_plain_dict(optimizer)
         scheduler = to_plain_dict(scheduler) if scheduler else None
-        lr = optimizer.get("lr")
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0:
-            raise ConfigError(f"model.optimizer.lr={lr!r} must be a number > 0, e.g. 1e-4.")
-        if not 0 < threshold < 1:
-            raise ConfigError(f"model.threshold={threshold!r} must be in (0, 1).")
-        scale = optimizer.get("backbone_lr_scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or scale < 0:
-            raise ConfigError(f"model.optimizer.backbone_lr_scale={scale!r} must be a number >= 0.")
-        check_fused_option(optimizer)
-        scheduler_name(scheduler)  # fail early on an unknown schedule
         self.save_hyperparameters(
             {"net": net, "optimizer": optimizer, "threshold": threshold, "scheduler": scheduler}
         )
@@ -161,66 +147,3 @@ class TBClassifier(L.LightningModule):
             return optimizer
         schedule = build_scheduler(optimizer, self.hparams.scheduler, self.trainer.max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
-
-
-def check_fused_option(optimizer: Mapping[str, Any]) -> None:
-    """conf/model sets `fused: true`; an optimizer class without that argument gets a sentence
-    (at construction) instead of a TypeError from inside Trainer.fit."""
-    if "fused" not in optimizer or "_target_" not in optimizer:
-        return
-    try:
-        target = get_class(optimizer["_target_"])
-    except (ImportError, ValueError):  # Hydra reports a bad _target_ when it instantiates it
-        return
-    if "fused" not in inspect.signature(target).parameters:
-        raise ConfigError(
-            f"model.optimizer._target_={optimizer['_target_']} has no `fused` argument; "
-            "add ~model.optimizer.fused to the command line."
-        )
-
-
-# What to pass instead of a file that is no checkpoint of this project.
-CHECKPOINT_FIX = (
-    "a checkpoint written by tb_lightning.train, e.g. "
-    "outputs/train/runs/<run>/checkpoints/best.ckpt"
-)
-
-
-def load_checkpoint(path: str | Path, config_key: str | None = None) -> dict[str, Any]:
-    """A Lightning checkpoint of this project, loaded without running pickled code.
-
-    Any problem raises UserError with one sentence that starts `Checkpoint <path>` (or
-    `<config_key>=<path>`, e.g. `ckpt_path=...`) and says what is wrong with the file: missing,
-    empty, not a PyTorch file, truncated, holding code, or not a Lightning checkpoint.
-    """
-    subject = f"{config_key}={path}" if config_key else f"Checkpoint {path}"
-    if not Path(path).expanduser().exists():
-        raise UserError(
-            f"{subject} does not exist; check {config_key or 'ckpt_path'} (pass {CHECKPOINT_FIX})."
-        )
-    checkpoint = load_torch_file(Path(path).expanduser(), subject, CHECKPOINT_FIX)
-    problem = _not_a_checkpoint(checkpoint)
-    if problem:
-        raise UserError(f"{subject} {problem}; pass {CHECKPOINT_FIX}.")
-    return checkpoint
-
-
-def _not_a_checkpoint(obj: Any) -> str | None:
-    """Why a loaded file is no Lightning checkpoint of this project, or None if it is one."""
-    if not isinstance(obj, dict):
-        return f"holds a {type(obj).__name__}, not a Lightning checkpoint"
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        # The usual mix-up: a bare state dict, which model.net.weights= accepts.
-        return (
-            f"holds a plain state dict ({len(obj)} tensors), not a Lightning checkpoint with "
-            "state_dict and hyper_parameters (to start training from these weights use "
-            "model.net.weights=<path> instead)"
-        )
-    absent = [k for k in ("state_dict", "hyper_parameters") if not isinstance(obj.get(k), dict)]
-    if absent:
-        keys = ", ".join(map(str, list(obj)[:5])) + (", ..." if len(obj) > 5 else "")
-        return (
-            f"is not a Lightning checkpoint of tb_lightning: it has no {' or '.join(absent)} "
-            f"(its keys: {keys or 'none'})"
-        )
-    return None

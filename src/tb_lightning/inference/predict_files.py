@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from tb_lightning.data.sources import CLASS_NAMES, IMAGE_EXTENSIONS
-from tb_lightning.errors import ConfigError, DataError
-from tb_lightning.inference import LoadedModel, Predictions, predict_images
-from tb_lightning.saliency import write_saliency_maps
+from tb_lightning.core.errors import DataError
+from tb_lightning.core.labels import CLASS_NAMES
+from tb_lightning.data.sources import IMAGE_EXTENSIONS
+from tb_lightning.inference.checkpoint import LoadedModel
+from tb_lightning.inference.runner import Predictions, predict_images
+from tb_lightning.inference.saliency import write_saliency_maps
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,6 @@ def collect_inputs(input_path: str | Path | None) -> list[str]:
     are named but cannot be used (missing, unreadable, not an image, truncated, huge, tiny) are
     kept here and reported as skipped after prediction.
     """
-    if not input_path:
-        raise ConfigError("input is not set; pass input=<image file, folder or CSV of paths>.")
     path = Path(input_path).expanduser().resolve()
     if not path.exists():
         raise DataError(
@@ -120,8 +120,6 @@ def run_prediction(
     tiny, truncated, unreadable or non-image file is listed in skipped.csv with the reason and
     gets no prediction, and the run goes on with the rest.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1.")
     predictions = predict_images(
         loaded.model, paths, loaded.image_size, batch_size, num_workers, device
     )

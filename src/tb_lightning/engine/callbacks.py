@@ -19,8 +19,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from tb_lightning.data.sources import CLASS_NAMES
-from tb_lightning.errors import UserError
+from tb_lightning.core.errors import UserError
+from tb_lightning.core.labels import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 

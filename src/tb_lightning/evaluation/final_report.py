@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from tb_lightning.atomic import atomic_write
+from tb_lightning.core.atomic import atomic_write
+from tb_lightning.core.errors import DataError
+from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.datamodule import TBDataModule
-from tb_lightning.data.sources import CLASS_NAMES
-from tb_lightning.errors import DataError
 from tb_lightning.evaluation.evaluate import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
@@ -32,12 +32,8 @@ from tb_lightning.evaluation.evaluate import (
 )
 from tb_lightning.evaluation.operating import choose_operating_threshold, store_operating_threshold
 from tb_lightning.evaluation.report import format_split_block
-from tb_lightning.inference import (
-    INFERENCE_BATCH_SIZE,
-    describe_threshold_choice,
-    predict_images,
-    probabilities,
-)
+from tb_lightning.inference.checkpoint import describe_threshold_choice
+from tb_lightning.inference.runner import INFERENCE_BATCH_SIZE, predict_images, probabilities
 
 TEST_NOTE = (
     "Scored at the same operating threshold, which these images did not influence: the "

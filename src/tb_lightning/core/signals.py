@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-from tb_lightning.errors import Stopped
+from tb_lightning.core.errors import Stopped
 
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
 

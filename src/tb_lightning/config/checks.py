@@ -1,0 +1,473 @@
+"""Every config value a user sets, checked in one place before any data is read.
+
+`check_config` (train), `check_eval_config`, `check_predict_config` and `check_export_config`
+run first in their entry points. Each failure is one sentence naming the key, the value and
+what is allowed. The classes and functions that take these values trust them: they are built
+from a checked config, or from code that knows what it passes. Checks that need the data (a
+val_size larger than the data, fewer patients than folds, a file that is not an image) are made
+where the data is read (data/split.py, data/sources.py, data/integrity.py), once each. Typos in
+override keys are refused by Hydra's struct mode ("Key 'dropuot' is not in struct"), and keys
+added with `+` by `check_known_keys`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import numbers
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from tb_lightning.core.errors import ConfigError, WeightsError
+from tb_lightning.core.run_dirs import LAST, check_ckpt_path
+from tb_lightning.data.augment import AUGMENT_KEYS
+from tb_lightning.data.integrity import BAD_FILE_POLICIES, LEAK_POLICIES, PHASH_BITS
+from tb_lightning.data.phantom import LESION_MIXES
+from tb_lightning.data.sources import SOURCE_KEYS, SOURCES
+from tb_lightning.data.split import resolve_val_count, stratified_split
+from tb_lightning.evaluation.evaluate import SPLITS
+from tb_lightning.evaluation.thresholds import POLICIES
+from tb_lightning.inference.deploy import FORMATS
+from tb_lightning.inference.features import CACHE_MODES
+from tb_lightning.models.backbones import ARCHS, MIN_IMAGE_SIZE
+from tb_lightning.models.schedules import SCHEDULERS
+
+# Lightning 2.x precision names (the short aliases "32", "16", "bf16" included).
+PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+PRECISION_ALIASES = ("64", "32", "16", "bf16", "transformer-engine")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+# The top level of conf/train.yaml (experiment/debug/sweep presets merge into these).
+TOP_LEVEL_KEYS = (
+    "task_name",
+    "seed",
+    "ckpt_path",
+    "init_from",
+    "optimized_metric",
+    "threshold",
+    "data",
+    "model",
+    "callbacks",
+    "logger",
+    "trainer",
+    "paths",
+)
+THRESHOLD_KEYS = ("policy", "target")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _one_of(key: str, value: Any, allowed: Sequence[Any], hint: str = "") -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}{hint}.")
+
+
+def _positive_int(key: str, value: Any, minimum: int = 1) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}.")
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+def check_accelerator(accelerator: Any, key: str = "trainer.accelerator") -> None:
+    """Fail before any work when the accelerator cannot run here."""
+    _one_of(key, accelerator, ACCELERATORS, "; use e.g. trainer=cpu or trainer=gpu")
+    import torch  # here, not at the top: entry points import this module before torch
+
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{key}={accelerator} but PyTorch sees no CUDA GPU here; use trainer=cpu "
+            "(or trainer.accelerator=auto), or run on a machine with an NVIDIA GPU and driver."
+        )
+
+
+def check_threshold_value(value: Any) -> None:
+    """threshold.value (eval, predict, export): a TB-probability threshold, or null."""
+    if value is None:
+        return
+    if not _is_number(value):
+        raise ConfigError(f"threshold.value={value!r} must be a number in (0, 1).")
+    if not 0 < value < 1:
+        raise ConfigError(f"threshold.value={value} must be in (0, 1), e.g. 0.3.")
+
+
+def check_policy(policy: Any, target: Any = None) -> None:
+    """threshold.policy and, for the sensitivity policy, threshold.target."""
+    _one_of("threshold.policy", policy, POLICIES)
+    if policy == "sensitivity" and (not _is_number(target) or not 0 < target <= 1):
+        raise ConfigError(
+            f"threshold.target={target!r} must be a sensitivity in (0, 1], e.g. 0.95, "
+            "for threshold.policy=sensitivity."
+        )
+
+
+def check_model(model: Mapping[str, Any], max_epochs: Any = None) -> None:
+    """model.optimizer.*, model.net.*, model.scheduler.*, model.threshold."""
+    optimizer, net = model.get("optimizer") or {}, model.get("net") or {}
+    lr = optimizer.get("lr")
+    if not _is_number(lr) or lr <= 0:
+        raise ConfigError(f"model.optimizer.lr={lr!r} must be a number > 0, e.g. 1e-4.")
+    weight_decay = optimizer.get("weight_decay", 0.0)
+    if not _is_number(weight_decay) or weight_decay < 0:
+        raise ConfigError(
+            f"model.optimizer.weight_decay={weight_decay!r} must be a number >= 0 (0 disables it)."
+        )
+    scale = optimizer.get("backbone_lr_scale", 1.0)
+    if not _is_number(scale) or scale < 0:
+        raise ConfigError(f"model.optimizer.backbone_lr_scale={scale!r} must be a number >= 0.")
+    check_fused_option(optimizer)
+    arch = net.get("arch", "alexnet")
+    _one_of("model.net.arch", arch, ARCHS, " (torchvision backbones)")
+    dropout = net.get("dropout", 0.5)
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        raise ConfigError(f"model.net.dropout={dropout!r} must be a number in [0, 1).")
+    hidden_dim = net.get("hidden_dim", 510)
+    if not _is_int(hidden_dim) or hidden_dim < 1:
+        raise ConfigError(f"model.net.hidden_dim={hidden_dim!r} must be an integer >= 1.")
+    pool_size = net.get("pool_size")
+    if pool_size is not None and (not _is_int(pool_size) or pool_size < 1):
+        raise ConfigError(f"model.net.pool_size={pool_size!r} must be null or an integer >= 1.")
+    image_size = net.get("image_size", 512)
+    min_size = MIN_IMAGE_SIZE[arch]
+    if not _is_int(image_size) or image_size < min_size:
+        raise ConfigError(
+            f"data.image_size={image_size!r} is too small for {arch}; use an integer >= "
+            f"{min_size} (the reference experiment uses 512)."
+        )
+    weights = net.get("weights")
+    if weights not in (None, "imagenet") and not Path(str(weights)).expanduser().exists():
+        raise WeightsError(
+            f"model.net.weights={weights} does not exist; pass the path of a .pth state "
+            "dict, imagenet, or null."
+        )
+    threshold = model.get("threshold", 0.5)
+    if not _is_number(threshold) or not 0 < threshold < 1:
+        raise ConfigError(f"model.threshold={threshold!r} must be a number in (0, 1).")
+    check_scheduler(model.get("scheduler"), max_epochs)
+
+
+def check_fused_option(optimizer: Mapping[str, Any]) -> None:
+    """conf/model sets `fused: true`; an optimizer class without that argument gets a sentence
+    instead of a TypeError from inside Trainer.fit."""
+    if "fused" not in optimizer or "_target_" not in optimizer:
+        return
+    params = _parameters(optimizer["_target_"])
+    if params is not None and "fused" not in params:
+        raise ConfigError(
+            f"model.optimizer._target_={optimizer['_target_']} has no `fused` argument; "
+            "add ~model.optimizer.fused to the command line."
+        )
+
+
+def check_scheduler(scheduler: Mapping[str, Any] | None, max_epochs: Any) -> None:
+    """model.scheduler.name and its warm-up against trainer.max_epochs."""
+    scheduler = scheduler or {}
+    _one_of(
+        "model.scheduler.name",
+        scheduler.get("name", "none"),
+        SCHEDULERS,
+        "; pick a preset with model/scheduler=cosine|plateau|none",
+    )
+    warmup = scheduler.get("warmup_epochs", 0) or 0
+    if scheduler.get("name") == "cosine" and (
+        not _is_int(warmup)
+        or warmup < 0
+        or (_is_int(max_epochs) and max_epochs > 0 and warmup >= max_epochs)
+    ):
+        raise ConfigError(
+            f"model.scheduler.warmup_epochs={warmup} must be >= 0 and below "
+            f"trainer.max_epochs={max_epochs}."
+        )
+
+
+def check_augment(augment: Any) -> None:
+    """data.augment: known options with sensible values ({} = none)."""
+    if augment is None:
+        return
+    if not isinstance(augment, Mapping):
+        raise ConfigError(
+            f"data.augment={augment!r} is not a set of options; pick a preset with "
+            "data/augment=cxr or data/augment=none."
+        )
+    unknown = sorted(set(augment) - AUGMENT_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"data.augment.{unknown[0]} is not an augmentation option; use {sorted(AUGMENT_KEYS)}."
+        )
+    for key in ("rotation_degrees", "translate", "brightness", "contrast"):
+        value = augment.get(key) or 0
+        if not _is_number(value) or value < 0:
+            raise ConfigError(f"data.augment.{key}={value!r} must be a number >= 0.")
+    if (augment.get("translate") or 0) >= 1:
+        raise ConfigError(f"data.augment.translate={augment['translate']} must be below 1.")
+
+
+def check_phantom(phantom: Mapping[str, Any]) -> None:
+    """data.phantom.* (the synthetic set's size and look)."""
+    for key, minimum in (("num_normal", 1), ("num_tb", 1), ("image_size", 64), ("seed", 0)):
+        if key in phantom:
+            _positive_int(f"data.phantom.{key}", phantom[key], minimum)
+    _one_of("data.phantom.lesions", phantom.get("lesions", "mixed"), LESION_MIXES)
+
+
+def check_sources(entries: Any) -> None:
+    """data.sources: a list of {source, root[, class_names, class_map, name]}."""
+    for entry in entries or []:
+        entry = dict(entry)
+        unknown = set(entry) - set(SOURCE_KEYS)
+        if unknown or "source" not in entry or "root" not in entry:
+            raise ConfigError(
+                f"data.sources entry {entry} must set source and root (and may set "
+                f"class_names, class_map, name); unknown keys: {sorted(unknown)}."
+            )
+        allowed = [s for s in SOURCES if s != "phantom"]
+        _one_of("data.sources entry source", entry["source"], allowed)
+
+
+def check_data(data: Mapping[str, Any], arch: str = "alexnet") -> None:
+    """data.*; val_size against the data's size where that is known without reading it."""
+    source = data.get("source")
+    _one_of("data.source", source, SOURCES)
+    class_names = list(data.get("class_names") or [])
+    if len(class_names) != 2:
+        raise ConfigError(
+            f"data.class_names={class_names} must name two folders: "
+            "[negative, positive], e.g. [Normal, Tuberculosis]."
+        )
+    image_size = data.get("image_size")
+    min_size = MIN_IMAGE_SIZE.get(arch, max(MIN_IMAGE_SIZE.values()))
+    if not _is_int(image_size) or image_size < min_size:
+        raise ConfigError(
+            f"data.image_size={image_size!r} is too small for {arch}; use an integer >= "
+            f"{min_size} (the reference experiment uses 512)."
+        )
+    batch_size = data.get("batch_size")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ConfigError(f"data.batch_size={batch_size!r} must be an integer >= 1.")
+    check_num_workers("data.num_workers", data.get("num_workers", 0))
+    val_size = data.get("val_size")
+    if not _is_number(val_size):
+        raise ConfigError(
+            f"data.val_size={val_size!r} is not a number; use a count like 600 or a fraction "
+            "like 0.15."
+        )
+    if _is_int(val_size) and val_size < 2:
+        raise ConfigError(
+            f"data.val_size={val_size} is smaller than one validation image per class; use a "
+            "count >= 2 or a fraction like 0.15."
+        )
+    if isinstance(val_size, float):
+        resolve_val_count(val_size, 2)  # a fraction must lie in (0, 1)
+    test_size = data.get("test_size")
+    if test_size is not None:
+        if not _is_number(test_size) or test_size <= 0:
+            raise ConfigError(
+                f"data.test_size={test_size!r} must be a count >= 2 or a fraction in (0, 1), "
+                "or null for no held-out test split."
+            )
+        if isinstance(test_size, float):
+            resolve_val_count(test_size, 2, key="data.test_size")
+    num_folds, fold = data.get("num_folds"), data.get("fold", 0)
+    if num_folds is not None:
+        _positive_int("data.num_folds", num_folds, 2)
+        if not _is_int(fold) or not 0 <= fold < num_folds:
+            raise ConfigError(
+                f"data.fold={fold!r} is not a fold of data.num_folds={num_folds}; use "
+                f"0..{num_folds - 1}."
+            )
+    _one_of("data.on_bad_file", data.get("on_bad_file", "error"), BAD_FILE_POLICIES)
+    _one_of("data.on_leak", data.get("on_leak", "warn"), LEAK_POLICIES)
+    distance = data.get("near_duplicate_distance", 20)
+    if not _is_int(distance) or not 0 <= distance < PHASH_BITS:
+        raise ConfigError(
+            f"data.near_duplicate_distance={distance!r} must be an integer in 0..{PHASH_BITS - 1} "
+            f"(differing bits of {PHASH_BITS}-bit perceptual hashes; 0 = identical hashes only; "
+            "default 20)."
+        )
+    cache = data.get("cache_features", "auto")
+    if str(cache).lower() not in [str(m).lower() for m in CACHE_MODES]:
+        raise ConfigError(
+            f"data.cache_features={cache!r} is not allowed; use auto (cache when the backbone is "
+            "frozen and there is no augmentation), true or false."
+        )
+    if not isinstance(data.get("allow_outside_paths", False), bool):
+        raise ConfigError(
+            f"data.allow_outside_paths={data.get('allow_outside_paths')!r} must be true or false."
+        )
+    check_augment(data.get("augment"))
+    check_sources(data.get("sources"))
+    phantom = data.get("phantom") or {}
+    if source == "phantom":
+        check_phantom(phantom)
+    if source == "phantom" and not data.get("split_file") and not data.get("sources"):
+        # The phantom set's size is known from the config: split it on paper, as setup() will.
+        labels = [0] * int(phantom.get("num_normal", 0)) + [1] * int(phantom.get("num_tb", 0))
+        stratified_split(labels, val_size, 0)
+
+
+def check_num_workers(key: str, value: Any) -> None:
+    if value != "auto" and (not _is_int(value) or value < 0):
+        raise ConfigError(f"{key}={value!r} is not allowed; use auto or an integer >= 0.")
+
+
+def check_trainer(trainer: Mapping[str, Any]) -> None:
+    """trainer.accelerator, devices, max_epochs, precision."""
+    check_accelerator(trainer.get("accelerator", "auto"))
+    devices = trainer.get("devices", "auto")
+    allowed = (
+        devices == "auto"
+        or (_is_int(devices) and (devices >= 1 or devices == -1))
+        or (isinstance(devices, str) and devices.replace(",", "").strip().isdigit())
+        or (isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) > 0)
+    )
+    if not allowed:
+        raise ConfigError(
+            f"trainer.devices={devices!r} is not allowed; use auto, -1 (all), a count >= 1 "
+            "or a list of device indices."
+        )
+    max_epochs = trainer.get("max_epochs")
+    epochs_ok = _is_int(max_epochs) and (max_epochs >= 1 or max_epochs == -1)
+    if max_epochs is not None and not epochs_ok:
+        raise ConfigError(
+            f"trainer.max_epochs={max_epochs!r} must be an integer >= 1 (or -1 for no limit)."
+        )
+    precision = str(trainer.get("precision", "32-true"))
+    if precision not in PRECISIONS + PRECISION_ALIASES:
+        raise ConfigError(
+            f"trainer.precision={precision!r} is not one of {list(PRECISIONS)}; use e.g. "
+            "32-true (CPU) or 16-mixed (GPU)."
+        )
+
+
+# --- keys nothing reads -----------------------------------------------------------------------
+
+
+def _parameters(target: Any) -> set[str] | None:
+    """The keyword arguments a callable (or a `_target_` path) takes; None when it takes any."""
+    if isinstance(target, str):
+        from hydra.utils import get_object
+
+        try:
+            target = get_object(target)
+        except (ImportError, ValueError, AttributeError):
+            return None  # Hydra reports a bad _target_ itself
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params) - {"self"}
+
+
+def _refuse_unknown(section: str, keys: Any, allowed: set[str] | Sequence[str] | None) -> None:
+    if allowed is None:
+        return
+    allowed = set(allowed) | {"_target_", "_recursive_", "_partial_"}
+    for key in keys:
+        if key not in allowed:
+            name = f"{section}.{key}" if section else key
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f"did you mean {section + '.' if section else ''}{close[0]}? " if close else ""
+            raise ConfigError(
+                f"{name} is not a setting here ({hint}the settings are listed in conf/); remove "
+                f"+{name}=... from the command line."
+            )
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Keys added with `+key=value` (Hydra's advice for a typo) that nothing would read: one
+    sentence with the closest real key, instead of a TypeError from the class later."""
+    _refuse_unknown("", cfg.keys(), TOP_LEVEL_KEYS)
+    _refuse_unknown("threshold", (cfg.get("threshold") or {}).keys(), THRESHOLD_KEYS)
+    for section in ("data", "model", "trainer"):
+        node = cfg.get(section) or {}
+        _refuse_unknown(section, node.keys(), _parameters(node.get("_target_", "")))
+    net = (cfg.get("model") or {}).get("net") or {}
+    from tb_lightning.models.net import build_net
+
+    _refuse_unknown("model.net", net.keys(), _parameters(build_net))
+
+
+# --- one entry point each ---------------------------------------------------------------------
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Check every value train() uses before anything is read or written."""
+    check_known_keys(cfg)
+    seed = cfg.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise ConfigError(f"seed={seed!r} must be an integer, or null for an unseeded run.")
+    check_trainer(cfg.trainer)
+    check_model(cfg.model, cfg.trainer.get("max_epochs"))
+    check_data(cfg.data, cfg.model.get("net", {}).get("arch", "alexnet"))
+    threshold = cfg.get("threshold") or {}
+    check_policy(threshold.get("policy", "youden"), threshold.get("target", 0.95))
+    if cfg.get("ckpt_path") not in (None, "", LAST):
+        check_ckpt_path(cfg.ckpt_path)
+    init_from = cfg.get("init_from")
+    if init_from is not None and not Path(str(init_from)).expanduser().is_file():
+        raise ConfigError(
+            f"init_from={init_from} does not exist; pass the checkpoint whose weights the new "
+            "run starts from, e.g. outputs/train/runs/<run>/checkpoints/best.ckpt."
+        )
+
+
+def _check_ckpt_path_set(cfg: DictConfig) -> None:
+    if not cfg.get("ckpt_path"):
+        raise ConfigError(
+            "ckpt_path is not set; pass ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt."
+        )
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    """python -m tb_lightning.eval: eval.*, threshold.value, the accelerator, a data source."""
+    _check_ckpt_path_set(cfg)
+    check_accelerator(cfg.trainer.get("accelerator", "auto"))
+    check_threshold_value(cfg.threshold.get("value"))
+    split = cfg.eval.get("split")
+    if split is not None:
+        _one_of("eval.split", split, SPLITS)
+    if split == "all" and cfg.get("data") is None:
+        raise ConfigError(
+            "eval.split=all needs a data source: add data=folder data.root=<folder> (or "
+            "data=tb_cxr / data=phantom)."
+        )
+    bootstrap = cfg.eval.get("bootstrap")
+    if not _is_int(bootstrap) or bootstrap < 100:
+        raise ConfigError(f"eval.bootstrap={bootstrap!r} must be an integer >= 100 (default 2000).")
+    _positive_int("eval.batch_size", cfg.eval.get("batch_size"))
+    check_num_workers("eval.num_workers", cfg.eval.get("num_workers", 0))
+    if cfg.get("data") is not None:
+        _one_of("data.source", cfg.data.get("source"), SOURCES)
+        _one_of("data.on_bad_file", cfg.data.get("on_bad_file", "error"), BAD_FILE_POLICIES)
+
+
+def check_predict_config(cfg: DictConfig) -> None:
+    """python -m tb_lightning.predict: input, batch_size, workers, threshold.value."""
+    _check_ckpt_path_set(cfg)
+    if not cfg.get("input"):
+        raise ConfigError("input is not set; pass input=<image file, folder or CSV of paths>.")
+    check_accelerator(cfg.trainer.get("accelerator", "auto"))
+    check_threshold_value(cfg.threshold.get("value"))
+    _positive_int("batch_size", cfg.get("batch_size"))
+    check_num_workers("num_workers", cfg.get("num_workers", 0))
+
+
+def check_export_config(cfg: DictConfig) -> None:
+    """python -m tb_lightning.export: format, check_images, threshold.value."""
+    _check_ckpt_path_set(cfg)
+    _one_of("format", cfg.get("format"), FORMATS)
+    _positive_int("check_images", cfg.get("check_images"))
+    check_threshold_value(cfg.threshold.get("value"))
+
+
+def runs_dir(cfg: DictConfig) -> Path:
+    """Where `ckpt_path=last` looks: outputs/<task>/runs."""
+    return Path(cfg.paths.log_dir) / cfg.get("task_name", "train") / "runs"

@@ -1,0 +1,1 @@
+"""Shared utilities every layer may use: errors, atomic writes, labels, signals, task helpers."""

@@ -1,0 +1,1 @@
+"""Running a trained model: loading checkpoints, predicting, exporting, saliency, features."""

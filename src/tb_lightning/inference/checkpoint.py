@@ -1,0 +1,106 @@
+"""Rebuild a trained classifier from its checkpoint, with the operating threshold it stores."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tb_lightning.core.errors import UserError
+from tb_lightning.models.classifier import TBClassifier
+from tb_lightning.models.torch_file import describe_key_mismatch, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Where training stores the operating threshold chosen on the validation split.
+THRESHOLD_KEY = "operating_threshold"
+# How that choice is described wherever a figure at it is reported (the reports test for it).
+CHOSEN_ON_VAL = "chosen on the validation split"
+
+
+def describe_threshold_choice(choice: dict[str, Any]) -> str:
+    """`chosen on the validation split (60 images) by threshold.policy=youden`, for reports."""
+    target = f", target {choice['target']}" if choice.get("policy") == "sensitivity" else ""
+    images = f" ({choice['val_images']} images)" if choice.get("val_images") else ""
+    return f"{CHOSEN_ON_VAL}{images} by threshold.policy={choice['policy']}{target}"
+
+
+@dataclass
+class LoadedModel:
+    """A classifier in eval mode with what its checkpoint says about it."""
+
+    model: TBClassifier
+    checkpoint_path: Path
+    image_size: int
+    stored_threshold: dict[str, Any] | None  # train.py's threshold choice, if any
+    hparams_threshold: float
+    pos_weight: float
+
+    @property
+    def run_dir(self) -> Path:
+        """The training run directory (checkpoints/<name>.ckpt lives one level below it)."""
+        return self.checkpoint_path.parent.parent
+
+
+def load_model(ckpt_path: str | Path | None) -> LoadedModel:
+    """The TBClassifier of a checkpoint written by tb_lightning.train, ready for inference."""
+    path = Path(ckpt_path).expanduser().resolve()
+    checkpoint = load_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters")
+    # load_checkpoint made sure of state_dict and hyper_parameters; these say what to build.
+    absent = [k for k in ("net", "optimizer", "threshold") if k not in hparams]
+    if absent:
+        raise UserError(
+            f"Checkpoint {path} holds no tb_lightning model (its hyper_parameters lack "
+            f"{', '.join(absent)}); pass a checkpoints/best.ckpt written by tb_lightning.train."
+        )
+    # The checkpoint holds every weight: never look for (or download) ImageNet weights here.
+    net = {**hparams["net"], "weights": None}
+    # build_net warns that weights=null means random features; here the checkpoint's weights
+    # replace them at once, so that warning would mislead.
+    net_log = logging.getLogger("tb_lightning.models.net")
+    level = net_log.level
+    net_log.setLevel(logging.ERROR)
+    try:
+        model = TBClassifier(
+            net=net, optimizer=hparams["optimizer"], threshold=hparams["threshold"]
+        )
+    finally:
+        net_log.setLevel(level)
+    # A checkpoint of another architecture or head size (or with edited hyper_parameters) would
+    # fail in load_state_dict with a long traceback: say which keys do not fit instead.
+    mismatch = describe_key_mismatch(model.state_dict(), checkpoint["state_dict"])
+    if mismatch:
+        raise UserError(
+            f"Checkpoint {path} does not fit the network its hyper_parameters describe "
+            f"(model.net.arch={net.get('arch', 'alexnet')}, image_size={net.get('image_size')}): "
+            f"its state_dict {mismatch}; pass a checkpoint written by tb_lightning.train, with "
+            "its hyper_parameters unedited."
+        )
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return LoadedModel(
+        model=model,
+        checkpoint_path=path,
+        image_size=int(net["image_size"]),
+        stored_threshold=checkpoint.get(THRESHOLD_KEY),
+        hparams_threshold=float(hparams["threshold"]),
+        pos_weight=float(model.pos_weight),
+    )
+
+
+def resolve_threshold(loaded: LoadedModel, override: float | None) -> tuple[float, str]:
+    """(threshold, where it came from): threshold.value, else the stored choice, else 0.5."""
+    if override is not None:  # in (0, 1): checked with the config
+        return float(override), "threshold.value (command line)"
+    stored = loaded.stored_threshold
+    if stored:
+        return float(stored["value"]), describe_threshold_choice(stored)
+    log.warning(
+        "Checkpoint %s stores no operating threshold (only best.ckpt gets one, at the end of "
+        "training); using model.threshold=%s. Set one with threshold.value=...",
+        loaded.checkpoint_path,
+        loaded.hparams_threshold,
+    )
+    return loaded.hparams_threshold, "model.threshold (no threshold stored in the checkpoint)"
