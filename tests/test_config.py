@@ -32,18 +32,18 @@ def test_every_group_has_its_options():
     assert {"tb_cxr", "phantom", "folder"} <= set(options("data"))
     assert {"default", "cpu", "gpu", "ddp", "ddp_cpu"} <= set(options("trainer"))
     assert {"tensorboard", "csv"} <= set(options("logger"))
-    assert {"seed", "quickstart"} <= set(options("experiment"))
+    assert {"reference", "quickstart", "nlm_scratch"} <= set(options("experiment"))
     assert {"fdr", "overfit"} <= set(options("debug"))
     assert options("model") == ["alexnet"]
     assert {"none", "cosine", "plateau"} <= set(options("model/scheduler"))
     assert {"none", "cxr"} <= set(options("data/augment"))
 
 
-def test_defaults_are_the_seed_configuration():
+def test_defaults_are_the_reference_configuration():
     cfg = compose_train([])
-    seed = compose_train(["experiment=seed"])
+    reference = compose_train(["experiment=reference"])
     for key in ("data", "model", "trainer"):
-        assert cfg[key] == seed[key], key
+        assert cfg[key] == reference[key], key
     assert cfg.data.image_size == 512 and cfg.data.batch_size == 18 and cfg.data.val_size == 600
     assert cfg.model.net.weights == "imagenet" and cfg.model.net.freeze_features
     assert cfg.seed == 42 and cfg.ckpt_path is None and cfg.optimized_metric == "val/auroc"
@@ -95,10 +95,10 @@ def test_quickstart_and_debug_presets():
     assert quick.data.phantom.lesions == "conspicuous"
     assert quick.model.net.freeze_features is False and quick.model.net.arch == "resnet18"
     assert quick.data.root.endswith("data/phantom-quickstart")
-    # The seed's frozen-feature preset is untouched.
-    seed = compose_train(["experiment=seed"])
-    assert seed.model.net.freeze_features is True and seed.model.net.weights == "imagenet"
-    assert seed.model.net.arch == "alexnet" and seed.data.source == "tb_cxr"
+    # The reference experiment's frozen-feature preset is untouched.
+    reference = compose_train(["experiment=reference"])
+    assert reference.model.net.freeze_features and reference.model.net.weights == "imagenet"
+    assert reference.model.net.arch == "alexnet" and reference.data.source == "tb_cxr"
     assert compose_train(["debug=fdr"]).trainer.fast_dev_run is True
     assert compose_train(["debug=overfit"]).trainer.overfit_batches == 2
 

@@ -14,7 +14,7 @@ from tb_lightning.data.sources import Sample
 from tb_lightning.evaluation.bootstrap import bootstrap_ci, bootstrap_weights
 from tb_lightning.evaluation.figures import calibration_bins
 from tb_lightning.evaluation.populations import source_groups, source_of
-from tb_lightning.evaluation.report import screening_summary, seed_report_metrics
+from tb_lightning.evaluation.report import reference_report_metrics, screening_summary
 from tb_lightning.evaluation.stats import weighted_metrics
 from tb_lightning.evaluation.thresholds import choose_threshold
 
@@ -113,11 +113,11 @@ def test_screening_summary_who_check():
     assert low < 0.95 <= high
 
 
-def test_seed_report_metrics_match_sklearn(scores):
+def test_reference_report_metrics_match_sklearn(scores):
     probs, target = scores
     probs = np.clip(probs, 0.01, 0.99)
     logits = np.log(probs / (1 - probs))
-    ours = seed_report_metrics(logits, probs, target, 0.4, pos_weight=2.0, prefix="eval")
+    ours = reference_report_metrics(logits, probs, target, 0.4, pos_weight=2.0, prefix="eval")
     preds = (probs >= 0.4).astype(int)
     precision, recall, f1, _ = skm.precision_recall_fscore_support(target, preds, labels=[0, 1])
     weights = np.where(target == 1, 2.0, 1.0)

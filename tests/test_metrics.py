@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from tb_lightning.evaluation.report import format_seed_report
+from tb_lightning.evaluation.report import format_reference_report
 from tb_lightning.models.metrics import ClassificationMetrics
 
 
@@ -72,7 +72,7 @@ def test_seed_report_format():
         "val/f1/Tuberculosis": 0.979798,
         "val/confusion_matrix": [[499, 1], [3, 97]],
     }
-    report = format_seed_report(values, "val", threshold=0.4321)
+    report = format_reference_report(values, "val", threshold=0.4321)
     assert report.startswith(
         "At p_tb >= 0.4321 (the loss is threshold-free):\n"
         "Validation loss: 0.019457, Validation acc: 99.333333,\n"

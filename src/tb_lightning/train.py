@@ -10,6 +10,7 @@ the first log line come at once. The work itself is tb_lightning/engine/training
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,30 @@ def main(cfg: DictConfig) -> float | None:
     return float(value) if value is not None else None
 
 
+# Command-line choices that need the optional 'sweeps' extra (Hydra plugins): Hydra would
+# refuse them while composing, before any code of ours runs, with a list of what it has.
+SWEEP_PLUGIN_CHOICES = (
+    "sweep=optuna",
+    "hydra/sweeper=optuna",
+    "hydra/launcher=submitit",
+    "hydra/launcher=slurm",
+)
+
+
 def cli() -> None:
     """The command (`python -m tb_lightning.train`, `tb-train`): Ctrl-C and SIGTERM stop it
-    with a sentence and exit code 130 / 143 from its first moment (tb_lightning/signals.py)."""
+    with a sentence and exit code 130 / 143 from its first moment (core/signals.py)."""
+    from tb_lightning.core.errors import ConfigError
+    from tb_lightning.core.extras import require
     from tb_lightning.core.signals import exit_on_stop
 
+    chosen = [a for a in sys.argv[1:] if a.startswith(SWEEP_PLUGIN_CHOICES)]
+    try:
+        if chosen:
+            require("sweeps", chosen[0])
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        raise SystemExit(1) from None
     with exit_on_stop():
         main()
 

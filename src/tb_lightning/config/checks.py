@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tb_lightning.core.errors import ConfigError, WeightsError
+from tb_lightning.core.extras import require as require_extra
 from tb_lightning.core.run_dirs import LAST, check_ckpt_path
 from tb_lightning.data.augment import AUGMENT_KEYS
 from tb_lightning.data.integrity import BAD_FILE_POLICIES, LEAK_POLICIES, PHASH_BITS
@@ -458,12 +459,16 @@ def check_predict_config(cfg: DictConfig) -> None:
     check_threshold_value(cfg.threshold.get("value"))
     _positive_int("batch_size", cfg.get("batch_size"))
     check_num_workers("num_workers", cfg.get("num_workers", 0))
+    if cfg.get("saliency"):
+        require_extra("saliency", "predict saliency=true (Grad-CAM)")
 
 
 def check_export_config(cfg: DictConfig) -> None:
     """python -m tb_lightning.export: format, check_images, threshold.value."""
     _check_ckpt_path_set(cfg)
     _one_of("format", cfg.get("format"), FORMATS)
+    if cfg.get("format") == "onnx":
+        require_extra("export", "export format=onnx")
     _positive_int("check_images", cfg.get("check_images"))
     check_threshold_value(cfg.threshold.get("value"))
 

@@ -1,7 +1,7 @@
 """Keep large CPU tensors' memory in the process instead of handing it back after every step.
 
 PyTorch's CPU tensors come straight from glibc malloc, and glibc serves every block above 32 MB
-with a fresh mmap that is unmapped again on free. The seed's head weight (57600 x 510 floats,
+with a fresh mmap that is unmapped again on free. The reference head weight (57600 x 510 floats,
 117 MB) gets a new gradient of that size at every step, so each step page-faults 117 MB of fresh
 zeroed pages: measured here (2-core EPYC), close to half of a head training step. Raising
 glibc's mmap and trim thresholds keeps such blocks in the heap for reuse. The numbers computed are

@@ -10,9 +10,11 @@ so that the rename itself survives a crash. Every file this project writes for l
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -56,6 +58,35 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
     """Write text (UTF-8) or bytes to path atomically."""
     payload = data.encode() if isinstance(data, str) else data
     atomic_write_with(path, lambda f: f.write(payload))
+
+
+def atomic_write_csv(
+    path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """A CSV file (header, then rows) written atomically."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write(path, out.getvalue())
+
+
+@contextlib.contextmanager
+def atomic_target(path: str | Path) -> Iterator[Path]:
+    """For a library that writes to a file name (ONNX export): a temporary name beside path,
+    renamed over path when the block succeeds, removed when it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp_name)
+        os.chmod(tmp_name, 0o666 & ~_umask())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

@@ -285,7 +285,7 @@ class TBDataModule(L.LightningDataModule):
     def pos_weight(self) -> float:
         """Weight of the Tuberculosis term in the loss: #Normal / #TB in the train split.
 
-        With it, both classes contribute equally to the loss, as the seed's class-weighted
+        With it, both classes contribute equally to the loss, as the reference's class-weighted
         cross-entropy does.
         """
         n_normal, n_tb = self.class_counts("train")

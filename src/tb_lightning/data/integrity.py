@@ -24,6 +24,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from tb_lightning.core.atomic import atomic_write
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.signals import cancel_pending_on_stop, raise_if_stopped
 from tb_lightning.data.sources import Sample
@@ -109,10 +110,8 @@ def load_cache(path: Path | None) -> dict[str, Any]:
 def save_cache(path: Path | None, entries: Mapping[str, Any]) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"version": CACHE_VERSION, "files": entries}))
-    tmp.replace(path)  # atomic: a concurrent run reads the old or the new cache, never half
+    # Atomic: a concurrent run reads the old or the new cache, never half of one.
+    atomic_write(path, json.dumps({"version": CACHE_VERSION, "files": entries}))
 
 
 def inspect_files(

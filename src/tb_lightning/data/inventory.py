@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tb_lightning.core.atomic import atomic_write
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.sources import Sample
 
@@ -86,4 +87,4 @@ def build_data_report(
 def write_data_report(path: str | Path, report: Mapping[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(path, json.dumps(report, indent=2) + "\n")

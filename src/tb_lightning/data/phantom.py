@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 import zlib
 from collections.abc import Iterable
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tb_lightning.core.atomic import atomic_write, atomic_write_with
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.core.signals import cancel_pending_on_stop, raise_if_stopped
@@ -560,24 +560,11 @@ def phantom_path(root: Path, label: int, index: int) -> Path:
     return Path(root) / name / f"{name}-{index}.png"
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write via a temp file in the same folder, then os.replace: never half a file on disk."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_png(path: Path, arr: np.ndarray) -> None:
     img = Image.fromarray(arr)  # 2-D uint8 -> mode "L"
     # Fast zlib settings: the noise makes PNGs incompressible beyond ~2:1 anyway.
     save = {"format": "PNG", "compress_level": 1, "compress_type": zlib.Z_RLE}
-    _atomic_write_bytes(path, lambda fh: img.save(fh, **save))
+    atomic_write_with(path, lambda fh: img.save(fh, **save))
 
 
 def _render_and_write(job: tuple[str, int, int, int, int, str]) -> None:
@@ -648,7 +635,7 @@ def ensure_phantom_dataset(
     if _read_meta(meta_path) != {**wanted, "note": _NOTE}:
         # Written before any image, so the PNGs on disk always match the json's settings.
         text = json.dumps({**wanted, "note": _NOTE}, indent=2) + "\n"
-        _atomic_write_bytes(meta_path, lambda fh: fh.write(text.encode()))
+        atomic_write(meta_path, text)
 
     items: list[tuple[Path, int]] = []
     for label, count in ((0, num_normal), (1, num_tb)):

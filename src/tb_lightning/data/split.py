@@ -7,6 +7,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from tb_lightning.core.atomic import atomic_write_csv
 from tb_lightning.core.errors import ConfigError, DataError
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.sources import Sample
@@ -15,7 +16,7 @@ SPLIT_COLUMNS = ("path", "label", "class_name", "split", "patient_id", "source")
 
 
 def resolve_val_count(val_size: int | float, num_samples: int, key: str = "data.val_size") -> int:
-    """`data.val_size` as a count: an int is a count (the seed's 600), a float a fraction."""
+    """`data.val_size` as a count: an int is a count (the reference's 600), a float a fraction."""
     if isinstance(val_size, bool) or not isinstance(val_size, int | float):
         raise ConfigError(
             f"{key}={val_size!r} is not a number; use a count like 600 or a fraction like 0.15."
@@ -85,16 +86,12 @@ def write_split_csv(
     test: Sequence[Sample] = (),
 ) -> None:
     """Write the split so that `data.split_file=<path>` reproduces it exactly."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(SPLIT_COLUMNS)
-        for split, samples in (("train", train), ("val", val), ("test", test)):
-            for s in samples:
-                writer.writerow(
-                    [s.path, s.label, CLASS_NAMES[s.label], split, s.patient_id, s.source]
-                )
+    rows = [
+        [s.path, s.label, CLASS_NAMES[s.label], split, s.patient_id, s.source]
+        for split, samples in (("train", train), ("val", val), ("test", test))
+        for s in samples
+    ]
+    atomic_write_csv(path, SPLIT_COLUMNS, rows)
 
 
 def read_split_csv(path: str | Path) -> tuple[list[Sample], list[Sample]]:

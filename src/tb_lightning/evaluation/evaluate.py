@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tb_lightning.core.atomic import atomic_write
+from tb_lightning.core.atomic import atomic_write, atomic_write_csv
 from tb_lightning.core.errors import DataError
 from tb_lightning.data.integrity import apply_bad_file_policy
 from tb_lightning.data.sources import Sample
@@ -23,8 +22,8 @@ from tb_lightning.evaluation.figures import evaluation_figures, write_figures
 from tb_lightning.evaluation.populations import source_groups, source_of
 from tb_lightning.evaluation.report import (
     format_split_block,
+    reference_report_metrics,
     screening_summary,
-    seed_report_metrics,
 )
 from tb_lightning.evaluation.stats import RANKING, RATES
 from tb_lightning.inference.checkpoint import CHOSEN_ON_VAL, LoadedModel
@@ -142,11 +141,11 @@ def score_split(
 ) -> dict[str, Any]:
     """Every number for one split at one threshold, from the model's logits.
 
-    Flat keys `<split>/<name>` (the seed's loss, accuracy and per-class precision/recall/F1,
-    AUROC, average precision, sensitivity, specificity, PPV, NPV, the confusion matrix) for
-    quick reading and the sweep summary, and `<split>` -> {"overall", "per_source"} with the
-    bootstrap intervals and the WHO check. Only loss, AUROC and average precision are
-    threshold-free.
+    Flat keys `<split>/<name>` (the reference report's loss, accuracy, per-class
+    precision/recall/F1, AUROC, average precision, sensitivity, specificity, PPV, NPV, the
+    confusion matrix) for quick reading and the sweep summary, and `<split>` -> {"overall",
+    "per_source"} with the bootstrap intervals and the WHO check. Only loss, AUROC and average
+    precision are threshold-free.
     """
     labels = np.array([s.label for s in samples], dtype=int)
     if len(set(labels.tolist())) < 2:
@@ -161,7 +160,7 @@ def score_split(
         for name, idx in source_groups(samples).items()
         if len(set(labels[idx].tolist())) == 2  # a one-class source has no AUROC/spec pair
     }
-    scores = seed_report_metrics(logits, probs, labels, threshold, pos_weight, split)
+    scores = reference_report_metrics(logits, probs, labels, threshold, pos_weight, split)
     for name in RANKING + RATES:
         scores[f"{split}/{name}"] = overall[name]
     scores[f"{split}/confusion_matrix"] = overall["confusion_matrix"]
@@ -295,12 +294,8 @@ def drop_bad_files(
 
 def write_skipped(path: Path, skipped: Sequence[dict[str, Any]]) -> None:
     """skipped.csv: path, label and reason of each file left out."""
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["path", "label", "reason"])
-    for entry in skipped:
-        writer.writerow([entry["path"], entry["label"], entry["reason"]])
-    atomic_write(path, out.getvalue())
+    rows = [[e["path"], e["label"], e["reason"]] for e in skipped]
+    atomic_write_csv(path, ["path", "label", "reason"], rows)
 
 
 def bootstrap_settings(n_bootstrap: int, seed: int) -> dict[str, Any]:
@@ -330,22 +325,17 @@ def write_eval_predictions(
     threshold_source: str,
 ) -> None:
     """One row per image: what the model said, at which threshold, and what the truth is."""
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(
-        ["path", "label", "source", "p_tb", "predicted_label", "threshold", "threshold_source"]
-    )
-    for sample, p in zip(samples, probs, strict=True):
-        called = int(p >= threshold)
-        writer.writerow(
-            [
-                sample.path,
-                sample.label,
-                source_of(sample),
-                f"{p:.6f}",
-                called,
-                threshold,
-                threshold_source,
-            ]
-        )
-    atomic_write(path, out.getvalue())
+    header = ["path", "label", "source", "p_tb", "predicted_label", "threshold", "threshold_source"]
+    rows = [
+        [
+            s.path,
+            s.label,
+            source_of(s),
+            f"{p:.6f}",
+            int(p >= threshold),
+            threshold,
+            threshold_source,
+        ]
+        for s, p in zip(samples, probs, strict=True)
+    ]
+    atomic_write_csv(path, header, rows)

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from tb_lightning.core.atomic import atomic_write_with
 from tb_lightning.core.labels import CLASS_NAMES  # noqa: E402
 from tb_lightning.evaluation.stats import curve_points  # noqa: E402
 
@@ -153,7 +154,7 @@ def write_figures(
     try:
         for name, fig in figures.items():
             path = figure_dir / f"{name}.png"
-            fig.savefig(path, dpi=120)
+            atomic_write_with(path, lambda f, fig=fig: fig.savefig(f, format="png", dpi=120))
             paths.append(path)
             writer.add_figure(f"eval/{name}", fig, close=True)
         for name, value in (scalars or {}).items():

@@ -71,7 +71,7 @@ def screening_summary(
     return summary
 
 
-def seed_report_metrics(
+def reference_report_metrics(
     logits: np.ndarray,
     probs: np.ndarray,
     target: np.ndarray,
@@ -79,7 +79,7 @@ def seed_report_metrics(
     pos_weight: float,
     prefix: str,
 ) -> dict[str, Any]:
-    """The numbers of the seed's report (format_seed_report) at the given threshold.
+    """The numbers of the reference report (format_reference_report) at the given threshold.
 
     The loss is the training loss: binary cross-entropy on the logit with the checkpoint's
     pos_weight, averaged over images.
@@ -178,12 +178,12 @@ def format_per_source(per_source: Mapping[str, Mapping[str, Any]], threshold: fl
     return "\n".join(lines) + "\n"
 
 
-# How each split is named in the seed-format lines ("Validation loss: ...").
+# How each split is named in the reference-format lines ("Validation loss: ...").
 SPLIT_WORDS = {"val": "Validation", "test": "Test", "all": "Evaluation"}
 SPLIT_TITLES = {"val": "Validation split", "test": "Held-out test split", "all": "All images"}
 
 
-def format_seed_report(metrics: Mapping[str, Any], prefix: str, threshold: float) -> str:
+def format_reference_report(metrics: Mapping[str, Any], prefix: str, threshold: float) -> str:
     """The seed README's report (loss, accuracy, per-class precision/recall/F1) at `threshold`,
     followed by the confusion matrix; `prefix` is the split whose keys are read (val, test)."""
     word = SPLIT_WORDS.get(prefix, prefix.capitalize())
@@ -212,7 +212,7 @@ def format_seed_report(metrics: Mapping[str, Any], prefix: str, threshold: float
 def format_split_block(
     scores: Mapping[str, Any], split: str, n_bootstrap: int, note: str | None = None
 ) -> str:
-    """Everything about one split at one threshold: a title, an optional note, the seed's
+    """Everything about one split at one threshold: a title, an optional note, the reference
     report, the screening table with CIs, and the per-source rows (when there are sources)."""
     summary = scores[split]["overall"]
     counts = summary["counts"]
@@ -223,7 +223,7 @@ def format_split_block(
     parts = [title + "\n"]
     if note:
         parts.append(note + "\n")
-    parts.append(format_seed_report(scores, split, summary["threshold"]))
+    parts.append(format_reference_report(scores, split, summary["threshold"]))
     parts.append(format_screening_table(summary, n_bootstrap))
     if scores[split]["per_source"]:
         parts.append(format_per_source(scores[split]["per_source"], summary["threshold"]))

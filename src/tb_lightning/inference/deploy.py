@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tb_lightning.core.atomic import atomic_target, atomic_write, atomic_write_with
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.split import read_split_csv
 from tb_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_image
@@ -57,24 +58,25 @@ def export_file(model: nn.Module, example: torch.Tensor, fmt: str, path: Path) -
         # The exporter logs every optimisation pass at INFO; only its warnings matter here.
         for name in ("torch.onnx", "onnxscript", "onnx_ir"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=["image"],
-            output_names=["p_tb"],
-            dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
-            external_data=False,  # one file: the weights inside the .onnx
-            dynamo=True,
-            verbose=False,
-        )
+        with atomic_target(path) as target:
+            torch.onnx.export(
+                model,
+                (example,),
+                str(target),
+                input_names=["image"],
+                output_names=["p_tb"],
+                dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+                external_data=False,  # one file: the weights inside the .onnx
+                dynamo=True,
+                verbose=False,
+            )
     else:
         # torch 2.14 marks TorchScript deprecated in favour of torch.export, but it is still the
         # format C++ (libtorch) deployments load; ONNX is the forward-looking choice.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated")
             traced = torch.jit.trace(model, example)
-            traced.save(str(path))
+            atomic_write_with(path, lambda f: torch.jit.save(traced, f))
 
 
 def run_exported(fmt: str, path: Path, images: torch.Tensor) -> np.ndarray:
@@ -150,7 +152,7 @@ def export_model(
             "tolerance": TOLERANCE,
         },
     }
-    (output_dir / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    atomic_write(output_dir / "model.json", json.dumps(sidecar, indent=2) + "\n")
     log.info(
         "Exported %s -> %s (+ model.json); matches the Lightning module on %d images "
         "(max |difference| %.2g)",

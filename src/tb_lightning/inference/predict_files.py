@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from tb_lightning.core.atomic import atomic_write_csv
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.sources import IMAGE_EXTENSIONS
@@ -77,17 +78,16 @@ def write_predictions(
     predictions_csv = output_dir / "predictions.csv"
     columns = list(PREDICTION_COLUMNS) + (["saliency"] if saliency is not None else [])
     readable_saliency = iter(saliency or [])
-    with predictions_csv.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for path, p, ok in zip(paths, predictions.probs, predictions.readable, strict=True):
-            if not ok:
-                continue
-            label = int(p >= threshold)
-            row = [path, f"{p:.6f}", label, CLASS_NAMES[label], threshold, threshold_source]
-            if saliency is not None:
-                row.append(str(next(readable_saliency)))
-            writer.writerow(row)
+    rows = []
+    for path, p, ok in zip(paths, predictions.probs, predictions.readable, strict=True):
+        if not ok:
+            continue
+        label = int(p >= threshold)
+        row = [path, f"{p:.6f}", label, CLASS_NAMES[label], threshold, threshold_source]
+        if saliency is not None:
+            row.append(str(next(readable_saliency)))
+        rows.append(row)
+    atomic_write_csv(predictions_csv, columns, rows)
     skipped = [
         (p, r)
         for p, r, ok in zip(paths, predictions.reasons, predictions.readable, strict=True)
@@ -96,10 +96,7 @@ def write_predictions(
     if not skipped:
         return predictions_csv, None
     skipped_csv = output_dir / "skipped.csv"
-    with skipped_csv.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "reason"])
-        writer.writerows(skipped)
+    atomic_write_csv(skipped_csv, ["path", "reason"], skipped)
     return predictions_csv, skipped_csv
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-from captum.attr import LayerAttribution, LayerGradCam
 from PIL import Image
 from rich.progress import Progress
 from torch import nn
 from torchvision.transforms import v2
 
+from tb_lightning.core.atomic import atomic_write_with
 from tb_lightning.data.transforms import build_transform, load_image
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ def gradcam(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
     Positive evidence for TB only (ReLU of the weighted activations), scaled per image.
     """
+    from captum.attr import LayerAttribution, LayerGradCam  # the optional 'saliency' extra
+
     cam = LayerGradCam(net, gradcam_layer(net))
     with torch.enable_grad():
         maps = cam.attribute(images, relu_attributions=True)
@@ -93,7 +95,8 @@ def write_saliency_maps(
             maps = gradcam(net, images).cpu().numpy()
             for path, image, heatmap in zip(chunk, raw, maps, strict=True):
                 target = output_dir / unique_name(Path(path).stem, used)
-                overlay(image, heatmap).save(target)
+                picture = overlay(image, heatmap)
+                atomic_write_with(target, lambda f, p=picture: p.save(f, format="PNG"))
                 written.append(target)
                 empty += int(heatmap.max() == 0)
             bar.advance(task, len(chunk))

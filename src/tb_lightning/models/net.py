@@ -1,6 +1,6 @@
 """The network: a torchvision backbone's conv features (optionally frozen) and a new head.
 
-The seed's AlexNet is the default; see models/backbones.py for the others.
+The reference experiment's AlexNet is the default; see models/backbones.py for the others.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class TBNet(nn.Module):
     ) -> None:
         super().__init__()
         self.features = features
-        # At the native feature size this pool is the identity; it is kept because the seed
+        # At the native feature size this pool is the identity; it is kept because the reference
         # has it and it makes the head's input size explicit.
         self.avgpool = nn.AdaptiveAvgPool2d(feature_size)
         self.head = nn.Sequential(
@@ -89,7 +89,8 @@ def build_net(
     """Build the network named by `model.net.*` (see conf/model/alexnet.yaml).
 
     pool_size: side of the pooled feature map fed to the head. null keeps AlexNet's native map
-    (15x15 at 512, as the seed) and pools the other backbones globally (1x1), as torchvision does.
+    (15x15 at 512, as the reference) and pools the other backbones globally (1x1), as torchvision
+    does.
     """
     # The values were checked with the config (config/checks.py: check_model).
     if pool_size is None:
