@@ -23,13 +23,13 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/python -m tb_lightning.train experiment=quickstart $(ARGS)
 
-## The whole test suite (slow end-to-end tests included, as in CI).
+## The whole test suite (slow end-to-end tests included, as in CI), on every core (pytest-xdist).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 $(ARGS)
 
 ## Only the fast tests, for quick iteration.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

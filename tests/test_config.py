@@ -8,20 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 
-from conftest import phantom_overrides
+from conftest import compose_train, phantom_overrides
 from tb_lightning.config import CONF_DIR
 from tb_lightning.core.errors import ConfigError
 from tb_lightning.core.tasks import instantiate_group
 from tb_lightning.train import train
-
-
-def compose_train(overrides: list[str], output_dir: Path | str = "/tmp/unused") -> DictConfig:
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
 
 
 def options(group: str) -> list[str]:
@@ -94,7 +87,7 @@ def test_quickstart_and_debug_presets():
     # trained from random weights; in a phantom folder of its own.
     assert quick.data.phantom.lesions == "conspicuous"
     assert quick.model.net.freeze_features is False and quick.model.net.arch == "resnet18"
-    assert quick.data.root.endswith("data/phantom-quickstart")
+    assert quick.data.root == f"{quick.paths.data_dir}/phantom-quickstart"
     # The reference experiment's frozen-feature preset is untouched.
     reference = compose_train(["experiment=reference"])
     assert reference.model.net.freeze_features and reference.model.net.weights == "imagenet"

@@ -9,11 +9,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
-from conftest import phantom_overrides
+from conftest import compose_train, phantom_overrides
 from tb_lightning.config import CONF_DIR
 from tb_lightning.config.checks import check_config
 from tb_lightning.core.errors import ConfigError, WeightsError
-from test_config import compose_train
 
 # data.root points nowhere: a check that got past the config would fail on the data instead.
 NO_DATA = "/no/such/data"

@@ -16,7 +16,7 @@ from PIL import Image
 from sklearn import metrics as skm
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import phantom_overrides, run_cli
+from conftest import PHANTOM_SIZE, run_cli
 from data_builders import write_bad
 from tb_lightning.config import CONF_DIR
 from tb_lightning.config.checks import check_eval_config
@@ -41,18 +41,17 @@ def assert_ok(result):
 
 
 @pytest.fixture(scope="module")
-def trained_run(phantom_root, tmp_path_factory) -> Path:
-    """One short training run; its best.ckpt is what every test here evaluates."""
-    run_dir = tmp_path_factory.mktemp("train")
+def eval_run(trained_run, tmp_path_factory) -> tuple[Path, str]:
+    """`python -m tb_lightning.eval` of the session's best.ckpt on its val split, as a user
+    runs it (conftest.trained_run): its run directory and its output."""
+    out = tmp_path_factory.mktemp("eval")
     result = run_cli(
-        "tb_lightning.train",
-        *phantom_overrides(phantom_root),
-        "trainer.max_epochs=1",
-        "threshold.policy=max_f1",
-        f"hydra.run.dir={run_dir}",
+        "tb_lightning.eval",
+        f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+        f"hydra.run.dir={out}",
     )
     assert_ok(result)
-    return run_dir
+    return out, result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +92,9 @@ def val_block(report: str) -> str:
     return report[start:] if end < 0 else report[start:end]
 
 
-def test_train_report_and_eval_print_the_same_numbers(trained_run, tmp_path):
+def test_train_report_and_eval_print_the_same_numbers(trained_run, eval_run):
     """One threshold story: eval of best.ckpt on its val split reproduces train's report."""
-    result = run_cli(
-        "tb_lightning.eval",
-        f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
-        f"hydra.run.dir={tmp_path}",
-    )
-    assert_ok(result)
+    tmp_path, _ = eval_run
     trained = json.loads((trained_run / "metrics.json").read_text())
     evaluated = json.loads((tmp_path / "metrics.json").read_text())
     shared = [k for k in trained if k == "val" or k.startswith("val/")]
@@ -120,15 +114,8 @@ def test_train_report_and_eval_print_the_same_numbers(trained_run, tmp_path):
     assert "SYNTHETIC DATA" in train_report and "SYNTHETIC DATA" in eval_report
 
 
-def test_eval_cli_on_the_val_split(trained_run, loaded, tmp_path):
-    result = run_cli(
-        "tb_lightning.eval",
-        f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
-        "eval.bootstrap=300",
-        f"hydra.run.dir={tmp_path}",
-    )
-    assert_ok(result)
-    output = result.stdout + result.stderr
+def test_eval_cli_on_the_val_split(trained_run, loaded, eval_run):
+    tmp_path, output = eval_run
     for text in (
         "Validation loss:",
         "for class Tuberculosis:",
@@ -170,7 +157,7 @@ def test_eval_cli_on_the_val_split(trained_run, loaded, tmp_path):
     for name in ("auroc", "sensitivity", "specificity", "accuracy"):
         low, high = overall["ci"][name]
         assert low <= overall[name] <= high, name
-    assert metrics["bootstrap"]["resamples"] == 300
+    assert metrics["bootstrap"]["resamples"] == 2000
     assert set(overall["who_screening_minimum"]) >= {"met", "met_by_lower_ci"}
 
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
@@ -219,6 +206,7 @@ def test_eval_user_errors(loaded):
         load_model("/no/such.ckpt")
 
 
+@pytest.mark.slow
 def test_predict_cli_with_saliency_skips_unreadable_files(
     trained_run, loaded, phantom_root, tmp_path
 ):
@@ -255,7 +243,7 @@ def test_predict_cli_with_saliency_skips_unreadable_files(
         assert row["predicted_label"] == str(int(p >= stored["value"]))
         assert row["predicted_class"] in ("Normal", "Tuberculosis")
         overlay = Image.open(row["saliency"])
-        assert overlay.size == (128, 128) and overlay.mode == "RGB"
+        assert overlay.size == (PHANTOM_SIZE, PHANTOM_SIZE) and overlay.mode == "RGB"
     skipped = list(csv.DictReader((out / "skipped.csv").open()))
     reasons = {Path(r["path"]).name: r["reason"] for r in skipped}
     assert reasons.keys() == {"broken.png", "truncated.png", "corrupt.png"}
@@ -427,11 +415,11 @@ def test_export_entry_point_torchscript(trained_run, loaded, tmp_path):
     sidecar = json.loads((tmp_path / "model.json").read_text())
     assert sidecar["model_file"] == "model.pt"
     assert sidecar["class_names"] == ["Normal", "Tuberculosis"]
-    assert sidecar["preprocessing"]["image_size"] == 128
+    assert sidecar["preprocessing"]["image_size"] == PHANTOM_SIZE
     assert sidecar["threshold"] == loaded.stored_threshold["value"]
     assert sidecar["check"]["max_abs_difference"] <= 1e-5
     module = torch.jit.load(str(tmp_path / "model.pt"))
-    images = torch.randn(3, 3, 128, 128)  # another batch size than the traced one
+    images = torch.randn(3, 3, PHANTOM_SIZE, PHANTOM_SIZE)  # another batch size than traced
     with torch.no_grad():
         expected = torch.sigmoid(loaded.model(images))
     torch.testing.assert_close(module(images), expected)

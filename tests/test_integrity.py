@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import train_in_process
 from data_builders import (
     BAD_KINDS,
     VALID_ODD_KINDS,
@@ -164,7 +164,7 @@ def test_hash_cache_makes_a_rescan_decode_nothing(tmp_path):
 
 
 def test_train_skips_bad_files_and_reports_test_and_fold(tmp_path):
-    """The CLI run with data.on_bad_file=skip; the error policy is covered above."""
+    """A run with data.on_bad_file=skip; the error policy is covered above."""
     class_tree(tmp_path / "db", counts=(10, 10))
     for i, kind in enumerate(sorted(BAD_KINDS)):
         write_bad(tmp_path / "db" / ("Normal", "Tuberculosis")[i % 2], kind, seed=90 + i)
@@ -176,6 +176,7 @@ def test_train_skips_bad_files_and_reports_test_and_fold(tmp_path):
         "data.image_size=64",
         "data.num_workers=0",
         "data.scan_cache_dir=null",
+        f"data.cache_dir={tmp_path / 'cache'}",
         "model.net.weights=null",
         "trainer=cpu",
         "debug=fdr",
@@ -183,16 +184,10 @@ def test_train_skips_bad_files_and_reports_test_and_fold(tmp_path):
         "callbacks.model_summary=null",
     ]
     run_dir = tmp_path / "skip"
-    ok = run_cli(
-        "tb_lightning.train",
-        *common,
-        "data.on_bad_file=skip",
-        "data.test_size=4",
-        "data.num_folds=3",
-        "data.fold=2",
-        f"hydra.run.dir={run_dir}",
+    train_in_process(
+        [*common, "data.on_bad_file=skip", "data.test_size=4", "data.num_folds=3", "data.fold=2"],
+        run_dir,
     )
-    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
     report = json.loads((run_dir / "data_report.json").read_text())
     reasons = {os.path.basename(s["path"]): s["reason"] for s in report["skipped_files"]}
     assert len(reasons) == len(BAD_KINDS)
@@ -331,6 +326,7 @@ def corrupt_png(path, seed: int = 0, fix_crc: bool = True):
     return path
 
 
+@pytest.mark.slow
 def test_corrupt_png_data_is_refused_not_a_crash(tmp_path):
     """torchvision's PNG decoder kills the process (SIGSEGV) on these; load_image refuses them.
 

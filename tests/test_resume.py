@@ -16,11 +16,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import phantom_overrides, run_cli
+from conftest import compose_train, phantom_overrides, train_in_process
 from tb_lightning.config import PROJECT_ROOT
 from tb_lightning.core.errors import ConfigError
 from tb_lightning.core.run_dirs import config_differences, plan_resume, run_dir_of
+from tb_lightning.core.tasks import run_task
+from tb_lightning.data.datamodule import TBDataModule
 from tb_lightning.models.torch_file import load_checkpoint
+from tb_lightning.train import train
 
 TESTS_DIR = Path(__file__).resolve().parent
 # Compared exactly: a CPU run repeats bit for bit, a resumed one too.
@@ -94,13 +97,7 @@ def finished_run(phantom_root, tmp_path_factory) -> Path:
     """Run A: a finished 2-epoch run with workers and augmentation, in its runs folder."""
     log_dir = tmp_path_factory.mktemp("logs")
     run_dir = log_dir / "train" / "runs" / "A"
-    assert_ok(
-        run_cli(
-            "tb_lightning.train",
-            *workers_overrides(phantom_root, log_dir),
-            f"hydra.run.dir={run_dir}",
-        )
-    )
+    train_in_process(workers_overrides(phantom_root, log_dir), run_dir)
     return run_dir
 
 
@@ -142,21 +139,29 @@ def test_sigkill_mid_epoch_then_resume_with_workers_equals_uninterrupted(
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-@pytest.mark.slow
-def test_sigterm_in_training_exits_143_with_the_resume_command(phantom_root, tmp_path):
-    flag, run_dir = tmp_path / "paused", tmp_path / "run"
-    overrides = [*phantom_overrides(phantom_root), "trainer.max_epochs=2", *pause_overrides(flag)]
-    process = start_run([*overrides, f"hydra.run.dir={run_dir}"])
-    wait_for(flag, process)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
+def test_sigterm_in_training_exits_143_with_the_resume_command(phantom_root, tmp_path, caplog):
+    """Lightning stops after the batch, flushes TensorBoard, and used to exit 0."""
+    run_dir = tmp_path / "run"
+    cfg = compose_train(
+        [
+            *phantom_overrides(phantom_root),
+            "trainer.max_epochs=2",
+            "+callbacks.signal._target_=helpers.pause.SignalAt",
+            "+callbacks.signal.epoch=1",
+            "+callbacks.signal.batch=1",
+            f"+callbacks.signal.signum={int(signal.SIGTERM)}",
+        ],
+        output_dir=run_dir,
+    )
+    with pytest.raises(SystemExit) as stop:
+        run_task(train, cfg)
+    assert stop.value.code == 143
     last = run_dir / "checkpoints" / "last.ckpt"
-    assert process.returncode == 143, output[-3000:]
-    assert "Stopped by SIGTERM during training." in output
-    assert f"Kept: {last} (the end of the last finished epoch)" in output
-    assert "Resume with: python -m tb_lightning.train " in output and f"ckpt_path={last}" in output
+    assert "Stopped by SIGTERM during training." in caplog.text
+    assert f"Kept: {last} (the end of the last finished epoch)" in caplog.text
+    assert "Resume with: python -m tb_lightning.train " in caplog.text
+    assert f"ckpt_path={last}" in caplog.text
     assert load_checkpoint(last)["epoch"] == 0
-    assert "Traceback" not in output
     assert not (run_dir / "metrics.json").exists()
     # TensorBoard was flushed: epoch 0's validation point is on disk.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -172,10 +177,6 @@ def test_a_signal_before_training_exits_non_zero_naming_the_phase(
 ):
     """During the data scan (or extraction) Lightning is not running: SIGTERM used to kill the
     process without a word, SIGINT to print a traceback."""
-    from tb_lightning.core.tasks import run_task
-    from tb_lightning.data.datamodule import TBDataModule
-    from tb_lightning.train import train
-    from test_config import compose_train
 
     def interrupted_setup(self, stage=None):
         os.kill(os.getpid(), signum)
@@ -203,21 +204,19 @@ def test_stop_message_names_phase_and_command(tmp_path):
     assert "Kept: " in message and f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}" in message
 
 
-def test_ckpt_path_last_never_resumes_another_experiments_run(finished_run, phantom_root):
+def test_ckpt_path_last_never_resumes_another_experiments_run(finished_run, phantom_root, tmp_path):
     """Case 1 of the issue: run C (another lr) with ckpt_path=last used to resume, and
     overwrite, run A."""
     log_dir = finished_run.parent.parent.parent
     before = fingerprint(finished_run)
-    result = run_cli(
-        "tb_lightning.train",
-        *workers_overrides(phantom_root, log_dir),
-        "model.optimizer.lr=3e-4",
-        "ckpt_path=last",
+    cfg = compose_train(
+        [*workers_overrides(phantom_root, log_dir), "model.optimizer.lr=3e-4", "ckpt_path=last"],
+        output_dir=tmp_path,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 1, output[-3000:]
-    assert "ckpt_path=last found no run under" in output
-    assert "differs in model.optimizer.lr (0.0001 there, 0.0003 here)" in output
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert str(err.value).startswith("ckpt_path=last found no run under")
+    assert "differs in model.optimizer.lr (0.0001 there, 0.0003 here)" in str(err.value)
     assert fingerprint(finished_run) == before
 
 
@@ -226,59 +225,73 @@ def test_ckpt_path_last_never_resumes_another_experiments_run(finished_run, phan
     [("model.net.arch=resnet18", "model.net.arch"), ("seed=7", "seed")],
 )
 def test_a_resume_with_another_config_touches_nothing_of_the_run(
-    finished_run, phantom_root, override, key
+    finished_run, phantom_root, tmp_path, override, key
 ):
     """Case 2: a resume with another arch (or only another seed) rewrote split.csv,
-    data_report.json and .hydra/ of the old run, then failed (or went on silently)."""
+    data_report.json and .hydra/ of the old run, then failed (or went on silently). The CLI's
+    run directory (resolvers: test_plan_resume_and_config_differences) is then a new one."""
     log_dir = finished_run.parent.parent.parent
     before = fingerprint(finished_run)
-    result = run_cli(
-        "tb_lightning.train",
-        *workers_overrides(phantom_root, log_dir),
-        override,
-        f"ckpt_path={finished_run / 'checkpoints' / 'last.ckpt'}",
+    ckpt = finished_run / "checkpoints" / "last.ckpt"
+    cfg = compose_train(
+        [*workers_overrides(phantom_root, log_dir), override, f"ckpt_path={ckpt}"],
+        output_dir=tmp_path,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 1, output[-3000:]
-    assert f"belongs to the run {finished_run}, whose config differs from this one in {key}" in (
-        output
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert str(err.value).startswith(
+        f"ckpt_path={ckpt} belongs to the run {finished_run}, whose config differs from this one "
+        f"in {key}"
     )
-    assert "init_from=" in output and "Traceback" not in output
+    assert f"init_from={ckpt}" in str(err.value)
     assert fingerprint(finished_run) == before
+    assert not list(tmp_path.iterdir())  # nothing written for the refused run either
 
 
-def test_init_from_starts_a_new_run_from_the_weights(finished_run, phantom_root, tmp_path):
+def test_init_from_starts_a_new_run_from_the_weights(finished_run, phantom_root, tmp_path, caplog):
+    caplog.set_level("INFO")
     ckpt = finished_run / "checkpoints" / "best.ckpt"
     before = fingerprint(finished_run)
-    result = run_cli(
-        "tb_lightning.train",
-        *workers_overrides(phantom_root, tmp_path),
-        "trainer.max_epochs=1",
-        "model.optimizer.lr=3e-4",
-        f"init_from={ckpt}",
-        f"hydra.run.dir={tmp_path / 'new'}",
+    metrics = train_in_process(
+        [
+            *workers_overrides(phantom_root, tmp_path),
+            "trainer.max_epochs=1",
+            "model.optimizer.lr=3e-4",
+            f"init_from={ckpt}",
+        ],
+        tmp_path / "new",
     )
-    assert_ok(result)
-    assert f"Initialised the network from {ckpt}" in result.stdout + result.stderr
-    assert json.loads((tmp_path / "new" / "metrics.json").read_text())["init_from"] == str(ckpt)
+    assert f"Initialised the network from {ckpt}" in caplog.text
+    assert metrics["init_from"] == str(ckpt)
     assert fingerprint(finished_run) == before
 
 
 def test_a_new_run_refuses_a_folder_that_holds_a_run(finished_run, phantom_root):
     before = fingerprint(finished_run)
-    result = run_cli(
-        "tb_lightning.train",
-        *phantom_overrides(phantom_root),
-        f"hydra.run.dir={finished_run}",
+    cfg = compose_train(phantom_overrides(phantom_root), output_dir=finished_run)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert str(err.value).startswith(
+        f"hydra.run.dir={finished_run} already holds a run (metrics.json"
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 1, output[-3000:]
-    assert f"hydra.run.dir={finished_run} already holds a run (metrics.json" in output
-    # Hydra's record of this invocation went beside the run's own .hydra/, not over it.
-    after = fingerprint(finished_run)
-    assert {k: v for k, v in after.items() if k in before} == {
-        k: v for k, v in before.items() if k != "train.log"
-    } | {"train.log": after["train.log"]}
+    assert fingerprint(finished_run) == before
+
+
+def test_a_resume_goes_to_its_run_directory_only_with_the_same_config(finished_run):
+    """The resolver behind hydra.run.dir: the checkpoint's run when the configs match (and then
+    this invocation's .hydra record beside the run's own), a new directory otherwise."""
+    from tb_lightning.core.run_dirs import invocation_subdir, resume_run_dir
+
+    ckpt = str(finished_run / "checkpoints" / "last.ckpt")
+    runs = str(finished_run.parent)
+    saved = OmegaConf.load(finished_run / ".hydra" / "config.yaml")
+    same = OmegaConf.merge(saved, {"ckpt_path": ckpt, "hydra": {"run": {"dir": "x"}}})
+    other = OmegaConf.merge(same, {"seed": 7})
+    assert resume_run_dir("train", ckpt, runs, "/new", _root_=same) == str(finished_run)
+    assert resume_run_dir("train", ckpt, runs, "/new", _root_=other) == "/new"
+    assert resume_run_dir("eval", ckpt, runs, "/new", _root_=same) == "/new"
+    assert invocation_subdir(str(finished_run), "T") == ".hydra/invocation-T"
+    assert invocation_subdir("/a/new/run", "T") == ".hydra"
 
 
 def test_plan_resume_and_config_differences(tmp_path):

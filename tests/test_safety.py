@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import phantom_overrides
+from conftest import compose_train, phantom_overrides
 from tb_lightning.core.errors import UserError, WeightsError
 from tb_lightning.engine.callbacks import StopOnNonFiniteLoss, TrainingDivergedError
 from tb_lightning.engine.checkpoint_io import AtomicCheckpointIO
@@ -18,7 +18,6 @@ from tb_lightning.inference.checkpoint import load_model
 from tb_lightning.models.classifier import TBClassifier
 from tb_lightning.models.torch_file import load_checkpoint
 from tb_lightning.train import train
-from test_config import compose_train
 
 
 class Payload:

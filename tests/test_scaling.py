@@ -10,11 +10,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import phantom_overrides, run_cli
+from conftest import compose_train, phantom_overrides, run_cli
 from tb_lightning.config import CONF_DIR
 from tb_lightning.core.tasks import instantiate_config
 from tb_lightning.models.torch_file import load_checkpoint
-from test_config import compose_train
 
 # Threshold-free: the per-epoch figures at 0.5 and the report's at the operating threshold differ
 # by design.
@@ -33,7 +32,7 @@ def test_ddp_cpu_metrics_are_synced_and_match_one_process(phantom_root, tmp_path
         "tb_lightning.train",
         *phantom_overrides(phantom_root),
         "trainer=ddp_cpu",
-        "trainer.max_epochs=2",
+        "trainer.max_epochs=1",
         # Per-epoch validation on the images in fp32, like the final report (not on cached
         # features in reduced precision), so that the two can be compared to 1e-5.
         "data.cache_features=false",

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from hydra import compose, initialize_config_dir
 
+from conftest import compose_train
 from data_builders import class_tree, nlm_tree, write_png
-from tb_lightning.config import CONF_DIR
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.tasks import instantiate_config
 from tb_lightning.data.datamodule import TBDataModule
@@ -20,9 +19,7 @@ def data_module(**kwargs) -> TBDataModule:
 
 
 def compose_data(overrides: list[str]) -> TBDataModule:
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["paths.output_dir=/tmp/unused", *overrides])
-    return instantiate_config(cfg.data)
+    return instantiate_config(compose_train(overrides).data)
 
 
 @pytest.mark.parametrize("class_folders", [False, True])

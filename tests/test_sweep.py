@@ -101,6 +101,7 @@ def test_summary_without_folds_minimises_a_loss(tmp_path):
     assert "mean" not in (tmp_path / "sweep_summary.csv").read_text()
 
 
+@pytest.mark.slow
 def test_multirun_summary_tensorboard_and_a_failed_job(phantom_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
@@ -108,8 +109,7 @@ def test_multirun_summary_tensorboard_and_a_failed_job(phantom_root, tmp_path):
         "-m",
         *phantom_overrides(phantom_root),
         "trainer.max_epochs=1",
-        "model.optimizer.lr=1e-3,-1",
-        "model.net.dropout=0.3,0.5",
+        "model.optimizer.lr=1e-3,3e-3,-1",
         f"hydra.sweep.dir={sweep_dir}",
     )
     output = result.stdout + result.stderr
@@ -118,16 +118,15 @@ def test_multirun_summary_tensorboard_and_a_failed_job(phantom_root, tmp_path):
     assert "model.optimizer.lr=-1 must be a number > 0" in output
     rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))
     assert [(r["overrides"], r["status"]) for r in rows] == [
-        ("model.optimizer.lr=0.001 model.net.dropout=0.3", "ok"),
-        ("model.optimizer.lr=0.001 model.net.dropout=0.5", "ok"),
-        ("model.optimizer.lr=-1 model.net.dropout=0.3", "failed"),
-        ("model.optimizer.lr=-1 model.net.dropout=0.5", "failed"),
+        ("model.optimizer.lr=0.001", "ok"),
+        ("model.optimizer.lr=0.003", "ok"),
+        ("model.optimizer.lr=-1", "failed"),
     ]
     # The user's mistake is its one sentence, in the summary and at the end: no traceback.
     assert rows[2]["error"] == "model.optimizer.lr=-1 must be a number > 0, e.g. 1e-4."
     assert "Traceback" not in output
     assert "HYDRA_FULL_ERROR" not in output
-    assert "2 of 4 jobs failed (job 2, 3)" in result.stdout.rstrip().splitlines()[-1]
+    assert "1 of 3 jobs failed (job 2)" in result.stdout.rstrip().splitlines()[-1]
     assert sum(r["best"] == "best" for r in rows) == 1
     for row in rows[:2]:
         stored = json.loads((Path(row["run_dir"]) / "metrics.json").read_text())
@@ -142,7 +141,7 @@ def test_multirun_summary_tensorboard_and_a_failed_job(phantom_root, tmp_path):
         "| val AUROC | val AP | val loss | threshold | val sens @thr | val spec @thr |" in markdown
     )
     assert "chosen on that job's validation split by threshold.policy=youden" in markdown
-    run = sweep_dir / "1" / "tensorboard" / "lr=0.001,dropout=0.5"
+    run = sweep_dir / "1" / "tensorboard" / "lr=0.003"
     events = EventAccumulator(str(run))
     events.Reload()
     assert "val/loss" in events.Tags()["scalars"]
@@ -161,6 +160,7 @@ def test_custom_scalars_layout_covers_losses_and_classes():
     assert {"Class Normal", "Class Tuberculosis"} <= set(layout)
 
 
+@pytest.mark.slow
 def test_offline_imagenet_multirun_stops_before_any_job(phantom_root, tmp_path, monkeypatch):
     """model.net.weights=imagenet with no cached file and no network: one sentence, exit 1,
     no job started (not one failure, and one download attempt, per job)."""

@@ -12,12 +12,15 @@ import torch
 from sklearn import metrics as skm
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import phantom_overrides, run_cli
+from conftest import compose_train, phantom_overrides, train_in_process
+from tb_lightning.core.errors import ConfigError
+from tb_lightning.core.tasks import run_task
 from tb_lightning.data.dataset import ImageDataset
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.transforms import build_transform
 from tb_lightning.models.classifier import TBClassifier
 from tb_lightning.models.torch_file import load_checkpoint
+from tb_lightning.train import train
 
 # Per-epoch curves: threshold-free loss and AUROC, the rest named for the fixed threshold 0.5
 # (the operating-point figures are in report.txt / metrics.json only).
@@ -42,16 +45,9 @@ def assert_ok(result):
 
 
 @pytest.fixture(scope="module")
-def two_epoch_run(phantom_root, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("run")
-    result = run_cli(
-        "tb_lightning.train",
-        *phantom_overrides(phantom_root),
-        "trainer.max_epochs=2",
-        f"hydra.run.dir={run_dir}",
-    )
-    assert_ok(result)
-    return run_dir
+def two_epoch_run(trained_run) -> Path:
+    """The session's CLI run (conftest.trained_run): 2 epochs on the phantom set."""
+    return trained_run
 
 
 def test_run_dir_holds_every_artefact(two_epoch_run):
@@ -145,93 +141,86 @@ def test_tensorboard_has_scalars_confusion_images_and_hparams(two_epoch_run):
 def test_more_epochs_is_not_a_resume_of_a_finished_run(two_epoch_run, phantom_root, tmp_path):
     """A resume continues a run with its own config; training a finished run further with
     other settings is a new run from its weights (init_from), not a rewrite of that run."""
-    result = run_cli(
-        "tb_lightning.train",
-        *phantom_overrides(phantom_root),
-        "trainer.max_epochs=3",
-        f"ckpt_path={two_epoch_run / 'checkpoints' / 'last.ckpt'}",
-        f"paths.log_dir={tmp_path}",
+    last = two_epoch_run / "checkpoints" / "last.ckpt"
+    cfg = compose_train(
+        [
+            *phantom_overrides(phantom_root),
+            "threshold.policy=max_f1",
+            "trainer.max_epochs=3",
+            f"ckpt_path={last}",
+        ],
+        output_dir=tmp_path,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 1, output[-3000:]
-    assert "differs from this one in trainer.max_epochs (2 there, 3 here)" in output
-    assert f"init_from={two_epoch_run / 'checkpoints' / 'last.ckpt'}" in output
-    assert load_checkpoint(two_epoch_run / "checkpoints" / "last.ckpt")["epoch"] == 1
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert "differs from this one in trainer.max_epochs (2 there, 3 here)" in str(err.value)
+    assert f"init_from={last}" in str(err.value)
+    assert load_checkpoint(last)["epoch"] == 1
 
 
-def test_fast_dev_run(phantom_root, tmp_path):
-    result = run_cli(
-        "tb_lightning.train",
-        *phantom_overrides(phantom_root),
-        "debug=fdr",
-        f"hydra.run.dir={tmp_path}",
-    )
-    assert_ok(result)
+def test_fast_dev_run(phantom_root, tmp_path, caplog):
+    train_in_process([*phantom_overrides(phantom_root), "debug=fdr"], tmp_path)
     assert (tmp_path / "report.txt").is_file()
-    assert "reporting the final weights" in result.stdout + result.stderr
+    assert "reporting the final weights" in caplog.text
 
 
-@pytest.mark.slow
 def test_same_seed_same_metrics(two_epoch_run, phantom_root, tmp_path):
-    result = run_cli(
-        "tb_lightning.train",
-        *phantom_overrides(phantom_root),
-        "trainer.max_epochs=2",
-        f"hydra.run.dir={tmp_path}",
+    """The CLI run and an in-process run with the same seed: identical metrics, not just close
+    (trainer=cpu is deterministic: trainer.deterministic=true)."""
+    train_in_process(
+        [*phantom_overrides(phantom_root), "trainer.max_epochs=2", "threshold.policy=max_f1"],
+        tmp_path,
     )
-    assert_ok(result)
     first = json.loads((two_epoch_run / "metrics.json").read_text())
     second = json.loads((tmp_path / "metrics.json").read_text())
-    # trainer=cpu is deterministic (trainer.deterministic=true): identical, not just close.
-    for key in ("val/loss", "val/acc", "val/auroc", "val/f1/Tuberculosis"):
-        assert second[key] == first[key]
+    for key in ("val/loss", "val/acc", "val/auroc", "val/f1/Tuberculosis", "threshold"):
+        assert second[key] == first[key], key
 
 
-def test_user_errors_are_one_clear_sentence(tmp_path):
-    result = run_cli(
-        "tb_lightning.train",
-        "data=tb_cxr",
-        "data.root=/no/such/folder",
-        "model.net.weights=imagenet",
-        f"hydra.run.dir={tmp_path}",
+def test_user_errors_are_one_clear_sentence(tmp_path, caplog):
+    """run_task (what the CLI runs): the sentence, exit code 1, no traceback (the CLI's own
+    output is checked in test_sweep and test_eval_predict_export)."""
+    cfg = compose_train(
+        ["data=tb_cxr", "data.root=/no/such/folder", "model.net.weights=imagenet"],
+        output_dir=tmp_path,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 1
-    assert "data.root=/no/such/folder does not exist" in output
-    assert "kaggle.com" in output and "data=phantom" in output
-    assert "Traceback" not in output
+    with pytest.raises(SystemExit) as stop:
+        run_task(train, cfg)
+    assert stop.value.code == 1
+    assert "data.root=/no/such/folder does not exist" in caplog.text
+    assert "kaggle.com" in caplog.text and "data=phantom" in caplog.text
+    assert "Traceback" not in caplog.text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_gpu_without_gpu_is_one_clear_sentence(phantom_root, tmp_path):
-    result = run_cli(
-        "tb_lightning.train",
-        *phantom_overrides(phantom_root),
-        "trainer=gpu",
-        f"hydra.run.dir={tmp_path}",
+    cfg = compose_train([*phantom_overrides(phantom_root), "trainer=gpu"], output_dir=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert str(err.value).startswith(
+        "trainer.accelerator=gpu but PyTorch sees no CUDA GPU here; use trainer=cpu"
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 1
-    assert "trainer.accelerator=gpu but PyTorch sees no CUDA GPU here; use trainer=cpu" in output
-    assert "Traceback" not in output
 
 
 def test_real_images_short_run(shared_data, tmp_path):
-    result = run_cli(
-        "tb_lightning.train",
-        "data=folder",
-        f"data.root={shared_data / 'nlm-tb-128'}",
-        "data.image_size=128",
-        "data.val_size=0.2",
-        "data.batch_size=32",
-        "data.num_workers=0",
-        "model.net.weights=null",
-        "trainer=cpu",
-        "trainer.max_epochs=1",
-        "callbacks.progress_bar=null",
-        f"hydra.run.dir={tmp_path}",
+    train_in_process(
+        [
+            "data=folder",
+            f"data.root={shared_data / 'nlm-tb-128'}",
+            "data.image_size=128",
+            "data.val_size=0.2",
+            "data.batch_size=32",
+            "data.num_workers=0",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"data.scan_cache_dir={tmp_path / 'scan'}",
+            "model.net.weights=null",
+            "trainer=cpu",
+            "trainer.max_epochs=1",
+            "callbacks.progress_bar=null",
+            "callbacks.model_summary=null",
+        ],
+        tmp_path / "run",
     )
-    assert_ok(result)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["val_counts"] == {"Normal": 51, "Tuberculosis": 49}
     assert 0.0 <= metrics["val/auroc"] <= 1.0

@@ -1,13 +1,11 @@
 """Fine-tuning options: backbone learning rate, schedules, augmentation, early stopping."""
 
-import json
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from conftest import phantom_overrides, run_cli
+from conftest import phantom_overrides, train_in_process
 from tb_lightning.config import CONF_DIR
 from tb_lightning.config.checks import check_augment
 from tb_lightning.core.errors import ConfigError
@@ -84,49 +82,52 @@ def test_datamodule_applies_augmentation_to_train_only(phantom_root):
     assert datamodule.val_dataloader().dataset.transform is datamodule.transform
 
 
+@pytest.mark.slow
 def test_fine_tuning_run_with_schedule_augmentation_and_early_stopping(phantom_root, tmp_path):
-    result = run_cli(
-        "tb_lightning.train",
-        *phantom_overrides(phantom_root),
-        "model.net.arch=resnet18",
-        "model.net.freeze_features=false",
-        "model.net.hidden_dim=32",
-        "model.optimizer.backbone_lr_scale=0.5",
-        "model/scheduler=cosine",
-        "data/augment=cxr",
-        "callbacks=early_stopping",
-        "callbacks.progress_bar=null",
-        "callbacks.model_summary=null",
-        "callbacks.early_stopping.patience=1",
-        "trainer.max_epochs=3",
-        f"hydra.run.dir={tmp_path}",
+    train_in_process(
+        [
+            *phantom_overrides(phantom_root),
+            "model.net.arch=resnet18",
+            "model.net.freeze_features=false",
+            "model.net.hidden_dim=32",
+            "model.optimizer.backbone_lr_scale=0.5",
+            "model/scheduler=cosine",
+            "data/augment=cxr",
+            "callbacks=early_stopping",
+            "callbacks.progress_bar=null",
+            "callbacks.model_summary=null",
+            "callbacks.early_stopping.patience=1",
+            "trainer.max_epochs=3",
+        ],
+        tmp_path,
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert (tmp_path / "report.txt").is_file()
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"]["scheduler"]["name"] == "cosine"
     assert len(checkpoint["lr_schedulers"]) == 1
 
 
+@pytest.mark.slow
 def test_nlm_scratch_recipe_runs_one_fold_and_reports_its_last_epoch(shared_data, tmp_path):
     """experiment=nlm_scratch on the real NLM images, cut to a few batches: fold 1 of 5 is the
     val split, and without a monitored checkpoint the report and threshold use last.ckpt."""
-    result = run_cli(
-        "tb_lightning.train",
-        "experiment=nlm_scratch",
-        f"data.root={shared_data / 'nlm-tb-128'}",
-        f"data.scan_cache_dir={tmp_path / 'scan'}",
-        "data.fold=1",
-        "data.num_workers=0",
-        "trainer=cpu",
-        # Two epochs: the recipe's cosine schedule warms up for one.
-        "trainer.max_epochs=2",
-        "+trainer.limit_train_batches=2",
-        "callbacks.progress_bar=null",
-        f"hydra.run.dir={tmp_path / 'run'}",
+    metrics = train_in_process(
+        [
+            "experiment=nlm_scratch",
+            f"data.root={shared_data / 'nlm-tb-128'}",
+            f"data.scan_cache_dir={tmp_path / 'scan'}",
+            "data.fold=1",
+            "data.num_workers=0",
+            "trainer=cpu",
+            # Two epochs: the recipe's cosine schedule warms up for one.
+            "trainer.max_epochs=2",
+            "+trainer.limit_train_batches=2",
+            "+trainer.limit_val_batches=1",
+            "callbacks.progress_bar=null",
+            "callbacks.model_summary=null",
+        ],
+        tmp_path / "run",
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["data.fold"] == 1 and metrics["data.num_folds"] == 5
     # 500 patients in 5 folds: 100 val images.
     assert sum(metrics["val_counts"].values()) == 100

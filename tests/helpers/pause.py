@@ -5,6 +5,7 @@ Added to a run with `+callbacks.pause._target_=helpers.pause.PauseAt` (tests/ on
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,3 +35,17 @@ class PauseAt(L.Callback):
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline and not trainer.received_sigterm:
                 time.sleep(0.1)
+
+
+class SignalAt(L.Callback):
+    """Before batch `batch` of epoch `epoch`, send `signum` to this very process (in-process
+    tests of a stop during training)."""
+
+    def __init__(self, epoch: int, batch: int, signum: int) -> None:
+        self.epoch, self.batch, self.signum = epoch, batch, signum
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            os.kill(os.getpid(), self.signum)
