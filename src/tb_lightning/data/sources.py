@@ -78,14 +78,11 @@ def scan_class_folders(
             )
     samples: list[Sample] = []
     for label, (class_name, class_dir) in enumerate(zip(class_names, class_dirs, strict=True)):
-        paths = image_files(class_dir)
-        if not paths:
-            raise DataError(
-                f"Class folder {class_dir} holds no .png/.jpg/.jpeg images; add the "
-                f"'{class_name}' images there or fix data.root."
-            )
+        fix = f"add the '{class_name}' images there or fix data.root"
         # Readability is checked for all sources at once by data/integrity.py (cached).
-        samples.extend(Sample(str(path), label, path.stem, source) for path in paths)
+        samples.extend(
+            Sample(str(p), label, p.stem, source) for p in class_folder_images(class_dir, fix)
+        )
     return samples
 
 
@@ -121,6 +118,14 @@ def image_files(folder: Path) -> list[Path]:
         if is_image_file(p)
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
+
+
+def class_folder_images(folder: Path, fix: str) -> list[Path]:
+    """image_files of one class's folder; an empty one is an error that ends with `fix`."""
+    paths = image_files(folder)
+    if not paths:
+        raise DataError(f"Class folder {folder} holds no .png/.jpg/.jpeg images; {fix}.")
+    return paths
 
 
 def scan_nlm(root: str | Path, source: str | None = None) -> list[Sample]:
@@ -177,13 +182,10 @@ def scan_class_map(
                 f"data.root={root} has no folder '{folder_name}/' named in data.class_map; fix "
                 "data.class_map or data.root."
             )
-        paths = image_files(folder)
-        if not paths:
-            raise DataError(
-                f"Class folder {folder} holds no .png/.jpg/.jpeg images; add images or remove "
-                f"'{folder_name}' from data.class_map."
-            )
-        samples.extend(Sample(str(p), label, p.stem, source) for p in paths)
+        fix = f"add images or remove '{folder_name}' from data.class_map"
+        samples.extend(
+            Sample(str(p), label, p.stem, source) for p in class_folder_images(folder, fix)
+        )
     return samples
 
 

@@ -36,6 +36,26 @@ def confusion_figure(
     return fig
 
 
+def finish_unit_square(
+    fig: Figure,
+    ax: Any,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    legend: str,
+    top: float = 1.02,
+) -> Figure:
+    """Labels, [0, 1] axes (a little headroom above 1 for curves that reach it), the legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, top)
+    ax.legend(loc=legend)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def roc_figure(probs: np.ndarray, target: np.ndarray, metrics: dict[str, Any]) -> Figure:
     tps, fps, _ = curve_points(probs, target.astype(bool), np.ones((1, len(probs))))
     tpr = np.r_[0, tps[0] / tps[0, -1]]
@@ -52,14 +72,14 @@ def roc_figure(probs: np.ndarray, target: np.ndarray, metrics: dict[str, Any]) -
     )
     # The WHO minimum for CXR screening: sensitivity >= 0.90 with specificity >= 0.70.
     ax.fill_between([0, 0.3], 0.9, 1, color="green", alpha=0.1, label="WHO screening minimum")
-    ax.set_xlabel("1 - specificity (false positive rate)")
-    ax.set_ylabel("sensitivity (true positive rate)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.legend(loc="lower right")
-    ax.set_title("ROC curve")
-    fig.tight_layout()
-    return fig
+    return finish_unit_square(
+        fig,
+        ax,
+        "ROC curve",
+        "1 - specificity (false positive rate)",
+        "sensitivity (true positive rate)",
+        legend="lower right",
+    )
 
 
 def pr_figure(probs: np.ndarray, target: np.ndarray, metrics: dict[str, Any]) -> Figure:
@@ -70,14 +90,9 @@ def pr_figure(probs: np.ndarray, target: np.ndarray, metrics: dict[str, Any]) ->
     ax.step(recall, precision, where="pre", label=f"AP {metrics['average_precision']:.3f}")
     ax.plot(metrics["sensitivity"], metrics["ppv"], "o", color="red", label="operating point")
     ax.axhline(target.mean(), ls=":", color="grey", label=f"prevalence {target.mean():.2f}")
-    ax.set_xlabel("recall (sensitivity)")
-    ax.set_ylabel("precision (PPV)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.legend(loc="lower left")
-    ax.set_title("Precision-recall curve")
-    fig.tight_layout()
-    return fig
+    return finish_unit_square(
+        fig, ax, "Precision-recall curve", "recall (sensitivity)", "precision (PPV)", "lower left"
+    )
 
 
 def distribution_figure(probs: np.ndarray, target: np.ndarray, threshold: float) -> Figure:
@@ -114,14 +129,15 @@ def calibration_figure(probs: np.ndarray, target: np.ndarray) -> Figure:
     ax.plot(mean_prob, observed, "o-", label="model")
     for x, y, n in zip(mean_prob, observed, counts, strict=True):
         ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set_xlabel("mean predicted TB probability (10 bins)")
-    ax.set_ylabel("fraction of images that are TB")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper left")
-    ax.set_title("Calibration (reliability) curve")
-    fig.tight_layout()
-    return fig
+    return finish_unit_square(
+        fig,
+        ax,
+        "Calibration (reliability) curve",
+        "mean predicted TB probability (10 bins)",
+        "fraction of images that are TB",
+        legend="upper left",
+        top=1.0,
+    )
 
 
 def evaluation_figures(
