@@ -9,7 +9,7 @@ ARGS ?=
 # Import this checkout's code even when .venv was installed editable from another checkout.
 export PYTHONPATH := $(CURDIR)/src
 
-.PHONY: install train test test-fast lint format tensorboard bench chaos clean distclean
+.PHONY: install train test test-fast lint format tensorboard screenshots bench chaos clean distclean
 
 install: $(STAMP)
 
@@ -39,8 +39,15 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 	$(BIN)/ruff format src tests benchmarks scripts
 
+## TensorBoard on every run; every epoch's confusion-matrix image kept (its default keeps 4).
 tensorboard: $(STAMP)
-	$(BIN)/tensorboard --logdir outputs/ $(ARGS)
+	$(BIN)/tensorboard --logdir outputs/ --samples_per_plugin images=100 $(ARGS)
+
+## A 6-job sweep, eval and Grad-CAM, TensorBoard's tabs captured in headless Chromium into
+## docs/img/ (~4 minutes on 2 cores; needs `apt-get install chromium`; not part of make test).
+screenshots: $(STAMP)
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[screenshots]"
+	$(BIN)/python scripts/screenshots.py $(ARGS)
 
 ## Start-up times, and the seed's way vs the fast path vs cached features; writes docs/benchmarks.md.
 bench: $(STAMP)

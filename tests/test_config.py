@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import RichProgressBar
 
 from conftest import compose_train, phantom_overrides
 from tb_lightning.config import CONF_DIR
@@ -71,13 +72,15 @@ def test_trainer_options_instantiate(option):
 def test_logger_options_instantiate(option, tmp_path):
     cfg = compose_train([f"logger={option}"], output_dir=tmp_path)
     loggers = instantiate_group(cfg.logger)
-    assert loggers and all(Path(lg.log_dir).parent == tmp_path for lg in loggers)
+    assert loggers and all(tmp_path in Path(lg.log_dir).parents for lg in loggers)
 
 
 def test_callbacks_instantiate(tmp_path):
     cfg = compose_train([], output_dir=tmp_path)
-    names = {type(cb).__name__ for cb in instantiate_group(cfg.callbacks)}
-    assert {"ModelCheckpoint", "RichProgressBar"} <= names
+    callbacks = instantiate_group(cfg.callbacks)
+    names = {type(cb).__name__ for cb in callbacks}
+    assert {"ModelCheckpoint", "ProgressBar", "OneLineModelSummary"} <= names
+    assert any(isinstance(cb, RichProgressBar) for cb in callbacks)
 
 
 def test_quickstart_and_debug_presets():

@@ -242,14 +242,37 @@ def test_predict_cli_with_saliency_skips_unreadable_files(
         assert row["threshold_source"].startswith("chosen on the validation split")
         assert row["predicted_label"] == str(int(p >= stored["value"]))
         assert row["predicted_class"] in ("Normal", "Tuberculosis")
-        overlay = Image.open(row["saliency"])
-        assert overlay.size == (PHANTOM_SIZE, PHANTOM_SIZE) and overlay.mode == "RGB"
+        # The image and its overlay side by side, each at least 512 px, with a colour bar.
+        figure = Image.open(row["saliency"])
+        assert figure.size[0] >= 2 * 512 and figure.size[1] >= 512
+        assert row["saliency_empty"] in ("true", "false")
     skipped = list(csv.DictReader((out / "skipped.csv").open()))
     reasons = {Path(r["path"]).name: r["reason"] for r in skipped}
     assert reasons.keys() == {"broken.png", "truncated.png", "corrupt.png"}
     assert reasons["broken.png"].startswith("not an image")
     assert reasons["truncated.png"].startswith("truncated or corrupt PNG")
     assert reasons["corrupt.png"].startswith("truncated or corrupt PNG")
+
+
+def test_empty_gradcam_maps_are_flagged(loaded, phantom_root, tmp_path, monkeypatch, caplog):
+    """A map with no region that raises p_tb is marked in predictions.csv and in the log."""
+    from tb_lightning.inference import saliency
+
+    real = saliency.gradcam
+
+    def first_map_empty(net, images):
+        maps = real(net, images)
+        maps[0] = 0
+        return maps
+
+    monkeypatch.setattr(saliency, "gradcam", first_map_empty)
+    paths = [str(p) for p in sorted((phantom_root / "Tuberculosis").glob("*.png"))[:3]]
+    run_prediction(loaded, paths, 0.5, "test", tmp_path, batch_size=8, saliency=True)
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert rows[0]["saliency_empty"] == "true"
+    empty = sum(r["saliency_empty"] == "true" for r in rows)  # the weak test model adds some
+    assert f"{empty} of 3 Grad-CAM maps are empty" in caplog.text
+    assert all(Path(r["saliency"]).is_file() for r in rows)
 
 
 def test_predict_csv_input_and_user_errors(loaded, phantom_root, tmp_path):

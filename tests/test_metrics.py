@@ -17,6 +17,7 @@ def sklearn_metrics(probs: np.ndarray, target: np.ndarray, threshold: float) -> 
     return {
         "acc": skm.accuracy_score(target, preds),
         "auroc": skm.roc_auc_score(target, probs),
+        "average_precision": skm.average_precision_score(target, probs),
         "precision/Normal": precision[0],
         "precision/Tuberculosis": precision[1],
         "recall/Normal": recall[0],
@@ -32,7 +33,7 @@ def test_metrics_match_sklearn_over_several_batches(threshold):
     rng = np.random.default_rng(0)
     target = (rng.random(203) < 0.2).astype(int)  # imbalanced like the TB data
     probs = np.clip(0.35 * target + rng.random(203) * 0.7, 0, 1).astype(np.float32)
-    metrics = ClassificationMetrics(threshold=threshold)
+    metrics = ClassificationMetrics("val", threshold=threshold)
     for start in range(0, 203, 18):  # batches of 18, the last one short
         metrics.update(
             torch.from_numpy(probs[start : start + 18]),
@@ -43,12 +44,18 @@ def test_metrics_match_sklearn_over_several_batches(threshold):
     for name, value in expected.items():
         if name == "confusion":
             assert metrics.confusion_matrix().tolist() == value.tolist()
-        elif name == "auroc":  # threshold-free: no suffix
-            assert ours[name] == pytest.approx(value, abs=1e-6), name
-        else:  # named for the fixed threshold they are computed at: acc@0.3, f1@0.3/Normal
-            metric, *cls = name.split("/")
-            ours_name = "/".join([f"{metric}@{threshold:g}", *cls])
-            assert ours[ours_name] == pytest.approx(value, abs=1e-6), name
+        elif name in ("auroc", "average_precision"):  # threshold-free: the split's own group
+            assert ours[f"val/{name}"] == pytest.approx(value, abs=1e-6), name
+        else:  # in the group of the fixed threshold they are computed at: val@0.3/f1/Normal
+            assert ours[f"val@{threshold:g}/{name}"] == pytest.approx(value, abs=1e-6), name
+    assert len(ours) == len(expected) - 1  # nothing else (the confusion matrix is not a scalar)
+
+
+def test_train_split_keeps_only_the_threshold_free_curves():
+    metrics = ClassificationMetrics("train", at_threshold=False)
+    metrics.update(torch.tensor([0.9, 0.2, 0.6]), torch.tensor([1, 0, 0]))
+    assert set(metrics.compute()) == {"train/auroc"}
+    assert float(metrics.compute()["train/auroc"]) == pytest.approx(1.0)
 
 
 def test_reset_starts_a_new_epoch():
@@ -56,7 +63,7 @@ def test_reset_starts_a_new_epoch():
     metrics.update(torch.tensor([0.9, 0.1]), torch.tensor([0, 1]))
     metrics.reset()
     metrics.update(torch.tensor([0.9, 0.1]), torch.tensor([1, 0]))
-    assert float(metrics.compute()["acc@0.5"]) == 1.0
+    assert float(metrics.compute()["val@0.5/acc"]) == 1.0
 
 
 def test_seed_report_format():

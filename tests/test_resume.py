@@ -166,7 +166,8 @@ def test_sigterm_in_training_exits_143_with_the_resume_command(phantom_root, tmp
     # TensorBoard was flushed: epoch 0's validation point is on disk.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    (run,) = (run_dir / "tensorboard").iterdir()
+    events = EventAccumulator(str(run))
     events.Reload()
     assert len(events.Scalars("val/loss")) == 1
 

@@ -46,13 +46,14 @@ def test_ddp_cpu_metrics_are_synced_and_match_one_process(phantom_root, tmp_path
     assert sum(map(sum, metrics["val/confusion_matrix"])) == 12
     # What the 2 processes logged for the best epoch (torchmetrics synced across them) equals a
     # single-process evaluation of the same checkpoint (metrics.json, rank 0 alone).
-    best_epoch = load_checkpoint(ddp_dir / "checkpoints" / "best.ckpt")["epoch"]
-    events = EventAccumulator(str(ddp_dir / "tensorboard"))
+    # The best epoch's scalars are at the index of its last step (engine/dashboard.py).
+    best_step = load_checkpoint(ddp_dir / "checkpoints" / "best.ckpt")["global_step"] - 1
+    (run,) = (ddp_dir / "tensorboard").iterdir()
+    events = EventAccumulator(str(run))
     events.Reload()
-    epoch_at = {s.step: int(s.value) for s in events.Scalars("epoch")}
     for key in COMPARED:
-        logged = {epoch_at[s.step]: s.value for s in events.Scalars(key)}
-        assert logged[best_epoch] == pytest.approx(metrics[key], abs=1e-5), key
+        logged = {s.step: s.value for s in events.Scalars(key)}
+        assert logged[best_step] == pytest.approx(metrics[key], abs=1e-5), key
     # The split (and so the class weights) is the one a 1-process run makes; rank 0 wrote it.
     single = compose_train([*phantom_overrides(phantom_root)], output_dir=tmp_path / "single")
     datamodule = instantiate_config(single.data)

@@ -14,8 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import phantom_overrides, run_cli
 from tb_lightning.config import CONF_DIR
-from tb_lightning.engine.callbacks import custom_scalars_layout
-from tb_lightning.sweep.naming import run_name
+from tb_lightning.engine.dashboard import custom_scalars_layout
+from tb_lightning.sweep.naming import run_name, single_run_name
 from tb_lightning.sweep.summary import write_summary
 
 
@@ -146,18 +146,41 @@ def test_multirun_summary_tensorboard_and_a_failed_job(phantom_root, tmp_path):
     events.Reload()
     assert "val/loss" in events.Tags()["scalars"]
     assert "custom_scalars__config__" in events.Tags()["tensors"]
-    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(
-        events.PluginTagToContent("hparams")
-    )
+    final = EventAccumulator(str(run / "final"))
+    final.Reload()
+    assert set(final.PluginTagToContent("hparams")) == {"_hparams_/session_start_info"}
 
 
-def test_custom_scalars_layout_covers_losses_and_classes():
-    layout = custom_scalars_layout()
-    assert layout["Loss and ranking"]["loss: train vs val"] == [
+def test_custom_scalars_layout_has_one_chart_per_metric_and_split():
+    layout = custom_scalars_layout(0.5)
+    charts = {title: spec for category in layout.values() for title, spec in category.items()}
+    # One tag pattern per chart: the lines of a chart are runs, never train vs val.
+    assert all(kind == "Multiline" and len(tags) == 1 for kind, tags in charts.values())
+    assert charts["val loss"] == ["Multiline", [r"^val/loss$"]]
+    assert charts["train AUROC"] == ["Multiline", [r"^train/auroc$"]]
+    assert charts["val recall (Tuberculosis) at p_tb >= 0.5"] == [
         "Multiline",
-        [r"^(train|val)/loss$"],
+        [r"^val@0.5/recall/Tuberculosis$"],
     ]
-    assert {"Class Normal", "Class Tuberculosis"} <= set(layout)
+    assert list(layout)[0].startswith("val: loss, AUROC")  # the first category is val's
+
+
+def test_single_runs_are_named_by_experiment_and_overrides():
+    assert single_run_name([]) == "defaults"
+    assert single_run_name(["experiment=quickstart"]) == "quickstart"
+    name = single_run_name(
+        [
+            "experiment=nlm_scratch",
+            "data.root=../shared/data/nlm-tb-128/",
+            "data.fold=2",
+            "hydra.run.dir=/tmp/x",
+            "trainer.accelerator=gpu",
+            "ckpt_path=last",
+        ]
+    )
+    assert name == "nlm_scratch,root=nlm-tb-128,fold=2"
+    long = single_run_name([f"model.net.key{i}=value{i}" for i in range(20)])
+    assert len(long) == 80 and long.startswith("key0=value0,key1=value1")
 
 
 @pytest.mark.slow

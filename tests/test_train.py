@@ -22,21 +22,23 @@ from tb_lightning.models.classifier import TBClassifier
 from tb_lightning.models.torch_file import load_checkpoint
 from tb_lightning.train import train
 
-# Per-epoch curves: threshold-free loss and AUROC, the rest named for the fixed threshold 0.5
-# (the operating-point figures are in report.txt / metrics.json only).
+# Per-epoch curves: threshold-free loss, AUROC (and val's average precision, train's lr), the
+# val figures at the fixed threshold 0.5 in a group named for it (the operating-point figures
+# are in report.txt / metrics.json, and in TensorBoard's `final` sub-run).
 EXPECTED_SCALARS = {
     "train/loss",
-    "train/acc@0.5",
     "train/auroc",
+    "train/lr",
     "val/loss",
-    "val/acc@0.5",
     "val/auroc",
-    "val/precision@0.5/Normal",
-    "val/recall@0.5/Normal",
-    "val/f1@0.5/Normal",
-    "val/precision@0.5/Tuberculosis",
-    "val/recall@0.5/Tuberculosis",
-    "val/f1@0.5/Tuberculosis",
+    "val/average_precision",
+    "val@0.5/acc",
+    "val@0.5/precision/Normal",
+    "val@0.5/recall/Normal",
+    "val@0.5/f1/Normal",
+    "val@0.5/precision/Tuberculosis",
+    "val@0.5/recall/Tuberculosis",
+    "val@0.5/f1/Tuberculosis",
 }
 
 
@@ -121,21 +123,43 @@ def test_metrics_json_matches_sklearn_on_the_best_checkpoints_predictions(two_ep
     assert metrics["pos_weight"] == pytest.approx(16 / 8)  # 24-8 Normal / 12-4 TB in train
 
 
-def test_tensorboard_has_scalars_confusion_images_and_hparams(two_epoch_run):
-    events = EventAccumulator(str(two_epoch_run / "tensorboard"), size_guidance={"images": 0})
+def test_tensorboard_has_curves_confusion_images_and_a_final_row(two_epoch_run):
+    (run,) = (two_epoch_run / "tensorboard").iterdir()  # one run, named by its overrides
+    assert run.name.startswith("data=phantom,")
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()
-    assert set(tags["scalars"]) >= EXPECTED_SCALARS
+    # The curves and nothing else: no `epoch` staircase, no hparams/* copies. (The step loss
+    # is written every trainer.log_every_n_steps, more than this run's steps.)
+    assert set(tags["scalars"]) - {"train/loss_step"} == EXPECTED_SCALARS
     assert len(events.Scalars("val/auroc")) == 2  # one point per epoch
-    assert "val/confusion_matrix@0.5" in tags["images"]
-    images = events.Images("val/confusion_matrix@0.5")
+    images = events.Images("val@0.5/confusion_matrix")
     # One per epoch, at the same steps as the epoch's val scalars.
     assert [i.step for i in images] == [s.step for s in events.Scalars("val/auroc")]
-    assert any(tag.startswith("final_report") for tag in tags["tensors"])
-    hparams = events.PluginTagToContent("hparams")
-    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    # The final figures and the HParams row live in the `final` sub-run.
+    final = EventAccumulator(str(run / "final"))
+    final.Reload()
+    stored = json.loads((two_epoch_run / "metrics.json").read_text())
+    values = {tag: final.Scalars(tag)[0].value for tag in final.Tags()["scalars"]}
+    assert values == pytest.approx(
+        {
+            "val/auroc": stored["val/auroc"],
+            "val/average_precision": stored["val/average_precision"],
+            "val/loss": stored["val/loss"],
+            "val@operating/sensitivity": stored["val/sensitivity"],
+            "val@operating/specificity": stored["val/specificity"],
+            "val@operating/threshold": stored["threshold"]["value"],
+        },
+        abs=1e-6,
+    )
+    # Drawn on the curve at the chosen checkpoint's epoch.
+    chosen = load_checkpoint(two_epoch_run / "checkpoints" / "best.ckpt")["global_step"] - 1
+    assert {s.step for tag in values for s in final.Scalars(tag)} == {chosen}
+    assert chosen in [s.step for s in events.Scalars("val/auroc")]
+    assert any(tag.startswith("final_report") for tag in final.Tags()["tensors"])
+    hparams = final.PluginTagToContent("hparams")
+    assert set(hparams) == {"_hparams_/session_start_info"}  # no experiment summary
     assert b"model.optimizer.lr" in hparams["_hparams_/session_start_info"]
-    assert "hparams/val/auroc" in tags["scalars"]
 
 
 def test_more_epochs_is_not_a_resume_of_a_finished_run(two_epoch_run, phantom_root, tmp_path):

@@ -13,17 +13,17 @@ CONF_DIR = PROJECT_ROOT / "conf"
 
 
 def register_resolvers() -> None:
-    """Register `${tb_project_root:}` (conf/paths) and `${sweep_run_name:}` (conf/logger)."""
+    """Register `${tb_project_root:}` (conf/paths) and `${tb_run_name:...}` (conf/logger)."""
     if not OmegaConf.has_resolver("tb_project_root"):
         OmegaConf.register_new_resolver("tb_project_root", lambda: str(PROJECT_ROOT))
-    if not OmegaConf.has_resolver("sweep_run_name"):
+    if not OmegaConf.has_resolver("tb_run_name"):
         # Imported on use: the resolver needs Hydra's job state, not at import time.
-        def sweep_run_name() -> str:
-            from tb_lightning.sweep.naming import sweep_run_name as name
+        def tb_run_name(output_dir: str | None = None, ckpt_path: str | None = None) -> str:
+            from tb_lightning.sweep.naming import dashboard_run_name
 
-            return name()
+            return dashboard_run_name(output_dir, ckpt_path)
 
-        OmegaConf.register_new_resolver("sweep_run_name", sweep_run_name)
+        OmegaConf.register_new_resolver("tb_run_name", tb_run_name)
     # conf/hydra/default.yaml: a resumed training run continues in its own directory (only when
     # its config is the run's), and never overwrites the run's own .hydra/.
     if not OmegaConf.has_resolver("tb_run_dir"):

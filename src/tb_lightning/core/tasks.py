@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from tb_lightning.core.errors import Stopped, UserError
 
@@ -44,6 +44,21 @@ def log_lightning_through_hydra() -> None:
     """
     if logging.getLogger().hasHandlers():
         logging.getLogger("lightning").handlers.clear()
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, QuietLightningNotices) for f in rank_zero.filters):
+        rank_zero.addFilter(QuietLightningNotices())
+
+
+class QuietLightningNotices(logging.Filter):
+    """Drops Lightning notices that describe this project's own set-up, not the run.
+
+    "Trainer already configured with model summary callbacks: ... Skipping setting a default
+    `ModelSummary` callback." is printed because conf/callbacks/default.yaml brings its own
+    one-line summary (engine/callbacks.py); every job of a sweep would print it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Trainer already configured with model summary")
 
 
 def user_message(err: UserError) -> str:
@@ -118,21 +133,3 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate_config(entry) for entry in group.values() if entry and "_target_" in entry]
-
-
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config -> {'model.net.dropout': 0.5, ...} for the TensorBoard HParams tab."""
-    if isinstance(config, DictConfig):
-        config = OmegaConf.to_container(config, resolve=True)  # type: ignore[assignment]
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if key.startswith("_"):
-            continue
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_config(value, f"{name}."))
-        elif isinstance(value, bool | int | float | str) or value is None:
-            flat[name] = "null" if value is None else value
-        else:
-            flat[name] = str(value)
-    return flat

@@ -1,5 +1,6 @@
-"""Lightning callbacks of this project: exact resume, a guard against NaN, and TensorBoard's
-Custom Scalars layout and confusion-matrix images. (Stops by signal: tb_lightning/signals.py.)
+"""Lightning callbacks of this project: exact resume, a guard against NaN, and what the terminal
+shows (progress bar, model summary). TensorBoard's own callbacks are in engine/dashboard.py; stops
+by signal in core/signals.py.
 
 Configured in conf/callbacks/default.yaml.
 """
@@ -9,18 +10,15 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary, RichProgressBar
 
 from tb_lightning.core.errors import UserError
-from tb_lightning.core.labels import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -107,73 +105,49 @@ class StopOnNonFiniteLoss(Callback):
         )
 
 
-def custom_scalars_layout(class_names: Sequence[str] = CLASS_NAMES) -> dict:
-    """TensorBoard's Custom Scalars layout: train vs val curves and per-class P/R/F1 charts.
+class ProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar without `v_num`.
 
-    Tags are regular expressions; "Multiline" draws every matching tag in one chart. The
-    threshold-dependent curves carry their fixed threshold in the name (`acc@0.5`).
+    `v_num` is the logger's version, here the run's name (`lr=0.0003,dropout=0.5`), which the
+    bar cuts to its tail (`=0.5`); the run directory is printed at start instead. The val loss and
+    AUROC that the module logs with prog_bar=True appear after each validation.
     """
-    layout = {
-        "Loss and ranking": {
-            "loss: train vs val": ["Multiline", [r"^(train|val)/loss$"]],
-            "AUROC: train vs val": ["Multiline", [r"^(train|val)/auroc$"]],
-            "accuracy at the fixed threshold: train vs val": [
-                "Multiline",
-                [r"^(train|val)/acc@[0-9.]+$"],
-            ],
-        }
-    }
-    for name in class_names:
-        layout[f"Class {name}"] = {
-            f"val precision/recall/F1 ({name}) at the fixed threshold": [
-                "Multiline",
-                [rf"^val/(precision|recall|f1)@[0-9.]+/{name}$"],
-            ],
-            f"F1 train vs val ({name}) at the fixed threshold": [
-                "Multiline",
-                [rf"^(train|val)/f1@[0-9.]+/{name}$"],
-            ],
-        }
-    return layout
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
 
 
-def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
-    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+class OneLineModelSummary(ModelSummary):
+    """The model summary in one log line: parameters, trainable ones, size.
 
-
-class CustomScalarsLayout(L.Callback):
-    """Writes the Custom Scalars layout into each run's TensorBoard event file at fit start.
-
-    Lightning's TensorBoardLogger has no option for it, so the callback calls the underlying
-    SummaryWriter's `add_custom_scalars`.
+    Lightning's table lists every submodule, metric objects included, and ends in "Total FLOPs:
+    0"; fourteen rows per job in a sweep say less than this line.
     """
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tensorboard = tensorboard_logger(trainer)
-        if tensorboard is not None:
-            tensorboard.experiment.add_custom_scalars(custom_scalars_layout())
-
-
-class ValConfusionImage(L.Callback):
-    """Each validation epoch's confusion matrix as an image in TensorBoard's Images tab.
-
-    Drawn like eval's confusion matrix (evaluation/figures.py), titled with the epoch and the
-    fixed per-epoch threshold (`model.threshold`), at the same step as the scalars.
-    """
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tensorboard = tensorboard_logger(trainer)
-        confusion = getattr(pl_module, "val_confusion", None)
-        if tensorboard is None or trainer.sanity_checking or not confusion:
-            return
-        from tb_lightning.evaluation.figures import confusion_figure
-
-        threshold = pl_module.val_metrics.threshold
-        fig = confusion_figure(
-            confusion, threshold, title=f"val, epoch {trainer.current_epoch}, p_tb >= {threshold:g}"
+        net = dict(getattr(pl_module, "hparams", {}).get("net") or {})
+        features = "frozen" if net.get("freeze_features", True) else "trained"
+        self.network = (
+            f"{net.get('arch', 'alexnet')} (weights={net.get('weights')}, {features} features)"
         )
-        # Lightning writes the epoch's val scalars at the index of the last training step taken.
-        step = max(trainer.global_step - 1, 0)
-        tensorboard.experiment.add_figure(
-            f"val/confusion_matrix@{threshold:g}", fig, global_step=step, close=True
+        super().on_fit_start(trainer, pl_module)
+
+    def summarize(
+        self,
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int = 0,
+        **summarize_kwargs: Any,
+    ) -> None:
+        log.info(
+            "Model: %s, %s parameters, %s trainable (%.1f MB)",
+            getattr(self, "network", "the network"),
+            f"{total_parameters:,}",
+            f"{trainable_parameters:,}",
+            model_size,
         )

@@ -28,34 +28,25 @@ from tb_lightning.core.signals import (
     stop_on_signals,
 )
 from tb_lightning.core.tasks import (
-    flatten_config,
     instantiate_config,
     instantiate_group,
     log_lightning_through_hydra,
 )
 from tb_lightning.data.datamodule import TBDataModule
+from tb_lightning.engine.dashboard import (
+    DashboardLogger,
+    dashboard_hparams,
+    epoch_end_step,
+    write_final_run,
+)
 from tb_lightning.evaluation.final_report import final_report
 from tb_lightning.inference.features import build_feature_cache
 from tb_lightning.inference.runner import pick_device
 from tb_lightning.models.classifier import TBClassifier, to_plain_dict
 from tb_lightning.models.torch_file import describe_key_mismatch, load_checkpoint
+from tb_lightning.sweep.naming import current_swept_keys, trial_id
 
 log = logging.getLogger(__name__)
-
-# Config sections shown as columns of TensorBoard's HParams tab.
-HPARAM_SECTIONS = ("data", "model", "trainer")
-# Final figures shown as the HParams tab's metric columns: threshold-free first.
-HPARAM_METRICS = {
-    "val/auroc": "val/auroc",
-    "val/average_precision": "val/average_precision",
-    "val/loss": "val/loss",
-    "threshold": "operating_threshold",
-    "val/sensitivity": "val/sensitivity_at_operating_threshold",
-    "val/specificity": "val/specificity_at_operating_threshold",
-    "test/auroc": "test/auroc",
-    "test/sensitivity": "test/sensitivity_at_operating_threshold",
-    "test/specificity": "test/specificity_at_operating_threshold",
-}
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -148,8 +139,12 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
     set_phase("the final scoring")
     checkpoint = chosen_checkpoint(trainer)
+    # The step of the chosen checkpoint's epoch: the final figures are drawn on the curves there.
+    chosen_step = trainer.global_step
     if checkpoint:
-        model.load_state_dict(load_checkpoint(checkpoint)["state_dict"])
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["state_dict"])
+        chosen_step = int(state.get("global_step", chosen_step))
     metrics, report = final_report(
         model,
         checkpoint,
@@ -161,7 +156,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         extra={"init_from": str(cfg.init_from)} if cfg.get("init_from") else None,
     )
     log.info("Final figures of %s:\n%s", checkpoint or "the final weights", report)
-    log_hparams(trainer, cfg, metrics, report)
+    log_final_figures(trainer, cfg, metrics, report, epoch_end_step(chosen_step))
     log.info("Wrote %s", ", ".join(sorted(p.name for p in output_dir.iterdir())))
     return metrics
 
@@ -272,24 +267,23 @@ def chosen_checkpoint(trainer: L.Trainer) -> str | None:
     return best or None
 
 
-def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any], report: str) -> None:
-    """One row per run in TensorBoard's HParams tab (the config and the final figures), and the
-    final report as text."""
-    params = {"seed": cfg.get("seed")}
-    for section in HPARAM_SECTIONS:
-        params.update(flatten_config(cfg[section], f"{section}."))
-    values = {**metrics, "threshold": metrics["threshold"]["value"]}
-    final = {
-        f"hparams/{name}": float(values[key])
-        for key, name in HPARAM_METRICS.items()
-        if isinstance(values.get(key), int | float)
-    }
+def log_final_figures(
+    trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any], report: str, step: int
+) -> None:
+    """The run's HParams row and final figures in TensorBoard (its `final` sub-run,
+    engine/dashboard.py); the other loggers get the same hyperparameters."""
+    params = dashboard_hparams(cfg, current_swept_keys())
     for logger in trainer.loggers:
-        if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
-            logger.log_hyperparams(params, metrics=final)
-            # Markdown: indent by four spaces to keep the report's columns.
-            text = "\n".join("    " + line for line in report.splitlines())
-            logger.experiment.add_text("final_report", text, global_step=trainer.global_step)
+        if isinstance(logger, DashboardLogger):
+            run_dir = Path(cfg.paths.output_dir)
+            write_final_run(
+                logger.log_dir,
+                trial_id(str(logger.version), run_dir),
+                params,
+                metrics,
+                report,
+                step,
+            )
         else:
             logger.log_hyperparams(params)
         logger.finalize("success")

@@ -14,7 +14,7 @@ from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.sources import IMAGE_EXTENSIONS
 from tb_lightning.inference.checkpoint import LoadedModel
 from tb_lightning.inference.runner import Predictions, predict_images
-from tb_lightning.inference.saliency import write_saliency_maps
+from tb_lightning.inference.saliency import SaliencyMap, write_saliency_maps
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,18 @@ def write_predictions(
     predictions: Predictions,
     threshold: float,
     threshold_source: str,
-    saliency: list[Path] | None = None,
+    saliency: list[SaliencyMap] | None = None,
 ) -> tuple[Path, Path | None]:
-    """predictions.csv for the usable images and skipped.csv (path, reason) for the rest."""
+    """predictions.csv for the usable images and skipped.csv (path, reason) for the rest.
+
+    With Grad-CAM figures: their path (`saliency`) and whether the map was empty
+    (`saliency_empty`: no region raises p_tb, the figure shows no evidence).
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     predictions_csv = output_dir / "predictions.csv"
-    columns = list(PREDICTION_COLUMNS) + (["saliency"] if saliency is not None else [])
+    columns = list(PREDICTION_COLUMNS)
+    if saliency is not None:
+        columns += ["saliency", "saliency_empty"]
     readable_saliency = iter(saliency or [])
     rows = []
     for path, p, ok in zip(paths, predictions.probs, predictions.readable, strict=True):
@@ -85,7 +91,8 @@ def write_predictions(
         label = int(p >= threshold)
         row = [path, f"{p:.6f}", label, CLASS_NAMES[label], threshold, threshold_source]
         if saliency is not None:
-            row.append(str(next(readable_saliency)))
+            figure = next(readable_saliency)
+            row += [str(figure.path), str(figure.empty).lower()]
         rows.append(row)
     atomic_write_csv(predictions_csv, columns, rows)
     skipped = [
@@ -126,6 +133,8 @@ def run_prediction(
         maps = write_saliency_maps(
             loaded.model.net,
             readable,
+            predictions.probs[predictions.readable].tolist(),
+            threshold,
             loaded.image_size,
             output_dir / "saliency",
             batch_size=min(batch_size, 16),

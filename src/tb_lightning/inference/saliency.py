@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+
+matplotlib.use("Agg")  # no display on servers
 import numpy as np
 import torch
-from PIL import Image
+from matplotlib.figure import Figure
 from rich.progress import Progress
 from torch import nn
 from torchvision.transforms import v2
 
 from tb_lightning.core.atomic import atomic_write_with
+from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.transforms import build_transform, load_image
 
 log = logging.getLogger(__name__)
@@ -48,15 +52,61 @@ def gradcam(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return (maps / peak).clamp(0, 1)
 
 
-def overlay(image: torch.Tensor, heatmap: np.ndarray, alpha: float = 0.45) -> Image.Image:
-    """uint8 image (3, H, W) with the heatmap (H, W) in the 'jet' colormap blended on top."""
-    gray = image.float().mean(dim=0).numpy() / 255.0
+# The overlay figure's width in pixels, at least: the radiograph is shown at DISPLAY_SIZE px.
+DISPLAY_SIZE = 512
+
+
+@dataclass(frozen=True)
+class SaliencyMap:
+    """One written figure, and whether its Grad-CAM map was empty (no region raises p_tb)."""
+
+    path: Path
+    empty: bool
+
+
+def blend(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB floats in [0, 1]: the 'jet' heatmap blended onto the grey radiograph where it is warm,
+    so the radiograph stays readable where the map is cold."""
     base = np.repeat(gray[..., None], 3, axis=2)
     heat = matplotlib.colormaps["jet"](heatmap)[..., :3]
-    # Blend where the map is warm; leave the radiograph readable where it is cold.
     weight = alpha * heatmap[..., None]
-    blended = (1 - weight) * base + weight * heat
-    return Image.fromarray((blended * 255).round().astype(np.uint8))
+    return np.clip((1 - weight) * base + weight * heat, 0, 1)
+
+
+def saliency_figure(
+    image: torch.Tensor, heatmap: np.ndarray, title: str, note: str | None = None
+) -> Figure:
+    """The radiograph and its Grad-CAM overlay side by side, with a colour bar, at least
+    2 x DISPLAY_SIZE px wide; `title` says p_tb and the call, `note` flags an empty map.
+
+    `image` is the radiograph (3, H, W) uint8 at any size (shown at DISPLAY_SIZE, or its own
+    size when larger); the heatmap is upsampled onto it.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    size = max(DISPLAY_SIZE, image.shape[-1])
+    shown = v2.functional.resize(image, [size, size], antialias=True)
+    gray = shown.float().mean(dim=0).numpy() / 255.0
+    heat = v2.functional.resize(torch.from_numpy(heatmap)[None], [size, size], antialias=True)[0]
+    heat = heat.clamp(0, 1).numpy()
+    dpi = 100
+    fig, axes = plt.subplots(
+        1, 2, figsize=(2 * size / dpi + 1.2, size / dpi + 0.9), dpi=dpi, layout="constrained"
+    )
+    axes[0].imshow(gray, cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("input")
+    axes[1].imshow(blend(gray, heat))
+    axes[1].set_title("Grad-CAM: regions that raise p_tb" if note is None else note)
+    for ax in axes:
+        ax.set_axis_off()
+    bar = fig.colorbar(
+        ScalarMappable(Normalize(0, 1), cmap="jet"), ax=axes[1], fraction=0.046, pad=0.02
+    )
+    bar.set_label("relative Grad-CAM weight (per image)")
+    fig.suptitle(title)
+    return fig
 
 
 def unique_name(stem: str, used: set[str]) -> str:
@@ -71,39 +121,57 @@ def unique_name(stem: str, used: set[str]) -> str:
 def write_saliency_maps(
     net: nn.Module,
     paths: Sequence[str],
+    probs: Sequence[float],
+    threshold: float,
     image_size: int,
     output_dir: Path,
     batch_size: int = 16,
     device: torch.device | None = None,
     progress: bool = True,
-) -> list[Path]:
-    """One `<stem>_gradcam.png` overlay per (readable) image; returns the files in path order."""
+) -> list[SaliencyMap]:
+    """One `<stem>_gradcam.png` figure per (readable) image, titled with its p_tb and the call
+    at `threshold`; returns them in path order."""
+    import matplotlib.pyplot as plt
+
     device = device or torch.device("cpu")
     net = net.to(device).eval()
     output_dir.mkdir(parents=True, exist_ok=True)
     resize = v2.Resize((image_size, image_size), antialias=True)
+    display = v2.Resize((max(DISPLAY_SIZE, image_size),) * 2, antialias=True)
     transform = build_transform(image_size)
     used: set[str] = set()
-    written = []
-    empty = 0
+    written: list[SaliencyMap] = []
     with Progress(disable=not progress) as bar:
         task = bar.add_task("Grad-CAM", total=len(paths))
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            raw = [resize(load_image(p)) for p in chunk]
-            images = torch.stack([transform(r) for r in raw]).to(device)
+            decoded = [load_image(p) for p in chunk]
+            images = torch.stack([transform(resize(d)) for d in decoded]).to(device)
+            # The figures show the file itself, at DISPLAY_SIZE, not the model's smaller input.
+            shown = [display(d) for d in decoded]
+            del decoded
             maps = gradcam(net, images).cpu().numpy()
-            for path, image, heatmap in zip(chunk, raw, maps, strict=True):
+            for offset, (path, image, heatmap) in enumerate(zip(chunk, shown, maps, strict=True)):
+                p_tb = float(probs[start + offset])
+                call = CLASS_NAMES[int(p_tb >= threshold)]
+                empty = bool(heatmap.max() == 0)
+                fig = saliency_figure(
+                    image,
+                    heatmap,
+                    f"{Path(path).name}: p_tb {p_tb:.3f} -> {call} (threshold {threshold:.4g})",
+                    "EMPTY map: no region raises p_tb" if empty else None,
+                )
                 target = output_dir / unique_name(Path(path).stem, used)
-                picture = overlay(image, heatmap)
-                atomic_write_with(target, lambda f, p=picture: p.save(f, format="PNG"))
-                written.append(target)
-                empty += int(heatmap.max() == 0)
+                atomic_write_with(target, lambda f, fig=fig: fig.savefig(f, format="png"))
+                plt.close(fig)
+                written.append(SaliencyMap(target, empty))
             bar.advance(task, len(chunk))
+    empty = sum(m.empty for m in written)
     if empty:
         log.warning(
             "%d of %d Grad-CAM maps are empty: no region of those images raises the TB logit "
-            "(usual for an untrained or weak model), so their overlays show the image only.",
+            "(usual for an untrained or weak model); predictions.csv marks them "
+            "(saliency_empty=true).",
             empty,
             len(written),
         )

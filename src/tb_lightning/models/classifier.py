@@ -54,10 +54,10 @@ class TBClassifier(L.LightningModule):
         # Set from the DataModule's train split in setup(); saved in checkpoints with the weights.
         self.register_buffer("pos_weight", torch.tensor(1.0))
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
-        self.train_metrics = ClassificationMetrics(threshold)
-        self.val_metrics = ClassificationMetrics(threshold)
+        self.train_metrics = ClassificationMetrics("train", threshold, at_threshold=False)
+        self.val_metrics = ClassificationMetrics("val", threshold)
         # The last validation epoch's [[TN, FP], [FN, TP]] at `threshold`, for the confusion
-        # matrix image in TensorBoard (callbacks.ValConfusionImage).
+        # matrix image in TensorBoard (engine/dashboard.py, ValConfusionImage).
         self.val_confusion: list[list[int]] = []
 
     def setup(self, stage: str) -> None:
@@ -118,18 +118,29 @@ class TBClassifier(L.LightningModule):
         self._shared_step(batch, self.val_loss, self.val_metrics)
 
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train", self.train_loss, self.train_metrics)
+        self._log_epoch(self.train_loss, self.train_metrics)
+        # The learning rate of the head (the first parameter group) as a train curve, rather
+        # than LearningRateMonitor's `lr-AdamW` tag, which TensorBoard would sort into a group
+        # of its own ahead of the metrics.
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_validation_epoch_end(self) -> None:
         self.val_confusion = self.val_metrics.confusion_matrix().tolist()
-        self._log_epoch("val", self.val_loss, self.val_metrics)
+        self._log_epoch(self.val_loss, self.val_metrics, progress_bar=("val/loss", "val/auroc"))
 
     def _log_epoch(
-        self, stage: str, loss_metric: MeanMetric, metrics: ClassificationMetrics
+        self,
+        loss_metric: MeanMetric,
+        metrics: ClassificationMetrics,
+        progress_bar: tuple[str, ...] = (),
     ) -> None:
-        """Log the epoch's loss, AUROC and the figures at the fixed threshold (`acc@0.5`)."""
-        values = {"loss": loss_metric.compute(), **metrics.compute()}
-        self.log_dict({f"{stage}/{name}": value for name, value in values.items()})
+        """Log the epoch's loss, AUROC and the figures at the fixed threshold (`val@0.5/acc`);
+        the `progress_bar` ones also on the terminal's progress bar."""
+        values = {f"{metrics.split}/loss": loss_metric.compute(), **metrics.compute()}
+        shown = {k: v for k, v in values.items() if k in progress_bar}
+        self.log_dict({k: v for k, v in values.items() if k not in shown})
+        self.log_dict(shown, prog_bar=True)
         loss_metric.reset()
         metrics.reset()
 

@@ -1,11 +1,14 @@
-"""Run names for TensorBoard that carry a sweep job's swept values, e.g. `lr=0.0003,dropout=0.5`.
+"""Run names for TensorBoard: what each run is.
 
-`conf/logger/tensorboard.yaml` uses it as the logger's version (`${sweep_run_name:}`), so that
+A multirun job is named by its swept values (`lr=0.0003,dropout=0.5`), a single run by its
+experiment and the overrides it was started with (`quickstart`, `nlm_scratch,fold=2`).
+`conf/logger/tensorboard.yaml` uses it as the logger's version (`${tb_run_name:...}`), so that
 `tensorboard --logdir <multirun dir>` lists `<job>/tensorboard/lr=0.0003,dropout=0.5`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -50,12 +53,77 @@ def run_name(job_overrides: Iterable[str], keys: set[str]) -> str:
     return ",".join(f"{names[k]}={v}" for k, v in values.items())
 
 
-def sweep_run_name() -> str:
-    """The current job's run name in a multirun; "" in a single run (no extra folder level)."""
+# Overrides that say where a run reads or writes, or how it is shown, not what it is: left out
+# of a single run's name.
+NOT_IN_NAMES = (
+    "hydra.",
+    "paths.",
+    "callbacks.",
+    "logger.",
+    "ckpt_path",
+    "trainer.accelerator",
+    "trainer.devices",
+    "data.num_workers",
+    "data.cache_dir",
+    "data.scan_cache_dir",
+    "data.cache_features",
+)
+# Longer names are cut and end in a hash of the whole (a folder name, read in a narrow column).
+MAX_NAME = 80
+
+
+def single_run_name(overrides: Iterable[str]) -> str:
+    """`experiment=quickstart data.root=/x/nlm-tb-128 model.optimizer.lr=1e-3` ->
+    `quickstart,root=nlm-tb-128,lr=0.001`; "defaults" without any."""
+    values = {
+        k: v
+        for k, v in parse_overrides(overrides).items()
+        if not k.startswith(NOT_IN_NAMES) and k != "sweep"
+    }
+    names = short_names(values)
+    parts = []
+    for key, value in values.items():
+        value = value.rstrip("/").rsplit("/", 1)[-1]  # a path by its last part
+        parts.append(value if key == "experiment" else f"{names[key]}={value}")
+    name = ",".join(parts) or "defaults"
+    if len(name) > MAX_NAME:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = f"{name[: MAX_NAME - 9]}~{digest}"
+    return name
+
+
+def existing_run_name(log_dir: Path) -> str | None:
+    """The name a resumed run's event files already have (its one folder under tensorboard/)."""
+    names = [p.name for p in log_dir.glob("*") if p.is_dir()] if log_dir.is_dir() else []
+    return names[0] if len(names) == 1 else None
+
+
+def dashboard_run_name(output_dir: str | None = None, ckpt_path: str | None = None) -> str:
+    """The current run's TensorBoard name; a resumed run (ckpt_path) keeps the one it has."""
+    if ckpt_path and output_dir:
+        existing = existing_run_name(Path(output_dir) / "tensorboard")
+        if existing:
+            return existing
     if not HydraConfig.initialized():
-        return ""
+        return "defaults"
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
-        return ""
+        return single_run_name(hydra_cfg.overrides.task)
     name = run_name(hydra_cfg.overrides.task, swept_keys(hydra_cfg))
     return name or f"job{hydra_cfg.job.num}"
+
+
+def current_swept_keys() -> list[str]:
+    """The keys the current multirun sweeps, in a stable order; [] outside a multirun."""
+    if not HydraConfig.initialized():
+        return []
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return []
+    return sorted(swept_keys(hydra_cfg))
+
+
+def trial_id(run_name: str, run_dir: Path) -> str:
+    """The HParams tab's Trial ID: the run's name, then the folder that tells runs apart
+    (`lr=0.0003,dropout=0.5 [2026-11-30_01-44-35/2]`)."""
+    return f"{run_name} [{run_dir.parent.name}/{run_dir.name}]"
