@@ -9,7 +9,7 @@ ARGS ?=
 # Import this checkout's code even when .venv was installed editable from another checkout.
 export PYTHONPATH := $(CURDIR)/src
 
-.PHONY: install train test test-fast lint format tensorboard screenshots bench chaos clean distclean
+.PHONY: install train test test-fast lint format tensorboard screenshots bench bench-scale chaos clean distclean
 
 install: $(STAMP)
 
@@ -53,6 +53,13 @@ screenshots: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+## Time per image and peak memory per stage at N = 1k, 4k, 16k synthetic images, then a
+## fine-tuning epoch with and without the decoded-image cache (~10 minutes); writes their
+## sections of docs/benchmarks.md.
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/scale.py $(ARGS)
+	$(BIN)/python benchmarks/image_cache.py
 
 ## Kill short runs at random moments, resume them, check nothing was lost (not part of make test).
 chaos: $(STAMP)

@@ -9,15 +9,16 @@ import platform
 from pathlib import Path
 
 # The page's sections, in order: training figures from a machine without a GPU and from one
-# with a GPU, then the command start-up times.
-SECTIONS = ("cpu", "gpu", "startup")
+# with a GPU, the command start-up times, then time and memory against the data set's size.
+SECTIONS = ("cpu", "gpu", "startup", "scale", "image_cache")
 
 PAGE_HEADER = """# Benchmarks
 
 Written by `make bench` (benchmarks/bench.py and benchmarks/startup.py): one section per kind
-of machine (CPU only, GPU) and one for command start-up. A run replaces its own section and
-keeps the others, so figures from a GPU machine and from a CPU-only machine stand side by side;
-compare ratios within one section only.
+of machine (CPU only, GPU) and one for command start-up; `make bench-scale`
+(benchmarks/scale.py, benchmarks/image_cache.py) writes the scale and image-cache sections.
+A run replaces its own section and keeps the others, so figures from a GPU machine and from a
+CPU-only machine stand side by side; compare ratios within one section only.
 """
 
 

@@ -97,7 +97,7 @@ def test_every_backbone_trains_with_the_default_feature_cache(arch, phantom_root
     features = build_feature_cache(datamodule, model.net)
     assert features is not None
     datamodule.serve_features(features)
-    assert list((tmp_path / "features").glob("features-*.pt"))
+    assert list((tmp_path / "features").glob("features-*.npy"))
     trainer = L.Trainer(
         fast_dev_run=True,
         accelerator="cpu",

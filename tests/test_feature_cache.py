@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torchvision.transforms import v2
@@ -106,7 +107,9 @@ def test_anything_that_changes_features_changes_the_key(tmp_path, net, images):
 
 
 def test_a_damaged_cache_file_is_rebuilt(tmp_path, net, images, caplog):
-    good = make_cache(tmp_path, net, images).load_or_build()
+    # A copy: the table maps the file, which is damaged in place below (the cache itself only
+    # ever replaces files, so the maps of running jobs keep their rows).
+    good = make_cache(tmp_path, net, images).load_or_build().clone()
     path = make_cache(tmp_path, net, images).path
     path.write_bytes(path.read_bytes()[:1000])  # truncated, e.g. a full disk
     with caplog.at_level(logging.WARNING):
@@ -171,21 +174,52 @@ def test_temporary_files_of_killed_writes_are_removed(tmp_path, net, images, cap
     assert not busy.exists()
 
 
-def test_cache_file_is_written_with_the_atomic_helper(tmp_path, net, images, monkeypatch):
+def test_cache_files_are_written_with_the_atomic_helpers(tmp_path, net, images, monkeypatch):
+    from tb_lightning.core import mapped_table
+
     written = []
-    real = feature_cache.atomic_torch_save
+    real_target, real_write = mapped_table.atomic_target, mapped_table.atomic_write
     monkeypatch.setattr(
-        feature_cache,
-        "atomic_torch_save",
-        lambda obj, path: (written.append(Path(path)), real(obj, path)),
+        mapped_table,
+        "atomic_target",
+        lambda path: (written.append(Path(path)), real_target(path))[1],
+    )
+    monkeypatch.setattr(
+        mapped_table,
+        "atomic_write",
+        lambda path, data: (written.append(Path(path)), real_write(path, data)),
     )
     cache = make_cache(tmp_path, net, images)
     cache.load_or_build()
-    assert written == [cache.path]
+    # The table first, its sidecar last: a table without a sidecar is never read.
+    assert written == [cache.path, cache.sidecar]
     # Shared by users and sweep jobs: the mode of a plain open(), not mkstemp's private 0600.
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(cache.path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_rows_stream_into_a_memory_map_and_damage_is_found(tmp_path, net, images, caplog):
+    """Extraction writes batch by batch; reading maps the file (no load, no copy per split);
+    a sampled row that changed on disk is found by its digest."""
+    cache = make_cache(tmp_path, net, images)
+    cache.batch_size = 4  # several batches
+    table = cache.load_or_build().clone()
+    assert isinstance(table, torch.Tensor)
+    reread = make_cache(tmp_path, net, images).load_or_build()
+    assert torch.equal(reread, table)
+    # Rows of a split are rows of the one map: the dataset holds indices, not a copy.
+    dataset = cache.dataset(images[:3])
+    assert dataset.features.data_ptr() == cache.load_or_build().data_ptr()
+    # A row the digest samples (the last one) changed on disk: rebuilt.
+    mapped = np.load(cache.path, mmap_mode="r+")
+    mapped[-1] = 7.0
+    mapped.flush()
+    del mapped
+    with caplog.at_level(logging.WARNING):
+        rebuilt = make_cache(tmp_path, net, images).load_or_build()
+    assert "does not match its key" in caplog.text or "damaged" in caplog.text
+    assert torch.equal(rebuilt, table)
 
 
 def test_bf16_features_match_fp32(net, images):

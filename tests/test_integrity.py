@@ -360,3 +360,40 @@ def test_corrupt_png_data_is_refused_not_a_crash(tmp_path):
     assert len(lines) == 2 and all(line.startswith("truncated or corrupt PNG") for line in lines)
     for path in paths:  # the scan says the same
         assert inspect_file(str(path))["problem"].startswith("truncated or corrupt PNG")
+
+
+def test_near_pairs_in_blocks_equal_all_pairs(monkeypatch):
+    """The near-duplicate search compares a block of rows at a time (bounded memory): the same
+    pairs and distances as a brute-force count of differing bits."""
+    from tb_lightning.data import integrity
+
+    rng = np.random.default_rng(0)
+    hashes_a = [rng.bytes(32).hex() for _ in range(11)]
+    hashes_b = [rng.bytes(32).hex() for _ in range(7)]
+    # Near copies: a few bits flipped.
+    flipped = bytearray(bytes.fromhex(hashes_a[4]))
+    flipped[0] ^= 0b1011
+    hashes_b[2] = flipped.hex()
+    hashes_b[5] = hashes_a[9]
+    monkeypatch.setattr(integrity, "NEAR_BLOCK", 3)  # several blocks
+    found = sorted(integrity.near_pairs(hashes_a, hashes_b, 20))
+
+    def bits(h: str) -> int:
+        return int(h, 16)
+
+    expected = sorted(
+        (i, j, bin(bits(a) ^ bits(b)).count("1"))
+        for i, a in enumerate(hashes_a)
+        for j, b in enumerate(hashes_b)
+        if bin(bits(a) ^ bits(b)).count("1") <= 20
+    )
+    assert found == expected and (4, 2, 3) in found and (9, 5, 0) in found
+
+
+def test_scan_in_worker_processes_gives_the_threads_results(tmp_path):
+    """data.num_workers > 0: the scan decodes in processes, with the same results."""
+    root = class_tree(tmp_path / "data", counts=(6, 4))
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    threads, _ = inspect_files(paths, None, progress=False, num_workers=0)
+    processes, _ = inspect_files(paths, None, progress=False, num_workers=2)
+    assert processes == threads

@@ -300,6 +300,16 @@ def check_data(data: Mapping[str, Any], arch: str = "alexnet") -> None:
             f"data.cache_features={cache!r} is not allowed; use auto (cache when the backbone is "
             "frozen and there is no augmentation), true or false."
         )
+    if not isinstance(data.get("cache_images", False), bool):
+        raise ConfigError(
+            f"data.cache_images={data.get('cache_images')!r} must be true or false (true: decode "
+            "every image once into a memory-mapped cache, for fine-tuning and augmentation)."
+        )
+    if data.get("cache_images") and not data.get("image_cache_dir"):
+        raise ConfigError(
+            "data.cache_images=true needs data.image_cache_dir, a folder for the cache, e.g. "
+            "data/cache/images."
+        )
     if not isinstance(data.get("allow_outside_paths", False), bool):
         raise ConfigError(
             f"data.allow_outside_paths={data.get('allow_outside_paths')!r} must be true or false."

@@ -30,6 +30,9 @@ IGNORED_KEYS = (
     "paths.output_dir",
     "callbacks.progress_bar",
     "callbacks.model_summary",
+    # Caches change how fast images are served, not the images.
+    "data.cache_images",
+    "data.image_cache_dir",
 )
 SAVED_CONFIG = Path(".hydra") / "config.yaml"
 

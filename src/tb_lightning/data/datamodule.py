@@ -93,6 +93,8 @@ class TBDataModule(L.LightningDataModule):
         scan_cache_dir: str | None = None,
         cache_features: bool | str = "auto",
         cache_dir: str | None = None,
+        cache_images: bool = False,
+        image_cache_dir: str | None = None,
         augment: dict[str, Any] | None = None,
         allow_outside_paths: bool = False,
     ) -> None:
@@ -132,6 +134,11 @@ class TBDataModule(L.LightningDataModule):
         self.cache_features = parse_cache_mode(cache_features)
         self.cache_dir = cache_dir
         self.features: Any = None
+        # data.cache_images: the engine may hand over a decoded-image cache (serve_images;
+        # data/image_cache.py) when the features are not cached.
+        self.cache_images = cache_images
+        self.image_cache_dir = image_cache_dir
+        self.images: Any = None
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node: the right place to write files.
@@ -216,7 +223,9 @@ class TBDataModule(L.LightningDataModule):
         cache = (
             integrity.cache_file_for(self.scan_cache_dir, roots) if self.scan_cache_dir else None
         )
-        infos, scan_stats = integrity.inspect_files([s.path for s in samples], cache)
+        infos, scan_stats = integrity.inspect_files(
+            [s.path for s in samples], cache, num_workers=self.num_workers
+        )
         log.info(
             "Checked %d images (%d unchanged since the last scan) in %.1f s",
             scan_stats["files"],
@@ -322,6 +331,11 @@ class TBDataModule(L.LightningDataModule):
         (cached frozen-backbone features, inference/features.py)."""
         self.features = features
 
+    def serve_images(self, images: Any) -> None:
+        """Serve images from the decoded-image cache (`images.dataset(samples, transform)`)
+        instead of decoding the files every epoch (data/image_cache.py)."""
+        self.images = images
+
     @property
     def augment_is_random(self) -> bool:
         """True when train images are randomly augmented (data/augment=cxr)."""
@@ -340,11 +354,12 @@ class TBDataModule(L.LightningDataModule):
     def _loader(self, samples: list[Sample] | None, transform: Any, shuffle: bool) -> DataLoader:
         if samples is None:
             raise RuntimeError("dataloaders need setup() to have run")
-        dataset = (
-            self.features.dataset(samples)
-            if self.features is not None
-            else ImageDataset([s.path for s in samples], [s.label for s in samples], transform)
-        )
+        if self.features is not None:
+            dataset = self.features.dataset(samples)
+        elif self.images is not None:
+            dataset = self.images.dataset(samples, transform)
+        else:
+            dataset = ImageDataset([s.path for s in samples], [s.label for s in samples], transform)
         # Feature rows are ready in memory: worker processes would only add start-up time.
         num_workers = 0 if self.features is not None else self.num_workers
         # Shuffles and worker seeds from (seed, epoch) alone: a resumed run draws what an

@@ -15,8 +15,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +115,16 @@ def save_cache(path: Path | None, entries: Mapping[str, Any]) -> None:
 
 
 def inspect_files(
-    paths: Sequence[str], cache_path: Path | None = None, progress: bool = True
+    paths: Sequence[str],
+    cache_path: Path | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Inspect every path (from the cache when unchanged); return (infos, scan statistics)."""
+    """Inspect every path (from the cache when unchanged); return (infos, scan statistics).
+
+    num_workers > 0: that many worker processes decode and hash (`data.num_workers`, like the
+    DataLoaders); 0: threads of this process.
+    """
     start = time.perf_counter()
     cache = load_cache(cache_path)
     infos: dict[str, dict[str, Any]] = {}
@@ -134,10 +141,10 @@ def inspect_files(
     if todo:
         from tqdm import tqdm
 
-        # PIL and hashlib release the GIL while decoding and hashing, so threads scale.
-        workers = min(16, os.cpu_count() or 1)
-        with ThreadPoolExecutor(workers) as pool, cancel_pending_on_stop(pool):
-            results = pool.map(inspect_file, todo)
+        with scan_pool(num_workers) as pool, cancel_pending_on_stop(pool):
+            # Chunks: a process pool pays a round trip per task, and the files are small jobs.
+            chunk = max(1, min(64, len(todo) // (4 * max(num_workers, 1))))
+            results = pool.map(inspect_file, todo, chunksize=chunk)
             bar = tqdm(
                 zip(todo, results, strict=True),
                 total=len(todo),
@@ -158,6 +165,18 @@ def inspect_files(
         "seconds": round(time.perf_counter() - start, 3),
     }
     return infos, stats
+
+
+def scan_pool(num_workers: int) -> Executor:
+    """Worker processes for the scan (data.num_workers > 0), else threads of this process.
+
+    Processes scale the decoding past one interpreter (the perceptual hash and the file reads
+    hold the GIL part of the time); threads need no start-up, for small scans and tests. PIL and
+    hashlib release the GIL while decoding and hashing, so threads scale too, less far.
+    """
+    if num_workers > 0:
+        return ProcessPoolExecutor(num_workers)
+    return ThreadPoolExecutor(min(16, os.cpu_count() or 1))
 
 
 def apply_bad_file_policy(
@@ -194,11 +213,25 @@ def phash_matrix(hex_hashes: Sequence[str]) -> np.ndarray:
     return np.unpackbits(packed).reshape(len(hex_hashes), -1).astype(np.float32)
 
 
-def hamming_distances(a: Sequence[str], b: Sequence[str]) -> np.ndarray:
-    """All pairwise Hamming distances between two lists of hashes, as one matrix product."""
-    bits_a, bits_b = phash_matrix(a), phash_matrix(b)
-    same = bits_a @ bits_b.T + (1 - bits_a) @ (1 - bits_b).T
-    return np.rint(bits_a.shape[1] - same).astype(np.int64)
+# Rows of the first list compared at once: the distance block is NEAR_BLOCK x len(second list)
+# float32 (4 MB per 1,000 images of the second list), whatever the data set's size.
+NEAR_BLOCK = 1024
+
+
+def near_pairs(
+    a: Sequence[str], b: Sequence[str], max_distance: int
+) -> Iterator[tuple[int, int, int]]:
+    """(index in a, index in b, Hamming distance) of every pair of hashes at most max_distance
+    apart: pairwise distances as matrix products, a block of rows of `a` at a time, so that
+    memory stays bounded (a whole train x val matrix is 1.6 billion cells at 100k images)."""
+    bits_b = phash_matrix(b)
+    ones_b = 1 - bits_b
+    for start in range(0, len(a), NEAR_BLOCK):
+        bits_a = phash_matrix(a[start : start + NEAR_BLOCK])
+        same = bits_a @ bits_b.T + (1 - bits_a) @ ones_b.T
+        distances = np.rint(bits_a.shape[1] - same)
+        for ia, ib in zip(*np.nonzero(distances <= max_distance), strict=True):
+            yield start + int(ia), int(ib), int(distances[ia, ib])
 
 
 def find_duplicates(
@@ -230,10 +263,12 @@ def find_duplicates(
     for i, first in enumerate(names):
         for second in names[i + 1 :]:
             a, b = list(splits[first]), list(splits[second])
-            distances = hamming_distances(
-                [infos[s.path]["phash"] for s in a], [infos[s.path]["phash"] for s in b]
+            pairs = near_pairs(
+                [infos[s.path]["phash"] for s in a],
+                [infos[s.path]["phash"] for s in b],
+                near_distance,
             )
-            for ia, ib in zip(*np.nonzero(distances <= near_distance), strict=True):
+            for ia, ib, distance in pairs:
                 sa, sb = a[ia], b[ib]
                 if infos[sa.path]["sha256"] == infos[sb.path]["sha256"]:
                     continue  # already an exact duplicate
@@ -243,7 +278,7 @@ def find_duplicates(
                             {"path": sa.path, "split": first},
                             {"path": sb.path, "split": second},
                         ],
-                        "distance": int(distances[ia, ib]),
+                        "distance": distance,
                         "leak": True,
                     }
                 )

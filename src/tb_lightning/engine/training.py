@@ -33,6 +33,7 @@ from tb_lightning.core.tasks import (
     log_lightning_through_hydra,
 )
 from tb_lightning.data.datamodule import TBDataModule
+from tb_lightning.data.image_cache import build_image_cache
 from tb_lightning.engine.dashboard import (
     DashboardLogger,
     dashboard_hparams,
@@ -121,6 +122,9 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     )
     if features is not None:
         datamodule.serve_features(features)
+    elif datamodule.cache_images:
+        set_phase("the image caching")
+        datamodule.serve_images(build_image_cache(datamodule))
 
     trainer: L.Trainer = instantiate_config(
         cfg.trainer,

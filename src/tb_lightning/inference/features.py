@@ -6,13 +6,16 @@ bf16 autocast where the hardware has native bf16), stores them in half precision
 `data.cache_dir`, and serves `(features, label)` pairs; the head (dropout included) then trains
 exactly as it would on images.
 
+Memory stays flat in the number of images: extraction streams each batch's rows into the cache
+file as it goes (memory: one batch), and training reads rows through a memory map of that file
+(no whole-file load, no copy per split): core/mapped_table.py.
+
 The cache file name is a hash of everything that changes the features: the backbone's weights
 (their bytes, so random-init backbones are told apart too), the image size and preprocessing, the
 extraction precision, and the file list with sizes and modification times. Any change builds a new
-file; old files are left for other configurations to reuse. Writes are atomic (core/atomic.py:
-temporary file + `os.replace`) and serialised by a lock file: the jobs of a sweep that start
-together extract once. A damaged or unreadable cache file is rebuilt with a warning, and the
-temporary files of writes that were killed are removed by later runs.
+file; old files are left for other configurations to reuse. Writes are atomic and serialised by a
+lock file (the jobs of a sweep that start together extract once); a damaged cache is rebuilt
+with a warning (core/mapped_table.py).
 """
 
 from __future__ import annotations
@@ -21,19 +24,18 @@ import hashlib
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from filelock import FileLock
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from tb_lightning.core.atomic import TMP_SUFFIX, atomic_torch_save
 from tb_lightning.core.errors import ConfigError
+from tb_lightning.core.mapped_table import STALE_TMP_SECONDS, MappedTable, RowWriter
 from tb_lightning.data.sources import Sample
 from tb_lightning.inference.runner import run_over_images
 
@@ -41,7 +43,8 @@ log = logging.getLogger(__name__)
 
 CACHE_MODES = ("auto", True, False)
 # Bump when the file layout or the extraction changes meaning; old files are then ignored.
-CACHE_FORMAT = 1
+# 1: one torch.save file, loaded whole; 2: a memory-mapped .npy table and a JSON sidecar.
+CACHE_FORMAT = 2
 # Transforms that map one image to the same output every time: anything else counts as random
 # augmentation and rules the cache out (fail safe: an unknown transform disables it).
 DETERMINISTIC_TRANSFORMS = (
@@ -53,13 +56,8 @@ DETERMINISTIC_TRANSFORMS = (
     v2.ToImage,
     v2.ToPureTensor,
 )
-# Temporary files of cache writes: `.features-<key>.pt.<random>.tmp` (tb_lightning.atomic) and
-# `.features-<random>.tmp` (the cache's own writer before it used tb_lightning.atomic).
-TMP_PATTERN = ".features-*" + TMP_SUFFIX
-# A temporary file untouched for this long was left by a killed write, not one in progress: the
-# cache file is written in one go after the extraction, which takes seconds, and every write
-# renews the file's modification time.
-STALE_TMP_SECONDS = 3600
+# Re-exported: how old a temporary file of a killed cache write must be before any run removes it.
+__all__ = ["STALE_TMP_SECONDS", "FeatureCache", "build_feature_cache", "extract_features"]
 
 
 def is_deterministic(transform: Callable) -> bool:
@@ -164,8 +162,11 @@ def extract_features(
     batch_size: int = 32,
     num_workers: int = 0,
     progress: bool = True,
+    sink: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """`net.forward_features` of every sample, float32 (N, D), in the order of `samples`.
+    """`net.forward_features` of every sample, float32 (N, D), in the order of `samples`; with
+    `sink`, each batch's rows go to sink(first index, rows) instead and nothing is returned
+    (an empty tensor).
 
     Through the one image pass of inference/runner.py. channels_last suits oneDNN/cuDNN
     convolutions; bf16 autocast only with native support. The net is restored to its former
@@ -192,6 +193,7 @@ def extract_features(
             tolerant=False,
             progress=progress,
             description=f"Extracting features ({precision})",
+            sink=sink,
         )
     finally:
         net.features.to(memory_format=torch.contiguous_format)
@@ -200,11 +202,18 @@ def extract_features(
 
 
 class FeatureDataset(Dataset):
-    """(float32 feature vector, label) pairs from a half-precision feature table."""
+    """(float32 feature vector, label) pairs: rows `rows` of a half-precision feature table.
 
-    def __init__(self, features: torch.Tensor, labels: Sequence[int]) -> None:
-        if len(features) != len(labels):
-            raise ValueError(f"{len(features)} feature rows for {len(labels)} labels")
+    The table is the cache's memory map (shared by every split, never copied): a row is read
+    from the file when it is asked for.
+    """
+
+    def __init__(
+        self, features: torch.Tensor, labels: Sequence[int], rows: Sequence[int] | None = None
+    ) -> None:
+        self.rows = list(range(len(features))) if rows is None else list(rows)
+        if len(self.rows) != len(labels):
+            raise ValueError(f"{len(self.rows)} feature rows for {len(labels)} labels")
         self.features = features
         self.labels = list(labels)
 
@@ -212,7 +221,7 @@ class FeatureDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.features[index].float(), self.labels[index]
+        return self.features[self.rows[index]].float(), self.labels[index]
 
 
 class FeatureCache:
@@ -241,84 +250,40 @@ class FeatureCache:
         self.num_workers = num_workers
         paths = [s.path for s in self.samples]
         self.key = cache_key(net.features, paths, transform, self.precision)
-        self.path = self.cache_dir / f"features-{self.key[:24]}.pt"
+        self.table = MappedTable(
+            self.cache_dir, "features", self.key, paths, np.float16, "backbone features"
+        )
+        self.path, self.sidecar = self.table.path, self.table.sidecar
         self._rows: dict[str, int] = {path: i for i, path in enumerate(paths)}
         self._features: torch.Tensor | None = None
 
     def load_or_build(self) -> torch.Tensor:
-        """The (N, D) float16 feature table, from disk when a valid file exists."""
-        if self._features is not None:
-            return self._features
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self._remove_tmp_files(STALE_TMP_SECONDS)
-        features = self._read()
-        if features is None:
-            # One builder at a time; the others wait here, then read what it wrote.
-            with FileLock(str(self.path) + ".lock"):
-                # Only the lock holder writes this file, so its temporary files are leftovers.
-                self._remove_tmp_files(0, f".{self.path.name}.*{TMP_SUFFIX}")
-                features = self._read()
-                if features is None:
-                    features = self._build()
-        self._features = features
-        return features
+        """The (N, D) float16 feature table, a memory map of the file (built when there is no
+        valid one)."""
+        if self._features is None:
+            self._features = torch.from_numpy(self.table.load_or_build(self._extract))
+        return self._features
 
     def dataset(self, samples: Sequence[Sample]) -> FeatureDataset:
         """The cached features of `samples` (a subset of the cached ones), in their order."""
         table = self.load_or_build()
-        rows = torch.tensor([self._rows[s.path] for s in samples], dtype=torch.long)
-        return FeatureDataset(table[rows], [s.label for s in samples])
+        rows = [self._rows[s.path] for s in samples]
+        return FeatureDataset(table, [s.label for s in samples], rows)
 
-    def _remove_tmp_files(self, min_age_s: float, pattern: str = TMP_PATTERN) -> None:
-        """Delete temporary files of interrupted writes (matching pattern, at least min_age_s old).
+    def _extract(self, write: RowWriter) -> None:
+        """Stream the features of every sample, as fp16 rows, into the table being built."""
 
-        Other jobs may be writing other cache files right now: their temporary files are young,
-        so only those of this file (under its lock, min_age_s=0) or old ones are removed.
-        """
-        now = time.time()
-        removed = 0
-        for tmp in self.cache_dir.glob(pattern):
-            try:
-                if now - tmp.stat().st_mtime >= min_age_s:
-                    tmp.unlink()
-                    removed += 1
-            except OSError:  # removed or renamed by another job first, or not ours to delete
-                continue
-        if removed:
-            log.info(
-                "Removed %d temporary file(s) of interrupted feature cache writes from %s",
-                removed,
-                self.cache_dir,
-            )
+        def write_rows(start: int, rows: torch.Tensor) -> None:
+            if not torch.isfinite(rows).all():
+                raise RuntimeError("backbone features contain NaN/inf; the cache was not written")
+            # Half precision on disk halves the size; fp16 keeps ~3 significant digits of the
+            # post-ReLU features (bf16 would keep 2).
+            write(start, rows.numpy().astype(np.float16))
 
-    def _read(self) -> torch.Tensor | None:
-        if not self.path.is_file():
-            return None
-        try:
-            stored = torch.load(self.path, map_location="cpu", weights_only=True)
-            features = stored["features"]
-            valid = (
-                stored["key"] == self.key
-                and stored["paths"] == [s.path for s in self.samples]
-                and features.dtype == torch.float16
-                and features.dim() == 2
-                and len(features) == len(self.samples)
-                and bool(torch.isfinite(features).all())
-            )
-        except Exception as err:  # truncated zip, unpickling error, missing key, ...
-            log.warning("Feature cache %s is damaged (%s); rebuilding it.", self.path, err)
-            return None
-        if not valid:
-            log.warning("Feature cache %s does not match its key; rebuilding it.", self.path)
-            return None
-        log.info("Loaded cached backbone features of %d images from %s", len(features), self.path)
-        return features
-
-    def _build(self) -> torch.Tensor:
         # The DataLoader draws a seed from the global RNG: fork it, so that a run that builds
         # the cache shuffles and drops out exactly like one that reads it (or runs without it).
         with torch.random.fork_rng(devices=[]):
-            features = extract_features(
+            extract_features(
                 self.net,
                 self.samples,
                 self.transform,
@@ -326,23 +291,8 @@ class FeatureCache:
                 precision=self.precision,
                 batch_size=self.batch_size,
                 num_workers=self.num_workers,
+                sink=write_rows,
             )
-        if not torch.isfinite(features).all():
-            raise RuntimeError("backbone features contain NaN/inf; the cache was not written")
-        # Half precision on disk halves the size; fp16 keeps ~3 significant digits of the
-        # post-ReLU features (bf16 would keep 2).
-        half = features.to(torch.float16)
-        payload = {"key": self.key, "paths": [s.path for s in self.samples], "features": half}
-        # Atomic: readers see either no file or a whole one.
-        atomic_torch_save(payload, self.path)
-        size_mb = self.path.stat().st_size / 2**20
-        log.info(
-            "Cached backbone features of %d images (%.0f MB, fp16) in %s",
-            len(half),
-            size_mb,
-            self.path,
-        )
-        return half
 
 
 def build_feature_cache(

@@ -49,11 +49,15 @@ def run_over_images(
     tolerant: bool = True,
     progress: bool = True,
     description: str = "Predicting",
+    sink: Callable[[int, torch.Tensor], None] | None = None,
 ) -> ImageRun:
     """forward(batch on `device`) for every image, in the order of `paths`.
 
     tolerant: a bad file gets a NaN row and its reason instead of stopping the pass (predict,
     eval); otherwise its BadImageError stops it (feature extraction: the scan has passed).
+    sink: called with (index of the batch's first image, its float32 outputs on the CPU) for
+    every batch, which is then not kept: memory stays that of one batch however many images
+    there are (the feature cache streams rows into its file so); `outputs` is then empty.
     """
     device = torch.device(device)
     loader = DataLoader(
@@ -67,7 +71,7 @@ def run_over_images(
         if autocast_bf16
         else contextlib.nullcontext()
     )
-    chunks, readable = [], []
+    chunks, readable, start = [], [], 0
     with (
         Progress(disable=not progress, transient=False) as bar,
         torch.inference_mode(),
@@ -79,7 +83,11 @@ def run_over_images(
             out = forward(images.to(device, non_blocking=True)).float().cpu()
             ok = labels != BAD_FILE
             out[~ok] = float("nan")
-            chunks.append(out)
+            if sink is not None:
+                sink(start, out)
+            else:
+                chunks.append(out)
+            start += len(labels)
             readable.append(ok.numpy())
             bar.advance(task, len(labels))
     if not paths:
@@ -87,7 +95,7 @@ def run_over_images(
     ok = np.concatenate(readable).astype(bool)
     # The few bad files are checked again here for their reason (workers cannot return it).
     reasons = ["" if good else problem_of(path) for path, good in zip(paths, ok, strict=True)]
-    return ImageRun(torch.cat(chunks), ok, reasons)
+    return ImageRun(torch.cat(chunks) if chunks else torch.zeros(0), ok, reasons)
 
 
 def problem_of(path: str) -> str:
