@@ -42,7 +42,7 @@ from torchvision.io import ImageReadMode, decode_image
 from tb_lightning.config import PROJECT_ROOT
 from tb_lightning.core.allocator import keep_large_blocks_in_heap
 from tb_lightning.core.tasks import quiet_known_warnings
-from tb_lightning.data.dataset import ImageTableDataset
+from tb_lightning.data.dataset import ImageDataset
 from tb_lightning.data.phantom import ensure_phantom_dataset
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.transforms import build_transform
@@ -171,6 +171,11 @@ def trainer(epochs: int, precision: str, callbacks=(), validate: bool = True) ->
     )
 
 
+def image_dataset(samples: list[Sample], transform) -> ImageDataset:
+    """The project's Dataset of image files (torchvision.io/PIL decode with the scan's checks)."""
+    return ImageDataset([s.path for s in samples], [s.label for s in samples], transform)
+
+
 def fit_epochs(model, train_ds, val_ds, epochs: int, precision: str = "32-true") -> list[float]:
     return fit_job(model, train_ds, val_ds, epochs, precision)[0]
 
@@ -280,8 +285,8 @@ def main() -> int:
     t = time.perf_counter()
     times = fit_epochs(
         make_model(cls=ChannelsLastClassifier),
-        ImageTableDataset(train, transform),
-        ImageTableDataset(val, transform),
+        image_dataset(train, transform),
+        image_dataset(val, transform),
         2,
         fast_precision,
     )

@@ -26,3 +26,13 @@ def test_a_run_replaces_its_own_section_and_keeps_the_other(tmp_path: Path) -> N
     text = page.read_text()
     assert text.index("<!-- bench:gpu -->") < text.index("<!-- bench:startup -->")
     assert "second cpu run" in text and "gpu run" in text
+
+
+def test_every_benchmark_script_imports(monkeypatch) -> None:
+    """A rename in src must not leave `make bench` or `make bench-scale` broken until someone
+    runs them (bench.py once imported a Dataset that had been renamed)."""
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    for name in ("bench", "startup", "scale", "image_cache"):
+        module = load_benchmark_script(name)
+        assert callable(module.main), name
