@@ -1,11 +1,11 @@
 """`make screenshots`: what a user sees, captured into docs/img/ for the README.
 
 Runs the README's sweep (sweep=lr_dropout, 6 jobs, on ../shared/data/nlm-tb-128 with
-model.net.weights=null), evaluates the best job, draws Grad-CAM figures of two of its val
-images, opens TensorBoard on the sweep in headless Chromium and captures each tab: Time Series,
-Scalars, HParams (table and parallel coordinates), Custom Scalars, Images. Everything it runs
-writes into a new folder of its own, outputs/screenshots/<time>/, which stays for a look in
-TensorBoard afterwards.
+model.net.weights=null), evaluates the best job, draws Grad-CAM figures of two synthetic
+phantom images (no real radiograph goes into docs/), opens TensorBoard on the sweep in headless
+Chromium and captures each tab: Time Series, Scalars, HParams (table and parallel
+coordinates), Custom Scalars, Images. Everything it runs writes into a new folder of its own,
+outputs/screenshots/<time>/, which stays for a look in TensorBoard afterwards.
 
 Not part of `make test`: it needs Debian's Chromium (`apt-get install chromium`) and the
 `screenshots` extra (playwright, which drives it; `make screenshots` installs it).
@@ -48,13 +48,19 @@ def best_job(sweep_dir: Path) -> Path:
     return Path(best[0]["run_dir"])
 
 
-def val_examples(run_dir: Path) -> list[str]:
-    """One Tuberculosis and one Normal image of the run's val split."""
-    rows = [r for r in csv.DictReader((run_dir / "split.csv").open()) if r["split"] == "val"]
-    chosen = []
-    for label in ("1", "0"):
-        chosen += [r["path"] for r in rows if r["label"] == label][:1]
-    return chosen
+def phantom_examples(folder: Path) -> list[str]:
+    """One TB and one Normal synthetic phantom at 512 px, for the Grad-CAM pictures.
+
+    The README shows no real radiograph: the images of ../shared/data stay out of the repository,
+    figures drawn from them included. The model is the sweep's (trained on real images), so the
+    maps show the figure's layout, not what the model finds in real films.
+    """
+    from tb_lightning.data.phantom import ensure_phantom_dataset
+
+    made = ensure_phantom_dataset(
+        folder, 1, 1, image_size=512, lesions="conspicuous", progress=False
+    )
+    return [str(path) for path, _ in reversed(made)]  # TB first
 
 
 def free_port() -> int:
@@ -157,7 +163,7 @@ def main() -> None:
     checkpoint = best / "checkpoints" / "best.ckpt"
     run("tb_lightning.eval", f"ckpt_path={checkpoint}", f"hydra.run.dir={work / 'eval'}")
     examples = work / "examples.csv"
-    examples.write_text("path\n" + "\n".join(val_examples(best)) + "\n")
+    examples.write_text("path\n" + "\n".join(phantom_examples(work / "phantoms")) + "\n")
     run(
         "tb_lightning.predict",
         f"ckpt_path={checkpoint}",
