@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -165,6 +166,16 @@ class MappedTable:
                 removed,
                 self.folder,
             )
+
+
+def files_digest(paths: list[str] | tuple[str, ...]) -> str:
+    """sha256 of each file's path, size and modification time (content changes change these):
+    the part of a cache key that says which files the rows come from."""
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def rows_digest(table: np.ndarray) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from tb_lightning.core.mapped_table import MappedTable, RowWriter
+from tb_lightning.core.mapped_table import MappedTable, RowWriter, files_digest
 from tb_lightning.core.signals import raise_if_stopped
 from tb_lightning.data.dataset import ImageDataset
 from tb_lightning.data.sources import Sample
@@ -41,13 +40,9 @@ IMAGE_CACHE_FORMAT = 1
 
 def image_cache_key(paths: Sequence[str], image_size: int) -> str:
     """Changes whenever a stored image could: the files (path, size, mtime), the size, decoder."""
-    digest = hashlib.sha256()
-    for path in paths:
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     parts = {
         "format": IMAGE_CACHE_FORMAT,
-        "files": digest.hexdigest(),
+        "files": files_digest(list(paths)),
         "image_size": image_size,
         "decoder": "tb_lightning.data.transforms.load_image",
         "resize": "v2.Resize(antialias=True)",

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,12 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from tb_lightning.core.errors import ConfigError
-from tb_lightning.core.mapped_table import STALE_TMP_SECONDS, MappedTable, RowWriter
+from tb_lightning.core.mapped_table import (
+    STALE_TMP_SECONDS,
+    MappedTable,
+    RowWriter,
+    files_digest,
+)
 from tb_lightning.data.sources import Sample
 from tb_lightning.inference.runner import run_over_images
 
@@ -124,15 +128,6 @@ def weights_digest(module: nn.Module) -> str:
         # the keys of existing cache files) of every other tensor unchanged.
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def files_digest(paths: Sequence[str]) -> str:
-    """sha256 of each file's path, size and modification time (content changes change these)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
