@@ -81,7 +81,10 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     # Folders the run will write into, checked now rather than after an epoch's work; and the
     # temporary files that a killed write may have left in this run's own folders.
     check_writable(output_dir / "checkpoints", "hydra.run.dir")
-    for key in ("scan_cache_dir", "cache_dir"):
+    cache_keys = ("scan_cache_dir", "cache_dir") + (
+        ("image_cache_dir",) if cfg.data.get("cache_images") else ()
+    )
+    for key in cache_keys:
         if cfg.data.get(key):
             check_writable(cfg.data[key], f"data.{key}")
     remove_temp_files(output_dir)
@@ -122,6 +125,11 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     )
     if features is not None:
         datamodule.serve_features(features)
+        if datamodule.cache_images:
+            log.info(
+                "data.cache_images=true is not used: the head trains on cached backbone "
+                "features, which need no images after the extraction."
+            )
     elif datamodule.cache_images:
         set_phase("the image caching")
         datamodule.serve_images(build_image_cache(datamodule))
