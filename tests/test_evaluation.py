@@ -39,6 +39,7 @@ def sklearn_metrics(probs, target, threshold, weights=None) -> dict[str, float]:
         "ppv": skm.precision_score(target, preds, sample_weight=weights),
         "npv": skm.precision_score(target, preds, pos_label=0, sample_weight=weights),
         "accuracy": skm.accuracy_score(target, preds, sample_weight=weights),
+        "brier": skm.brier_score_loss(target, probs, sample_weight=weights),
         "tn": tn,
         "fp": fp,
         "fn": fn,
@@ -190,6 +191,30 @@ def test_calibration_bins_match_sklearn(scores):
     np.testing.assert_allclose(observed, true_frac)
     np.testing.assert_allclose(mean_prob, pred_mean)
     assert counts.sum() == len(probs)
+
+
+def test_expected_calibration_error_by_hand(scores):
+    """ECE = sum over the 10 bins (lo, hi] (sklearn's calibration_curve bins, checked above) of
+    the bin's share of images x |observed TB fraction - mean probability|, counted here with
+    np.digitize and a loop, against ours: the point estimate and a bootstrap replicate."""
+    probs, target = scores
+    bins = np.digitize(probs, np.linspace(0, 1, 11)[1:-1], right=True)
+
+    def ece(w: np.ndarray) -> float:
+        total = 0.0
+        for k in range(10):
+            inside = (bins == k) & (w > 0)
+            if inside.any():
+                observed = np.average(target[inside], weights=w[inside])
+                mean_prob = np.average(probs[inside], weights=w[inside])
+                total += w[inside].sum() / w.sum() * abs(observed - mean_prob)
+        return total
+
+    point = weighted_metrics(probs, target, 0.5)["ece"]
+    assert point == pytest.approx(ece(np.ones_like(probs)), abs=1e-12)
+    weights = bootstrap_weights(target, 2, seed=3)
+    replicate = weighted_metrics(probs, target, 0.5, weights)["ece"][1]
+    assert replicate == pytest.approx(ece(weights[1].astype(float)), abs=1e-12)
 
 
 def test_sources_from_nlm_prefixes():

@@ -25,7 +25,7 @@ from tb_lightning.evaluation.report import (
     reference_report_metrics,
     screening_summary,
 )
-from tb_lightning.evaluation.stats import RANKING, RATES
+from tb_lightning.evaluation.stats import CALIBRATION, RANKING, RATES
 from tb_lightning.inference.checkpoint import CHOSEN_ON_VAL, LoadedModel
 from tb_lightning.inference.runner import (
     INFERENCE_BATCH_SIZE,
@@ -161,7 +161,7 @@ def score_split(
         if len(set(labels[idx].tolist())) == 2  # a one-class source has no AUROC/spec pair
     }
     scores = reference_report_metrics(logits, probs, labels, threshold, pos_weight, split)
-    for name in RANKING + RATES:
+    for name in RANKING + CALIBRATION + RATES:
         scores[f"{split}/{name}"] = overall[name]
     scores[f"{split}/confusion_matrix"] = overall["confusion_matrix"]
     scores[split] = {"overall": overall, "per_source": per_source}

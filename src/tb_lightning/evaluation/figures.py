@@ -14,7 +14,11 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from tb_lightning.core.atomic import atomic_write_with
 from tb_lightning.core.labels import CLASS_NAMES  # noqa: E402
-from tb_lightning.evaluation.stats import curve_points  # noqa: E402
+from tb_lightning.evaluation.stats import (  # noqa: E402
+    CALIBRATION_BINS,
+    calibration_metrics,
+    curve_points,
+)
 
 
 def confusion_figure(
@@ -110,7 +114,7 @@ def distribution_figure(probs: np.ndarray, target: np.ndarray, threshold: float)
 
 
 def calibration_bins(
-    probs: np.ndarray, target: np.ndarray, n_bins: int = 10
+    probs: np.ndarray, target: np.ndarray, n_bins: int = CALIBRATION_BINS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean predicted probability, observed TB fraction, count) per non-empty equal-width bin."""
     edges = np.linspace(0, 1, n_bins + 1)
@@ -124,9 +128,17 @@ def calibration_bins(
 
 def calibration_figure(probs: np.ndarray, target: np.ndarray) -> Figure:
     mean_prob, observed, counts = calibration_bins(probs, target)
+    scores = calibration_metrics(
+        np.asarray(probs, dtype=np.float64), np.asarray(target), np.ones((1, len(probs)))
+    )
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfectly calibrated")
-    ax.plot(mean_prob, observed, "o-", label="model")
+    ax.plot(
+        mean_prob,
+        observed,
+        "o-",
+        label=f"model (ECE {scores['ece'][0]:.3f}, Brier {scores['brier'][0]:.3f})",
+    )
     for x, y, n in zip(mean_prob, observed, counts, strict=True):
         ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     return finish_unit_square(

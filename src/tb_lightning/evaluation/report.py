@@ -9,7 +9,7 @@ import numpy as np
 
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.evaluation.bootstrap import bootstrap_ci
-from tb_lightning.evaluation.stats import COUNTS, RANKING, RATES, weighted_metrics
+from tb_lightning.evaluation.stats import CALIBRATION, COUNTS, RANKING, RATES, weighted_metrics
 
 # WHO target product profile for CXR/CAD screening: the minimum is sensitivity >= 0.90 with
 # specificity >= 0.70 (its triage target asks for sensitivity above 0.95).
@@ -19,6 +19,8 @@ WHO_MIN_SPECIFICITY = 0.70
 LABELS = {
     "auroc": "AUROC",
     "average_precision": "Average precision",
+    "brier": "Brier score",
+    "ece": "ECE (10 bins)",
     "sensitivity": "Sensitivity",
     "specificity": "Specificity",
     "ppv": "PPV",
@@ -45,7 +47,7 @@ def screening_summary(
         "images": int(len(target)),
         "counts": {CLASS_NAMES[0]: int((target == 0).sum()), CLASS_NAMES[1]: int(target.sum())},
         "threshold": float(threshold),
-        **{name: _num(point[name]) for name in RANKING + RATES},
+        **{name: _num(point[name]) for name in RANKING + CALIBRATION + RATES},
         "confusion_matrix": [[tn, fp], [fn, tp]],
         "ci": {name: [_num(lo), _num(hi)] for name, (lo, hi) in ci.items()},
     }
@@ -133,6 +135,11 @@ def format_screening_table(summary: Mapping[str, Any], n_bootstrap: int) -> str:
         "threshold-free:",
     ]
     for name in RANKING:
+        lines.append(
+            f"{LABELS[name]:<19}{_fmt(summary[name]):>7}   {_interval(summary['ci'][name])}"
+        )
+    lines.append("calibration (lower is better):")
+    for name in CALIBRATION:
         lines.append(
             f"{LABELS[name]:<19}{_fmt(summary[name]):>7}   {_interval(summary['ci'][name])}"
         )

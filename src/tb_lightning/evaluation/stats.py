@@ -14,6 +14,10 @@ import numpy as np
 # Metric names, in report order. Counts come last.
 RATES = ("sensitivity", "specificity", "ppv", "npv", "accuracy")
 RANKING = ("auroc", "average_precision")
+# Calibration: how far the probabilities are from the observed TB rates (lower is better).
+CALIBRATION = ("brier", "ece")
+# Equal-width probability bins of the expected calibration error (and the calibration curve).
+CALIBRATION_BINS = 10
 COUNTS = ("tn", "fp", "fn", "tp")
 
 
@@ -55,6 +59,7 @@ def weighted_metrics(
         "npv": _ratio(tn, tn + fn),
         "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
         **ranking_metrics(probs, target, w),
+        **calibration_metrics(probs, target, w),
         "tn": tn,
         "fp": fp,
         "fn": fn,
@@ -80,6 +85,24 @@ def curve_points(
     tps = np.cumsum(w * pos, axis=1)[:, ends]
     fps = np.cumsum(w * ~pos, axis=1)[:, ends]
     return tps, fps, sorted_probs[ends]
+
+
+def calibration_metrics(
+    probs: np.ndarray, target: np.ndarray, weights: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Brier score (mean squared error of the TB probability, sklearn's `brier_score_loss`) and
+    the expected calibration error: over CALIBRATION_BINS equal-width bins (lo, hi], the
+    image-weighted mean of |mean probability - observed TB fraction| (the bins of the
+    calibration curve, evaluation/figures.py)."""
+    total = weights.sum(axis=1)
+    y = target.astype(np.float64)
+    brier = _ratio(weights @ (probs - y) ** 2, total)
+    edges = np.linspace(0, 1, CALIBRATION_BINS + 1)
+    which = np.searchsorted(edges[1:-1], probs)  # bins (lo, hi], as sklearn's calibration_curve
+    members = np.arange(CALIBRATION_BINS)[:, None] == which[None, :]  # (bins, n)
+    # Per bin: |sum of weights x (probability - label)| = its count x |mean prob - TB fraction|.
+    gaps = np.abs(weights @ (members * (probs - y)).T)  # (b, bins)
+    return {"brier": brier, "ece": _ratio(gaps.sum(axis=1), total)}
 
 
 def ranking_metrics(
