@@ -48,6 +48,7 @@ TOP_LEVEL_KEYS = (
     "init_from",
     "optimized_metric",
     "threshold",
+    "calibration",
     "data",
     "model",
     "callbacks",
@@ -420,6 +421,7 @@ def check_config(cfg: DictConfig) -> None:
     check_data(cfg.data, cfg.model.get("net", {}).get("arch", "alexnet"))
     threshold = cfg.get("threshold") or {}
     check_policy(threshold.get("policy", "youden"), threshold.get("target", 0.95))
+    _one_of("calibration", cfg.get("calibration") or "none", ("none", "temperature"))
     if cfg.get("ckpt_path") not in (None, "", LAST):
         check_ckpt_path(cfg.ckpt_path)
     init_from = cfg.get("init_from")

@@ -166,6 +166,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         output_dir,
         device=pick_device(cfg.trainer.get("accelerator", "auto")),
         extra={"init_from": str(cfg.init_from)} if cfg.get("init_from") else None,
+        calibration=cfg.get("calibration") or "none",
     )
     log.info("Final figures of %s:\n%s", checkpoint or "the final weights", report)
     log_final_figures(trainer, cfg, metrics, report, epoch_end_step(chosen_step))

@@ -18,6 +18,7 @@ from tb_lightning.core.errors import DataError
 from tb_lightning.data.integrity import apply_bad_file_policy
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.split import read_split_sides
+from tb_lightning.evaluation.calibration import describe_calibration
 from tb_lightning.evaluation.figures import evaluation_figures, write_figures
 from tb_lightning.evaluation.populations import source_groups, source_of
 from tb_lightning.evaluation.report import (
@@ -229,12 +230,16 @@ def evaluate_samples(
         "checkpoint": str(loaded.checkpoint_path),
         "split": split,
         "threshold": {"value": threshold, "source": threshold_source},
+        "calibration": loaded.calibration,
         "bootstrap": bootstrap_settings(n_bootstrap, seed),
         "skipped_files": len(skipped),
         **scores,
     }
     note = optimism_note(split, threshold_source)
     report = format_threshold_header(loaded.checkpoint_path, threshold, threshold_source)
+    if loaded.calibration:  # the model divided its logits by T: T x them are the raw ones
+        raw = predictions.logits.astype(np.float64) * loaded.calibration["temperature"]
+        report += describe_calibration(loaded.calibration, raw, labels)
     if skipped:
         report += (
             f"Left out: {len(skipped)} bad file(s) (data.on_bad_file=skip), listed in skipped.csv\n"

@@ -21,6 +21,7 @@ from tb_lightning.core.atomic import atomic_write
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.datamodule import TBDataModule
+from tb_lightning.evaluation.calibration import describe_calibration, fit_temperature
 from tb_lightning.evaluation.evaluate import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
@@ -54,9 +55,15 @@ def final_report(
     output_dir: Path,
     device: torch.device | None = None,
     extra: dict[str, Any] | None = None,
+    calibration: str = "none",
 ) -> tuple[dict[str, Any], str]:
     """Score `model` (holding the checkpoint's weights) on the val and test splits, choose and
-    store the operating threshold, write metrics.json and report.txt; return (metrics, report)."""
+    store the operating threshold, write metrics.json and report.txt; return (metrics, report).
+
+    calibration=temperature: a temperature is fitted on the val logits first and set on the
+    model; the threshold is then chosen on, and every figure computed from, the calibrated
+    probabilities, which eval, predict and export reproduce from the stored temperature.
+    """
     val, test = list(datamodule.val_samples or []), list(datamodule.test_samples)
     predictions = predict_images(
         model,
@@ -71,12 +78,27 @@ def final_report(
         first = predictions.reasons[int(np.argmin(predictions.readable))]
         raise DataError(f"An image could not be read after the scan ({first}); train again.")
     val_logits, test_logits = predictions.logits[: len(val)], predictions.logits[len(val) :]
+    val_labels = np.array([s.label for s in val])
+    fitted = None
+    if calibration == "temperature":
+        # The pass ran at temperature 1 (training's): its logits are the raw ones.
+        temperature = fit_temperature(val_logits, val_labels)
+        fitted = {
+            "method": "temperature",
+            "temperature": temperature,
+            "fitted_on": f"the validation split ({len(val)} images)",
+        }
+        model.temperature.fill_(temperature)
+        # The same division the model now does, in float32 as its forward: the numbers here
+        # are then the ones eval computes from the stored temperature.
+        val_logits, test_logits = (
+            (torch.from_numpy(z.astype(np.float32)) / model.temperature.cpu()).numpy()
+            for z in (val_logits, test_logits)
+        )
 
-    choice = choose_operating_threshold(
-        probabilities(val_logits), [s.label for s in val], policy, target
-    )
+    choice = choose_operating_threshold(probabilities(val_logits), val_labels, policy, target)
     if checkpoint:
-        store_operating_threshold(checkpoint, choice)
+        store_operating_threshold(checkpoint, choice, fitted)
     source = describe_threshold_choice(choice)
     threshold = choice["value"]
     pos_weight = float(model.pos_weight)
@@ -91,6 +113,7 @@ def final_report(
     metrics: dict[str, Any] = {
         "checkpoint": checkpoint,
         "threshold": {**choice, "source": source},
+        "calibration": fitted,
         "bootstrap": bootstrap_settings(BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED),
         "synthetic_data": datamodule.is_synthetic,
         **scores,
@@ -104,6 +127,10 @@ def final_report(
     report = format_threshold_header(
         checkpoint or "final weights (no checkpoint saved)", threshold, source
     )
+    if fitted:
+        raw = np.concatenate([val_logits, test_logits]) * fitted["temperature"]
+        labels = np.array([s.label for s in [*val, *test]])
+        report += describe_calibration(fitted, raw[: len(val)], labels[: len(val)])
     if datamodule.is_synthetic:
         report += SYNTHETIC_BANNER
     if not test:

@@ -12,7 +12,7 @@ import numpy as np
 
 from tb_lightning.core.atomic import atomic_torch_save
 from tb_lightning.evaluation.thresholds import choose_threshold
-from tb_lightning.inference.checkpoint import THRESHOLD_KEY
+from tb_lightning.inference.checkpoint import CALIBRATION_KEY, THRESHOLD_KEY
 from tb_lightning.models.torch_file import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -30,13 +30,21 @@ def choose_operating_threshold(
     }
 
 
-def store_operating_threshold(checkpoint_path: str | Path, choice: dict[str, Any]) -> None:
-    """Add the choice to the checkpoint file (atomically) so that eval, predict and export use it.
+def store_operating_threshold(
+    checkpoint_path: str | Path,
+    choice: dict[str, Any],
+    calibration: dict[str, Any] | None = None,
+) -> None:
+    """Add the choice (and the fitted temperature, if any) to the checkpoint file (atomically)
+    so that eval, predict and export use them.
 
-    Only the checkpoint whose weights it was chosen with gets it.
+    Only the checkpoint whose weights they were chosen with gets them.
     """
     checkpoint = load_checkpoint(checkpoint_path)
     checkpoint[THRESHOLD_KEY] = choice
+    checkpoint.pop(CALIBRATION_KEY, None)
+    if calibration:
+        checkpoint[CALIBRATION_KEY] = calibration
     atomic_torch_save(checkpoint, checkpoint_path)
     log.info(
         "Operating threshold p_tb >= %.4f (threshold.policy=%s on %d val images), stored in %s",

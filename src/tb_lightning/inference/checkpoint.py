@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 # Where training stores the operating threshold chosen on the validation split.
 THRESHOLD_KEY = "operating_threshold"
+# Where training stores the temperature of calibration=temperature (with what it was fitted on).
+CALIBRATION_KEY = "calibration"
 # How that choice is described wherever a figure at it is reported (the reports test for it).
 CHOSEN_ON_VAL = "chosen on the validation split"
 
@@ -36,6 +38,7 @@ class LoadedModel:
     stored_threshold: dict[str, Any] | None  # train.py's threshold choice, if any
     hparams_threshold: float
     pos_weight: float
+    calibration: dict[str, Any] | None = None  # {"temperature": T, "fitted_on": ...} or None
 
     @property
     def run_dir(self) -> Path:
@@ -79,6 +82,9 @@ def load_model(ckpt_path: str | Path | None) -> LoadedModel:
             "its hyper_parameters unedited."
         )
     model.load_state_dict(checkpoint["state_dict"])
+    calibration = checkpoint.get(CALIBRATION_KEY)
+    if calibration:  # the model's logits are divided by it, as in train's final report
+        model.temperature.fill_(float(calibration["temperature"]))
     model.eval()
     return LoadedModel(
         model=model,
@@ -87,6 +93,7 @@ def load_model(ckpt_path: str | Path | None) -> LoadedModel:
         stored_threshold=checkpoint.get(THRESHOLD_KEY),
         hparams_threshold=float(hparams["threshold"]),
         pos_weight=float(model.pos_weight),
+        calibration=calibration,
     )
 
 

@@ -28,14 +28,16 @@ TOLERANCE = 1e-5
 
 
 class ProbabilityModel(nn.Module):
-    """The network with the sigmoid: normalised images (N, 3, S, S) -> TB probability (N,)."""
+    """The network with the sigmoid: normalised images (N, 3, S, S) -> TB probability (N,),
+    the logits divided by the checkpoint's calibration temperature (1 without one)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
         self.net = net
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(images))
+        return torch.sigmoid(self.net(images) / self.temperature)
 
 
 def check_images(loaded: LoadedModel, count: int) -> tuple[torch.Tensor, list[str]]:
@@ -104,7 +106,7 @@ def export_model(
     """Write model.onnx|model.pt and model.json into output_dir; return the sidecar's content."""
     # fmt and num_check_images were checked with the config (config/checks.py).
     output_dir.mkdir(parents=True, exist_ok=True)
-    model = ProbabilityModel(loaded.model.net).cpu().eval()
+    model = ProbabilityModel(loaded.model.net, float(loaded.model.temperature)).cpu().eval()
     images, image_paths = check_images(loaded, num_check_images)
     path = output_dir / FORMATS[fmt]
     export_file(model, images[:1], fmt, path)
@@ -142,6 +144,8 @@ def export_model(
             "std": list(IMAGENET_STD),
         },
         "output": {"name": "p_tb", "shape": ["batch"], "meaning": "probability of Tuberculosis"},
+        # Inside the exported graph already (logits / T before the sigmoid); for the record.
+        "calibration": loaded.calibration,
         "class_names": list(CLASS_NAMES),
         "threshold": threshold,
         "threshold_source": threshold_source,

@@ -53,6 +53,11 @@ class TBClassifier(L.LightningModule):
         self.net = build_net(**net)
         # Set from the DataModule's train split in setup(); saved in checkpoints with the weights.
         self.register_buffer("pos_weight", torch.tensor(1.0))
+        # Temperature scaling (calibration=temperature): logits are divided by it. 1 while
+        # training; fitted on the val split at the end and stored in the checkpoint beside the
+        # weights (key `calibration`, not in the state_dict, so older checkpoints load as they
+        # are); inference/checkpoint.py sets it back when a checkpoint is loaded.
+        self.register_buffer("temperature", torch.tensor(1.0), persistent=False)
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
         self.train_metrics = ClassificationMetrics("train", threshold, at_threshold=False)
         self.val_metrics = ClassificationMetrics("val", threshold)
@@ -76,8 +81,8 @@ class TBClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """TB logits, shape (N,), from images (N, 3, H, W) or cached backbone features (N, D)."""
         if images.dim() == 2:  # served by the feature cache (data/feature_cache.py)
-            return self.net.forward_head(images)
-        return self.net(images)
+            return self.net.forward_head(images) / self.temperature
+        return self.net(images) / self.temperature
 
     def _shared_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], loss_metric: MeanMetric, metrics: Any
