@@ -1,5 +1,8 @@
 """`python -m tb_lightning.predict ckpt_path=<ckpt> input=<file|folder|csv> [saliency=true]`.
 
+ckpt_path may also be a k-fold multirun directory: its jobs' best.ckpt predict as one ensemble
+(evaluation/ensemble.py).
+
 Writes predictions.csv (path, p_tb, predicted label and class, threshold), skipped.csv for files
 that could not be read, and with saliency=true a Grad-CAM overlay per image in saliency/.
 """
@@ -28,7 +31,19 @@ def predict(cfg: DictConfig) -> Path:
     check_predict_config(cfg)  # every value, before the checkpoint or any image is read
     output_dir = Path(cfg.paths.output_dir)
     paths = collect_inputs(cfg.get("input"))
-    loaded = load_model(cfg.get("ckpt_path"))
+    ckpt_path = Path(str(cfg.get("ckpt_path"))).expanduser()
+    if ckpt_path.is_dir():  # a k-fold multirun: its jobs' best.ckpt as one model
+        from tb_lightning.core.errors import ConfigError
+        from tb_lightning.evaluation.ensemble import load_ensemble
+
+        if cfg.saliency:
+            raise ConfigError(
+                f"saliency=true needs one checkpoint, not the multirun {ckpt_path} (Grad-CAM of "
+                "an ensemble is not drawn); pass one of its jobs' checkpoints/best.ckpt."
+            )
+        loaded = load_ensemble(ckpt_path)
+    else:
+        loaded = load_model(ckpt_path)
     threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
     log.info("Operating threshold p_tb >= %.4f (%s)", threshold, threshold_source)
     run_prediction(

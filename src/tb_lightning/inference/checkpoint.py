@@ -25,6 +25,8 @@ def describe_threshold_choice(choice: dict[str, Any]) -> str:
     """`chosen on the validation split (60 images) by threshold.policy=youden`, for reports."""
     target = f", target {choice['target']}" if choice.get("policy") == "sensitivity" else ""
     images = f" ({choice['val_images']} images)" if choice.get("val_images") else ""
+    if choice.get("chosen_on"):  # an ensemble's: evaluation/ensemble.py
+        return f"chosen on {choice['chosen_on']}{images} by threshold.policy={choice['policy']}"
     return f"{CHOSEN_ON_VAL}{images} by threshold.policy={choice['policy']}{target}"
 
 

@@ -1,0 +1,76 @@
+"""`python -m tb_lightning.predict ckpt_path=<k-fold multirun dir>`: one p_tb per image from all
+the fold models (mean logit), at the threshold chosen on their out-of-fold predictions."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import phantom_overrides, run_cli
+from tb_lightning.data.split import read_split_csv
+from tb_lightning.data.transforms import build_transform, load_image
+from tb_lightning.evaluation.thresholds import choose_threshold
+from tb_lightning.inference.checkpoint import load_model
+
+FOLDS = 3
+
+
+@pytest.fixture(scope="module")
+def kfold_dir(phantom_root, tmp_path_factory):
+    sweep = tmp_path_factory.mktemp("kfold") / "sweep"
+    result = run_cli(
+        "tb_lightning.train", "-m", *phantom_overrides(phantom_root), "sweep=kfold",
+        f"data.num_folds={FOLDS}", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return sweep
+
+
+def logits_of(model, paths, image_size) -> np.ndarray:
+    """A member's logits, computed here from the files, independently of predict's code."""
+    transform = build_transform(image_size)
+    images = torch.stack([transform(load_image(p)) for p in paths])
+    with torch.no_grad():
+        return model(images).double().numpy()
+
+
+@pytest.mark.slow
+def test_predict_with_a_kfold_directory_uses_every_fold_model(kfold_dir, phantom_root, tmp_path):
+    out = tmp_path / "predict"
+    result = run_cli(
+        "tb_lightning.predict", f"ckpt_path={kfold_dir}", f"input={phantom_root}",
+        f"hydra.run.dir={out}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == len(list(phantom_root.rglob("*.png")))  # one p_tb per image
+    members = [load_model(kfold_dir / str(k) / "checkpoints" / "best.ckpt") for k in range(FOLDS)]
+    paths = [r["path"] for r in rows]
+    mean_logit = np.mean([logits_of(m.model, paths, m.image_size) for m in members], axis=0)
+    expected = 1 / (1 + np.exp(-mean_logit))
+    np.testing.assert_allclose([float(r["p_tb"]) for r in rows], expected, atol=1e-5)
+    # The threshold: each fold's val images scored by the model that did not train on them.
+    oof_probs, oof_labels = [], []
+    for k, member in enumerate(members):
+        _, val = read_split_csv(kfold_dir / str(k) / "split.csv")
+        oof_probs.append(1 / (1 + np.exp(-logits_of(member.model, [s.path for s in val], 64))))
+        oof_labels += [s.label for s in val]
+    threshold = choose_threshold(np.concatenate(oof_probs), np.array(oof_labels), "youden")
+    assert float(rows[0]["threshold"]) == pytest.approx(threshold, abs=1e-6)
+    assert rows[0]["threshold_source"] == (
+        f"chosen on the out-of-fold predictions of the {FOLDS} fold models "
+        f"({len(oof_labels)} images) by threshold.policy=youden"
+    )
+
+
+def test_a_folder_that_is_not_a_finished_multirun_is_refused(tmp_path, phantom_root):
+    (tmp_path / "runs" / "0").mkdir(parents=True)
+    result = run_cli(
+        "tb_lightning.predict", f"ckpt_path={tmp_path / 'runs'}", f"input={phantom_root}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "is a folder but not a finished multirun: it lacks" in result.stdout + result.stderr
