@@ -4,6 +4,7 @@ the fold models (mean logit), at the threshold chosen on their out-of-fold predi
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ def kfold_dir(phantom_root, tmp_path_factory):
     sweep = tmp_path_factory.mktemp("kfold") / "sweep"
     result = run_cli(
         "tb_lightning.train", "-m", *phantom_overrides(phantom_root), "sweep=kfold",
-        f"data.num_folds={FOLDS}", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}",
+        f"data.num_folds={FOLDS}", "data.test_size=8", "trainer.max_epochs=1",
+        f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return sweep
@@ -64,6 +66,40 @@ def test_predict_with_a_kfold_directory_uses_every_fold_model(kfold_dir, phantom
         f"chosen on the out-of-fold predictions of the {FOLDS} fold models "
         f"({len(oof_labels)} images) by threshold.policy=youden"
     )
+
+
+@pytest.mark.slow
+def test_eval_of_a_kfold_directory_scores_the_shared_test_split(kfold_dir, tmp_path):
+    from sklearn import metrics as skm
+
+    out = tmp_path / "eval"
+    result = run_cli(
+        "tb_lightning.eval", f"ckpt_path={kfold_dir}", "eval.split=test", f"hydra.run.dir={out}"
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    _, test = read_split_sides_test(kfold_dir / "0" / "split.csv")
+    members = [load_model(kfold_dir / str(k) / "checkpoints" / "best.ckpt") for k in range(FOLDS)]
+    paths = [s.path for s in test]
+    mean_logit = np.mean([logits_of(m.model, paths, m.image_size) for m in members], axis=0)
+    labels = [s.label for s in test]
+    assert metrics["test/auroc"] == pytest.approx(
+        skm.roc_auc_score(labels, 1 / (1 + np.exp(-mean_logit))), abs=1e-6
+    )
+    assert "out-of-fold predictions" in metrics["threshold"]["source"]
+    # Its val split would be scored by models that trained on it: refused.
+    refused = run_cli(
+        "tb_lightning.eval", f"ckpt_path={kfold_dir}", f"hydra.run.dir={tmp_path / 'v'}"
+    )
+    assert refused.returncode == 1
+    assert "eval.split=val of the ensemble" in refused.stdout + refused.stderr
+
+
+def read_split_sides_test(path):
+    from tb_lightning.data.split import read_split_sides
+
+    sides = read_split_sides(path)
+    return sides["val"], sides["test"]
 
 
 def test_a_folder_that_is_not_a_finished_multirun_is_refused(tmp_path, phantom_root):

@@ -226,3 +226,15 @@ def test_sources_from_nlm_prefixes():
     assert [source_of(s) for s in samples] == ["shenzhen", "montgomery", "shenzhen"]
     assert source_groups(samples) == {"montgomery": [1], "shenzhen": [0, 2]}
     assert source_groups(samples[:1]) == {}  # one source: no breakdown
+
+
+def test_figures_are_drawn_when_nothing_is_called_tb(scores):
+    """PPV is undefined when no image reaches the threshold: the PR curve is drawn without its
+    operating point instead of failing (eval of a weak model on a few images)."""
+    from tb_lightning.evaluation.figures import evaluation_figures
+
+    probs, target = scores
+    summary = screening_summary(probs, target, 1.01, n_bootstrap=10, seed=0)
+    assert summary["ppv"] is None
+    figures = evaluation_figures(probs, target, summary)
+    assert set(figures) >= {"roc_curve", "pr_curve", "calibration_curve"}

@@ -23,15 +23,33 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # Imported here: torch and friends take seconds, which --help should not.
     from tb_lightning.config.checks import check_eval_config
-    from tb_lightning.evaluation.evaluate import evaluate_samples, resolve_split, split_samples
+    from tb_lightning.evaluation.evaluate import (
+        evaluate_samples,
+        refuse_trained_images,
+        resolve_split,
+        split_samples,
+    )
     from tb_lightning.inference.checkpoint import load_model, resolve_threshold
     from tb_lightning.inference.runner import pick_device
 
     check_eval_config(cfg)  # every value, before the checkpoint or any image is read
     output_dir = Path(cfg.paths.output_dir)
-    loaded = load_model(cfg.get("ckpt_path"))
-    threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
     split = resolve_split(cfg.eval.get("split"), cfg.get("data") is not None)
+    ckpt_path = Path(str(cfg.get("ckpt_path"))).expanduser()
+    if ckpt_path.is_dir():  # a k-fold multirun: its jobs' best.ckpt as one model
+        from tb_lightning.core.errors import ConfigError
+        from tb_lightning.evaluation.ensemble import load_ensemble
+
+        if split == "val":
+            raise ConfigError(
+                f"eval.split=val of the ensemble {ckpt_path} would score each fold's val images "
+                "with the other fold models, which trained on them; use eval.split=test (a "
+                "data.test_size split shared by the folds) or data=... with other images."
+            )
+        loaded = load_ensemble(ckpt_path)
+    else:
+        loaded = load_model(ckpt_path)
+    threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
     if split == "all":
         datamodule = instantiate_config(cfg.data)
         samples = datamodule.scan()
@@ -41,6 +59,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         # Rows of a split file passed training's scan: a bad one is an error (evaluate_samples).
         samples, split_path = split_samples(loaded.run_dir, cfg.eval.get("split_file"), split)
+        for member_run in (loaded.member_runs or [])[1:]:  # no member trained on them either
+            refuse_trained_images(samples, member_run / "split.csv", split_path, split)
         on_bad_file = "error"
         log.info("Evaluating on the %d %s images of %s", len(samples), split, split_path)
     metrics, report = evaluate_samples(

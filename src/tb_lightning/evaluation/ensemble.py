@@ -1,5 +1,5 @@
 """Several trained models as one: `ckpt_path=<k-fold multirun directory>` (every job's
-checkpoints/best.ckpt) for predict.
+checkpoints/best.ckpt) for predict and eval.
 
 Combination: the mean of the members' logits, then the sigmoid. Why the mean logit rather than
 the mean probability: it is the log of the geometric mean of the members' odds, so one member's
@@ -121,5 +121,8 @@ def load_ensemble(folder: str | Path) -> LoadedModel:
         image_size=sizes.pop(),
         stored_threshold=choice,
         hparams_threshold=members[0].hparams_threshold,
+        # The reference report's weighted loss: the first fold's class weight (the folds' train
+        # splits hold nearly the same class shares).
         pos_weight=members[0].pos_weight,
+        member_runs=[m.run_dir for m in members],
     )

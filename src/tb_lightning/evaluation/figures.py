@@ -92,7 +92,8 @@ def pr_figure(probs: np.ndarray, target: np.ndarray, metrics: dict[str, Any]) ->
     precision = np.r_[1, tps[0] / (tps[0] + fps[0])]
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.step(recall, precision, where="pre", label=f"AP {metrics['average_precision']:.3f}")
-    ax.plot(metrics["sensitivity"], metrics["ppv"], "o", color="red", label="operating point")
+    if metrics["ppv"] is not None:  # undefined when no image is called TB at the threshold
+        ax.plot(metrics["sensitivity"], metrics["ppv"], "o", color="red", label="operating point")
     ax.axhline(target.mean(), ls=":", color="grey", label=f"prevalence {target.mean():.2f}")
     return finish_unit_square(
         fig, ax, "Precision-recall curve", "recall (sensitivity)", "precision (PPV)", "lower left"

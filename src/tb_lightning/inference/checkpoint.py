@@ -41,10 +41,15 @@ class LoadedModel:
     hparams_threshold: float
     pos_weight: float
     calibration: dict[str, Any] | None = None  # {"temperature": T, "fitted_on": ...} or None
+    # An ensemble's members' run directories (evaluation/ensemble.py); None for one checkpoint.
+    member_runs: list[Path] | None = None
 
     @property
     def run_dir(self) -> Path:
-        """The training run directory (checkpoints/<name>.ckpt lives one level below it)."""
+        """The training run directory (checkpoints/<name>.ckpt lives one level below it); an
+        ensemble's first member's."""
+        if self.member_runs:
+            return self.member_runs[0]
         return self.checkpoint_path.parent.parent
 
 
