@@ -51,6 +51,7 @@ from tb_lightning.models.classifier import TBClassifier
 
 sys.path.insert(0, str(Path(__file__).parent))
 from page import cpu_name, write_section  # noqa: E402
+from timing import EpochTimer  # noqa: E402
 
 IMAGE_SIZE = 512
 BATCH = 18
@@ -139,20 +140,6 @@ def make_model(lr: float = 1e-4, dropout: float = 0.5, cls=TBClassifier) -> TBCl
     net = {"weights": None, "image_size": IMAGE_SIZE, "dropout": dropout}
     optimizer = {"_target_": "torch.optim.Adam", "lr": lr, "fused": True}  # as conf/model
     return cls(net=net, optimizer=optimizer)
-
-
-class EpochTimer(L.Callback):
-    """Wall time of each train+val epoch."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.start = time.perf_counter()
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self.times.append(time.perf_counter() - self.start)
 
 
 def trainer(epochs: int, precision: str, callbacks=(), validate: bool = True) -> L.Trainer:

@@ -29,6 +29,7 @@ def epoch_seconds(overrides: list[str], epochs: int) -> tuple[float, float]:
     """(the last epoch's seconds, the image cache's build seconds or 0) for one way."""
     import lightning as L
     from hydra import compose, initialize_config_dir
+    from timing import EpochTimer
 
     from tb_lightning.config import CONF_DIR
     from tb_lightning.core.tasks import instantiate_config
@@ -46,15 +47,7 @@ def epoch_seconds(overrides: list[str], epochs: int) -> tuple[float, float]:
         datamodule.serve_images(build_image_cache(datamodule))
         build_s = time.perf_counter() - started
     model = instantiate_config(cfg.model, _recursive_=False)
-    times: list[float] = []
-
-    class EpochTimer(L.Callback):
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            self.start = time.perf_counter()
-
-        def on_validation_epoch_end(self, trainer, pl_module) -> None:
-            if not trainer.sanity_checking:
-                times.append(time.perf_counter() - self.start)
+    timer = EpochTimer()
 
     trainer = L.Trainer(
         accelerator="cpu",
@@ -64,10 +57,10 @@ def epoch_seconds(overrides: list[str], epochs: int) -> tuple[float, float]:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[EpochTimer()],
+        callbacks=[timer],
     )
     trainer.fit(model, datamodule=datamodule)
-    return times[-1], build_s
+    return timer.times[-1], build_s
 
 
 def main() -> None:

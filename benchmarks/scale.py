@@ -93,6 +93,7 @@ def run_stage(stage: str, root: Path, work: Path, n: int) -> dict:
     # Imported before the clock starts: the stages are timed, not Python's imports.
     import lightning as L
     from hydra import compose, initialize_config_dir
+    from timing import EpochTimer
 
     import tb_lightning.data.datamodule  # noqa: F401
     from tb_lightning.config import CONF_DIR
@@ -115,15 +116,7 @@ def run_stage(stage: str, root: Path, work: Path, n: int) -> dict:
             elapsed = time.perf_counter() - started
         else:
             datamodule.serve_features(cache)
-            epochs: list[float] = []
-
-            class EpochTimer(L.Callback):
-                def on_train_epoch_start(self, trainer, pl_module) -> None:
-                    self.start = time.perf_counter()
-
-                def on_train_epoch_end(self, trainer, pl_module) -> None:
-                    epochs.append(time.perf_counter() - self.start)
-
+            timer = EpochTimer()
             trainer = L.Trainer(
                 accelerator="cpu",
                 max_epochs=2,
@@ -131,13 +124,13 @@ def run_stage(stage: str, root: Path, work: Path, n: int) -> dict:
                 enable_checkpointing=False,
                 enable_progress_bar=False,
                 enable_model_summary=False,
-                callbacks=[EpochTimer()],
+                callbacks=[timer],
             )
             started = time.perf_counter()
             trainer.fit(model, datamodule=datamodule)
             elapsed = time.perf_counter() - started
             # Per image: the second epoch (train + val), after the first warmed up.
-            return {**peaks(anon), "seconds": elapsed, "epoch_seconds": epochs[-1]}
+            return {**peaks(anon), "seconds": elapsed, "epoch_seconds": timer.times[-1]}
     else:
         elapsed = time.perf_counter() - started
     return {**peaks(anon), "seconds": elapsed}

@@ -23,32 +23,27 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # Imported here: torch and friends take seconds, which --help should not.
     from tb_lightning.config.checks import check_eval_config
+    from tb_lightning.evaluation.ensemble import load_checkpoint_or_ensemble
     from tb_lightning.evaluation.evaluate import (
         evaluate_samples,
         refuse_trained_images,
         resolve_split,
         split_samples,
     )
-    from tb_lightning.inference.checkpoint import load_model, resolve_threshold
+    from tb_lightning.inference.checkpoint import resolve_threshold
     from tb_lightning.inference.runner import pick_device
 
     check_eval_config(cfg)  # every value, before the checkpoint or any image is read
     output_dir = Path(cfg.paths.output_dir)
     split = resolve_split(cfg.eval.get("split"), cfg.get("data") is not None)
-    ckpt_path = Path(str(cfg.get("ckpt_path"))).expanduser()
-    if ckpt_path.is_dir():  # a k-fold multirun: its jobs' best.ckpt as one model
-        from tb_lightning.core.errors import ConfigError
-        from tb_lightning.evaluation.ensemble import load_ensemble
-
-        if split == "val":
-            raise ConfigError(
-                f"eval.split=val of the ensemble {ckpt_path} would score each fold's val images "
-                "with the other fold models, which trained on them; use eval.split=test (a "
-                "data.test_size split shared by the folds) or data=... with other images."
-            )
-        loaded = load_ensemble(ckpt_path)
-    else:
-        loaded = load_model(ckpt_path)
+    loaded = load_checkpoint_or_ensemble(
+        cfg.get("ckpt_path"),
+        "eval.split=val of the ensemble would score each fold's val images with the other fold "
+        "models, which trained on them; use eval.split=test (a data.test_size split shared by "
+        "the folds) or data=... with other images."
+        if split == "val"
+        else None,
+    )
     threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
     if split == "all":
         datamodule = instantiate_config(cfg.data)

@@ -24,26 +24,21 @@ log = logging.getLogger(__name__)
 def predict(cfg: DictConfig) -> Path:
     # Imported here: torch and friends take seconds, which --help should not.
     from tb_lightning.config.checks import check_predict_config
-    from tb_lightning.inference.checkpoint import load_model, resolve_threshold
+    from tb_lightning.evaluation.ensemble import load_checkpoint_or_ensemble
+    from tb_lightning.inference.checkpoint import resolve_threshold
     from tb_lightning.inference.predict_files import collect_inputs, run_prediction
     from tb_lightning.inference.runner import pick_device
 
     check_predict_config(cfg)  # every value, before the checkpoint or any image is read
     output_dir = Path(cfg.paths.output_dir)
     paths = collect_inputs(cfg.get("input"))
-    ckpt_path = Path(str(cfg.get("ckpt_path"))).expanduser()
-    if ckpt_path.is_dir():  # a k-fold multirun: its jobs' best.ckpt as one model
-        from tb_lightning.core.errors import ConfigError
-        from tb_lightning.evaluation.ensemble import load_ensemble
-
-        if cfg.saliency:
-            raise ConfigError(
-                f"saliency=true needs one checkpoint, not the multirun {ckpt_path} (Grad-CAM of "
-                "an ensemble is not drawn); pass one of its jobs' checkpoints/best.ckpt."
-            )
-        loaded = load_ensemble(ckpt_path)
-    else:
-        loaded = load_model(ckpt_path)
+    loaded = load_checkpoint_or_ensemble(
+        cfg.get("ckpt_path"),
+        "saliency=true needs one checkpoint (Grad-CAM of an ensemble is not drawn); pass one of "
+        "its jobs' checkpoints/best.ckpt."
+        if cfg.saliency
+        else None,
+    )
     threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
     log.info("Operating threshold p_tb >= %.4f (%s)", threshold, threshold_source)
     run_prediction(

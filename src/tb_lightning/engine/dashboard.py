@@ -87,8 +87,8 @@ def dashboard_hparams(cfg: DictConfig, swept: Iterable[str] = ()) -> dict[str, A
     params: dict[str, Any] = {}
     for key in keys:
         value = OmegaConf.select(cfg, key, default=None)
-        if isinstance(value, DictConfig | list) or OmegaConf.is_list(value):
-            value = str(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+        if OmegaConf.is_config(value):  # a list or section: shown as its text
+            value = str(OmegaConf.to_container(value))
         params[key] = "null" if value is None else value
     return params
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tb_lightning.core.errors import UserError
+from tb_lightning.core.errors import ConfigError, UserError
 from tb_lightning.data.split import read_split_csv
 from tb_lightning.evaluation.thresholds import choose_threshold
 from tb_lightning.inference.checkpoint import LoadedModel, load_model
@@ -126,3 +126,17 @@ def load_ensemble(folder: str | Path) -> LoadedModel:
         pos_weight=members[0].pos_weight,
         member_runs=[m.run_dir for m in members],
     )
+
+
+def load_checkpoint_or_ensemble(
+    ckpt_path: str | Path, ensemble_refusal: str | None = None
+) -> LoadedModel:
+    """`ckpt_path` as eval and predict take it: one checkpoint file, or a k-fold multirun
+    directory as one ensemble. `ensemble_refusal`: why this command cannot use an ensemble
+    (the sentence's reason), or None when it can."""
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_dir():
+        return load_model(path)
+    if ensemble_refusal:
+        raise ConfigError(f"ckpt_path={path} is a multirun (an ensemble), but {ensemble_refusal}")
+    return load_ensemble(path)
