@@ -19,16 +19,21 @@ from tb_lightning.inference.checkpoint import load_model
 FOLDS = 3
 
 
-@pytest.fixture(scope="module")
-def kfold_dir(phantom_root, tmp_path_factory):
-    sweep = tmp_path_factory.mktemp("kfold") / "sweep"
+def train_folds(phantom_root, sweep, *overrides: str):
+    """A FOLDS-fold multirun with a shared 8-image test split, as a user runs it."""
     result = run_cli(
         "tb_lightning.train", "-m", *phantom_overrides(phantom_root), "sweep=kfold",
-        f"data.num_folds={FOLDS}", "data.test_size=8", "trainer.max_epochs=1",
-        f"hydra.sweep.dir={sweep}",
+        f"data.num_folds={FOLDS}", "data.test_size=8", *overrides, f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return sweep
+
+
+@pytest.fixture(scope="module")
+def kfold_dir(phantom_root, tmp_path_factory):
+    return train_folds(
+        phantom_root, tmp_path_factory.mktemp("kfold") / "sweep", "trainer.max_epochs=1"
+    )
 
 
 def logits_of(model, paths, image_size) -> np.ndarray:
@@ -110,3 +115,95 @@ def test_a_folder_that_is_not_a_finished_multirun_is_refused(tmp_path, phantom_r
     )  # fmt: skip
     assert result.returncode == 1
     assert "is a folder but not a finished multirun: it lacks" in result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def calibrated_clahe_kfold_dir(phantom_root, tmp_path_factory):
+    """Folds trained with CLAHE and calibration=temperature (the ensemble refits T out of fold)."""
+    return train_folds(
+        phantom_root, tmp_path_factory.mktemp("kfold_clahe") / "sweep", "trainer.max_epochs=3",
+        "data.preprocess=clahe", "data.clahe.tile_grid=4", "calibration=temperature",
+    )  # fmt: skip
+
+
+def raw_logits_of(loaded, paths) -> np.ndarray:
+    """A member's logits before any temperature: its network on the CLAHE'd images."""
+    transform = build_transform(loaded.image_size, loaded.preprocess)
+    images = torch.stack([transform(load_image(p)) for p in paths])
+    with torch.no_grad():
+        return loaded.model.net(images).double().numpy()
+
+
+@pytest.mark.slow
+def test_a_calibrated_ensemble_fits_its_temperature_out_of_fold_and_exports_as_one_file(
+    calibrated_clahe_kfold_dir, phantom_root, tmp_path
+):
+    import onnxruntime
+
+    from tb_lightning.evaluation.calibration import fit_temperature
+
+    folder = calibrated_clahe_kfold_dir
+    members = [load_model(folder / str(k) / "checkpoints" / "best.ckpt") for k in range(FOLDS)]
+    assert all(m.calibration and m.preprocess["name"] == "clahe" for m in members)
+    # The temperature, computed here: one T on the pooled out-of-fold raw logits.
+    oof_logits, oof_labels = [], []
+    for k, member in enumerate(members):
+        _, val = read_split_csv(folder / str(k) / "split.csv")
+        oof_logits.append(raw_logits_of(member, [s.path for s in val]))
+        oof_labels += [s.label for s in val]
+    temperature = fit_temperature(np.concatenate(oof_logits), np.array(oof_labels))
+    oof_probs = 1 / (1 + np.exp(-np.concatenate(oof_logits) / temperature))
+    threshold = choose_threshold(oof_probs, np.array(oof_labels), "youden")
+
+    out = tmp_path / "predict"
+    result = run_cli(
+        "tb_lightning.predict", f"ckpt_path={folder}", f"input={phantom_root}",
+        f"hydra.run.dir={out}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    paths = [r["path"] for r in rows]
+    mean_raw = np.mean([raw_logits_of(m, paths) for m in members], axis=0)
+    expected = 1 / (1 + np.exp(-mean_raw / temperature))
+    np.testing.assert_allclose([float(r["p_tb"]) for r in rows], expected, atol=1e-5)
+    assert float(rows[0]["threshold"]) == pytest.approx(threshold, abs=1e-6)
+
+    # export: the whole ensemble in one ONNX file, with the out-of-fold threshold and T.
+    exported = tmp_path / "export"
+    result = run_cli("tb_lightning.export", f"ckpt_path={folder}", f"hydra.run.dir={exported}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sidecar = json.loads((exported / "model.json").read_text())
+    assert sorted(p.name for p in exported.iterdir() if p.suffix != ".log") == [
+        ".hydra", "model.json", "model.onnx"
+    ]  # fmt: skip
+    assert sidecar["ensemble"]["members"] == [
+        str(folder.resolve() / str(k) / "checkpoints" / "best.ckpt") for k in range(FOLDS)
+    ]
+    assert sidecar["threshold"] == pytest.approx(threshold, abs=1e-6)
+    assert sidecar["calibration"]["temperature"] == pytest.approx(temperature, rel=1e-6)
+    assert "out-of-fold" in sidecar["threshold_source"]
+    transform = build_transform(64, members[0].preprocess)
+    images = torch.stack([transform(load_image(p)) for p in paths[:8]])
+    session = onnxruntime.InferenceSession(str(exported / "model.onnx"))
+    np.testing.assert_allclose(
+        session.run(["p_tb"], {"image": images.numpy()})[0], expected[:8], atol=1e-5
+    )
+
+
+@pytest.mark.slow
+def test_members_trained_differently_are_refused(
+    kfold_dir, calibrated_clahe_kfold_dir, phantom_root, tmp_path
+):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(kfold_dir / "0", mixed / "0")
+    shutil.copytree(calibrated_clahe_kfold_dir / "1", mixed / "1")
+    result = run_cli(
+        "tb_lightning.predict", f"ckpt_path={mixed}", f"input={phantom_root}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    )  # fmt: skip
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "data.preprocess ['clahe (clip limit 2, 4x4 tiles)', 'none']" in output
+    assert "an ensemble needs members trained alike" in output

@@ -1,5 +1,8 @@
 """`python -m tb_lightning.export ckpt_path=<ckpt> format=onnx|torchscript`.
 
+ckpt_path may also be a k-fold multirun directory: its jobs' best.ckpt become one ensemble
+file, with the threshold chosen on their out-of-fold predictions (evaluation/ensemble.py).
+
 Writes model.onnx (or model.pt) and model.json into outputs/export/runs/<timestamp>/.
 """
 
@@ -21,12 +24,14 @@ log = logging.getLogger(__name__)
 def export(cfg: DictConfig) -> dict[str, Any]:
     # Imported here: torch and friends take seconds, which --help should not.
     from tb_lightning.config.checks import check_export_config
-    from tb_lightning.inference.checkpoint import load_model, resolve_threshold
+    from tb_lightning.evaluation.ensemble import load_checkpoint_or_ensemble
+    from tb_lightning.inference.checkpoint import resolve_threshold
     from tb_lightning.inference.deploy import export_model
 
     check_export_config(cfg)  # every value, before the checkpoint is read
     output_dir = Path(cfg.paths.output_dir)
-    loaded = load_model(cfg.get("ckpt_path"))
+    # A k-fold multirun directory exports its fold models as one ensemble file.
+    loaded = load_checkpoint_or_ensemble(cfg.get("ckpt_path"))
     threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
     sidecar = export_model(
         loaded, cfg.format, output_dir, threshold, threshold_source, cfg.check_images

@@ -27,6 +27,7 @@ from tb_lightning.core.run_dirs import LAST, check_ckpt_path
 from tb_lightning.data.augment import AUGMENT_KEYS
 from tb_lightning.data.integrity import BAD_FILE_POLICIES, LEAK_POLICIES, PHASH_BITS
 from tb_lightning.data.phantom import LESION_MIXES
+from tb_lightning.data.preprocess import PREPROCESS_NAMES, preprocess_spec
 from tb_lightning.data.sources import SOURCE_KEYS, SOURCES
 from tb_lightning.data.split import resolve_val_count, stratified_split
 from tb_lightning.evaluation.evaluate import SPLITS
@@ -213,6 +214,41 @@ def check_augment(augment: Any) -> None:
         raise ConfigError(f"data.augment.translate={augment['translate']} must be below 1.")
 
 
+def check_preprocess(data: Mapping[str, Any]) -> None:
+    """data.preprocess (none | clahe) and, for clahe, data.clahe.clip_limit and tile_grid."""
+    _one_of("data.preprocess", data.get("preprocess", "none"), PREPROCESS_NAMES)
+    if data.get("preprocess") != "clahe":
+        return
+    clahe = data.get("clahe") or {}
+    clip_limit, tile_grid = clahe.get("clip_limit"), clahe.get("tile_grid")
+    if not _is_number(clip_limit) or clip_limit <= 0:
+        raise ConfigError(
+            f"data.clahe.clip_limit={clip_limit!r} must be a number > 0 (the contrast limit per "
+            "histogram bin relative to a flat histogram; 2.0 is usual for chest X-rays)."
+        )
+    image_size = data.get("image_size")
+    largest = image_size // 8 if _is_int(image_size) else None
+    if not _is_int(tile_grid) or tile_grid < 1 or (largest and tile_grid > largest):
+        raise ConfigError(
+            f"data.clahe.tile_grid={tile_grid!r} must be an integer from 1 to "
+            f"{largest or 'data.image_size / 8'} (tile_grid x tile_grid tiles of at least 8 px "
+            "a side at data.image_size); 8 is usual."
+        )
+
+
+def check_recorded_preprocess(data: Mapping[str, Any], recorded: Any) -> None:
+    """model.preprocess, what the checkpoint will say the images went through, must be what the
+    data module does (conf/model/alexnet.yaml interpolates it from data.preprocess/data.clahe)."""
+    clahe = data.get("clahe") or {}
+    done = preprocess_spec({"name": data.get("preprocess", "none"), **clahe})
+    if preprocess_spec(recorded) != done:
+        raise ConfigError(
+            f"model.preprocess={dict(recorded or {})} differs from data.preprocess / data.clahe "
+            f"({done or 'none'}); set data.preprocess and data.clahe only (model.preprocess "
+            "follows them)."
+        )
+
+
 def check_phantom(phantom: Mapping[str, Any]) -> None:
     """data.phantom.* (the synthetic set's size and look)."""
     for key, minimum in (("num_normal", 1), ("num_tb", 1), ("image_size", 64), ("seed", 0)):
@@ -315,6 +351,7 @@ def check_data(data: Mapping[str, Any], arch: str = "alexnet") -> None:
         raise ConfigError(
             f"data.allow_outside_paths={data.get('allow_outside_paths')!r} must be true or false."
         )
+    check_preprocess(data)
     check_augment(data.get("augment"))
     check_sources(data.get("sources"))
     phantom = data.get("phantom") or {}
@@ -419,6 +456,7 @@ def check_config(cfg: DictConfig) -> None:
     check_trainer(cfg.trainer)
     check_model(cfg.model, cfg.trainer.get("max_epochs"))
     check_data(cfg.data, cfg.model.get("net", {}).get("arch", "alexnet"))
+    check_recorded_preprocess(cfg.data, cfg.model.get("preprocess"))
     threshold = cfg.get("threshold") or {}
     check_policy(threshold.get("policy", "youden"), threshold.get("target", 0.95))
     _one_of("calibration", cfg.get("calibration") or "none", ("none", "temperature"))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
+from tb_lightning.data.preprocess import preprocess_steps
 from tb_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 AUGMENT_KEYS = {
@@ -42,8 +43,11 @@ def is_random(augment: Mapping[str, Any]) -> bool:
     )
 
 
-def build_train_transform(image_size: int, augment: Mapping[str, Any]) -> v2.Compose:
-    """Augment (on uint8 images), then the same resize/scale/normalise as validation."""
+def build_train_transform(
+    image_size: int, augment: Mapping[str, Any], preprocess: Mapping[str, Any] | None = None
+) -> v2.Compose:
+    """Crop or resize, preprocess as validation does (CLAHE or nothing), augment the rest (on
+    uint8 images), then the same scale/normalise as validation."""
     steps: list[v2.Transform] = []
     if augment.get("crop_scale"):
         steps.append(
@@ -56,6 +60,9 @@ def build_train_transform(image_size: int, augment: Mapping[str, Any]) -> v2.Com
         )
     else:
         steps.append(v2.Resize((image_size, image_size), antialias=True))
+    # Before the intensity jitter, so that training sees jittered versions of the equalised
+    # image that validation sees.
+    steps += preprocess_steps(preprocess)
     degrees = augment.get("rotation_degrees") or 0
     translate = augment.get("translate") or 0
     if degrees or translate:

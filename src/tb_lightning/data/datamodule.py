@@ -20,6 +20,7 @@ from tb_lightning.data.augment import build_train_transform, is_random
 from tb_lightning.data.dataset import ImageDataset
 from tb_lightning.data.inventory import build_data_report, write_data_report
 from tb_lightning.data.phantom import ensure_phantom_dataset
+from tb_lightning.data.preprocess import preprocess_spec
 from tb_lightning.data.sampling import EpochSeededDataLoader, EpochShuffleSampler
 from tb_lightning.data.sources import (
     Sample,
@@ -97,6 +98,8 @@ class TBDataModule(L.LightningDataModule):
         image_cache_dir: str | None = None,
         augment: dict[str, Any] | None = None,
         allow_outside_paths: bool = False,
+        preprocess: str = "none",
+        clahe: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # The values were checked with the config (config/checks.py: check_data).
@@ -122,9 +125,11 @@ class TBDataModule(L.LightningDataModule):
         self.scan_cache_dir = scan_cache_dir
         # data=manifest: rows may point outside the CSV's folder only when allowed.
         self.allow_outside_paths = allow_outside_paths
-        self.transform = build_transform(image_size)
+        # data.preprocess / data.clahe, as the classifier stores them (model.preprocess).
+        self.preprocess = preprocess_spec({"name": preprocess, **(clahe or {})})
+        self.transform = build_transform(image_size, self.preprocess)
         self.augment = dict(augment or {})
-        self.train_transform = build_train_transform(image_size, self.augment)
+        self.train_transform = build_train_transform(image_size, self.augment, self.preprocess)
         self.train_samples: list[Sample] | None = None
         self.val_samples: list[Sample] | None = None
         self.test_samples: list[Sample] = []
@@ -319,6 +324,7 @@ class TBDataModule(L.LightningDataModule):
             "on_bad_file": self.on_bad_file,
             "on_leak": self.on_leak,
             "near_duplicate_distance": self.near_duplicate_distance,
+            "preprocess": self.preprocess,
         }
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from tb_lightning.core.errors import DataError
+from tb_lightning.data.preprocess import preprocess_steps
 
 # The backbones are ImageNet models, so inputs are normalised with ImageNet statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -164,11 +166,13 @@ def load_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
-def build_transform(image_size: int) -> v2.Compose:
-    """Resize to image_size x image_size, scale to [0, 1] and normalise (no augmentation)."""
+def build_transform(image_size: int, preprocess: Mapping[str, Any] | None = None) -> v2.Compose:
+    """Resize to image_size x image_size, preprocess (data/preprocess.py: CLAHE or nothing),
+    scale to [0, 1] and normalise (no augmentation)."""
     return v2.Compose(
         [
             v2.Resize((image_size, image_size), antialias=True),
+            *preprocess_steps(preprocess),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]

@@ -42,6 +42,7 @@ DASHBOARD_HPARAMS = (
     "model.net.dropout",
     "data.batch_size",
     "data.image_size",
+    "data.preprocess",
     "trainer.max_epochs",
     "data.fold",
 )

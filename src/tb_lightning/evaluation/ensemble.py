@@ -1,15 +1,19 @@
 """Several trained models as one: `ckpt_path=<k-fold multirun directory>` (every job's
 checkpoints/best.ckpt) for predict and eval.
 
-Combination: the mean of the members' logits, then the sigmoid. Why the mean logit rather than
-the mean probability: it is the log of the geometric mean of the members' odds, so one member's
-extreme (near 0 or 1) probability does not swamp the others, and members that share a
-calibration scale keep it. Each member applies its own stored temperature first.
+Combination: the mean of the members' logits, then the sigmoid (inference/ensemble_model.py says
+why).
 
 Operating threshold: chosen on the out-of-fold predictions, each image of a member's val split
 (its split.csv) scored by that member, which did not train on it; pooled over the members, the
 members' threshold.policy (all the same, else refused) picks the threshold. It is computed when the
 ensemble is loaded (one pass over the val images), so nothing is written into the training runs.
+
+Calibration: when the members were trained with calibration=temperature, the ensemble fits one
+temperature of its own on the pooled out-of-fold logits (the members' raw logits; each member's
+own temperature, fitted on its 1/k of the images, is set aside) and divides the mean logit by
+it; the threshold is then chosen on those calibrated probabilities. Members trained without it
+give an uncalibrated ensemble; a mix is refused.
 """
 
 from __future__ import annotations
@@ -19,28 +23,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from tb_lightning.core.errors import ConfigError, UserError
+from tb_lightning.data.preprocess import describe_preprocess
 from tb_lightning.data.split import read_split_csv
+from tb_lightning.evaluation.calibration import fit_temperature
 from tb_lightning.evaluation.thresholds import choose_threshold
 from tb_lightning.inference.checkpoint import LoadedModel, load_model
-from tb_lightning.inference.runner import predict_images
+from tb_lightning.inference.ensemble_model import COMBINATION, EnsembleModel
+from tb_lightning.inference.runner import predict_images, probabilities
 
 log = logging.getLogger(__name__)
-
-COMBINATION = "mean logit"
-
-
-class EnsembleModel(nn.Module):
-    """Members' classifiers -> the mean of their TB logits, shape (N,)."""
-
-    def __init__(self, members: list[nn.Module]) -> None:
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([member(images) for member in self.members]).mean(dim=0)
 
 
 def member_checkpoints(folder: Path) -> list[Path]:
@@ -60,8 +53,8 @@ def member_checkpoints(folder: Path) -> list[Path]:
 
 
 def out_of_fold(members: list[LoadedModel]) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, labels) of every member's val images, each scored by its own member."""
-    probs, labels = [], []
+    """(logits, labels) of every member's val images, each scored by its own member."""
+    logits, labels = [], []
     for loaded in members:
         split_csv = loaded.run_dir / "split.csv"
         if not split_csv.is_file():
@@ -76,13 +69,14 @@ def out_of_fold(members: list[LoadedModel]) -> tuple[np.ndarray, np.ndarray]:
             loaded.image_size,
             progress=False,
             description="Out-of-fold predictions",
+            preprocess=loaded.preprocess,
         )
         if not run.readable.all():
             bad = run.reasons[int(np.argmin(run.readable))]
             raise UserError(f"A val image of {split_csv} cannot be read any more ({bad}).")
-        probs.append(run.probs)
+        logits.append(run.logits)
         labels.append([s.label for s in val])
-    return np.concatenate(probs), np.concatenate(labels)
+    return np.concatenate(logits), np.concatenate(labels)
 
 
 def load_ensemble(folder: str | Path) -> LoadedModel:
@@ -90,33 +84,55 @@ def load_ensemble(folder: str | Path) -> LoadedModel:
     folder = Path(folder).expanduser().resolve()
     members = [load_model(path) for path in member_checkpoints(folder)]
     sizes = {m.image_size for m in members}
+    preprocesses = {describe_preprocess(m.preprocess) for m in members}
+    calibrated = {bool(m.calibration) for m in members}
     policies = {(m.stored_threshold or {}).get("policy") for m in members}
     targets = {(m.stored_threshold or {}).get("target") for m in members}
-    if len(sizes) > 1 or len(policies) > 1 or len(targets) > 1 or None in policies:
+    if (
+        max(len(sizes), len(preprocesses), len(calibrated), len(policies), len(targets)) > 1
+        or None in policies
+    ):
         raise UserError(
-            f"The jobs of {folder} differ in image size {sorted(sizes)} or threshold.policy "
+            f"The jobs of {folder} differ in image size {sorted(sizes)}, data.preprocess "
+            f"{sorted(preprocesses)}, calibration or threshold.policy "
             f"{sorted(map(str, policies))}, or lack a stored threshold: an ensemble needs members "
             "trained alike (e.g. the folds of one sweep=kfold run)."
         )
-    probs, labels = out_of_fold(members)
+    is_calibrated, calibration = calibrated.pop(), None
+    if is_calibrated:
+        # The members' raw logits, then one temperature for the ensemble (each member's own T,
+        # fitted on its 1/k of the images, is set aside).
+        for loaded in members:
+            loaded.model.temperature.fill_(1.0)
+    logits, labels = out_of_fold(members)
+    if is_calibrated:
+        calibration = {
+            "method": "temperature",
+            "temperature": fit_temperature(logits, labels),
+            "fitted_on": f"the out-of-fold predictions of the {len(members)} fold models "
+            f"({len(labels)} images)",
+        }
+        # In float32, as the ensemble's forward divides.
+        logits = (torch.from_numpy(logits.astype(np.float32)) / calibration["temperature"]).numpy()
     policy, target = policies.pop(), targets.pop()
     choice = {
-        "value": choose_threshold(probs, labels, policy, target),
+        "value": choose_threshold(probabilities(logits), labels, policy, target),
         "policy": policy,
         "target": target,
         "val_images": int(len(labels)),
         "chosen_on": f"the out-of-fold predictions of the {len(members)} fold models",
     }
     log.info(
-        "Ensemble of %d models (%s of their logits), threshold p_tb >= %.4f chosen on %d "
-        "out-of-fold predictions",
+        "Ensemble of %d models (%s%s), threshold p_tb >= %.4f chosen on %d out-of-fold predictions",
         len(members),
         COMBINATION,
+        f", temperature {calibration['temperature']:.3f}" if calibration else "",
         choice["value"],
         len(labels),
     )
+    temperature = calibration["temperature"] if calibration else 1.0
     return LoadedModel(
-        model=EnsembleModel([m.model for m in members]).eval(),
+        model=EnsembleModel([m.model for m in members], temperature).eval(),
         checkpoint_path=folder,
         image_size=sizes.pop(),
         stored_threshold=choice,
@@ -124,6 +140,8 @@ def load_ensemble(folder: str | Path) -> LoadedModel:
         # The reference report's weighted loss: the first fold's class weight (the folds' train
         # splits hold nearly the same class shares).
         pos_weight=members[0].pos_weight,
+        calibration=calibration,
+        preprocess=members[0].preprocess,
         member_runs=[m.run_dir for m in members],
     )
 

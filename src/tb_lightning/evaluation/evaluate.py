@@ -205,6 +205,7 @@ def evaluate_samples(
         batch_size,
         num_workers,
         device,
+        preprocess=loaded.preprocess,
     )
     samples, predictions, skipped = drop_bad_files(
         samples, predictions, on_bad_file, split_file, split

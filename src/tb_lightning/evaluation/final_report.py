@@ -73,6 +73,7 @@ def final_report(
         datamodule.num_workers,
         device,
         description="Scoring the val/test images",
+        preprocess=datamodule.preprocess,
     )
     if not predictions.readable.all():  # they passed the scan: changed on disk since
         first = predictions.reasons[int(np.argmin(predictions.readable))]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tb_lightning.core.errors import UserError
+from tb_lightning.data.preprocess import preprocess_spec
 from tb_lightning.models.classifier import TBClassifier
 from tb_lightning.models.torch_file import describe_key_mismatch, load_checkpoint
 
@@ -41,6 +42,8 @@ class LoadedModel:
     hparams_threshold: float
     pos_weight: float
     calibration: dict[str, Any] | None = None  # {"temperature": T, "fitted_on": ...} or None
+    # The images' preprocessing (data/preprocess.py preprocess_spec): None, or CLAHE's settings.
+    preprocess: dict[str, Any] | None = None
     # An ensemble's members' run directories (evaluation/ensemble.py); None for one checkpoint.
     member_runs: list[Path] | None = None
 
@@ -74,7 +77,10 @@ def load_model(ckpt_path: str | Path | None) -> LoadedModel:
     net_log.setLevel(logging.ERROR)
     try:
         model = TBClassifier(
-            net=net, optimizer=hparams["optimizer"], threshold=hparams["threshold"]
+            net=net,
+            optimizer=hparams["optimizer"],
+            threshold=hparams["threshold"],
+            preprocess=hparams.get("preprocess"),
         )
     finally:
         net_log.setLevel(level)
@@ -101,6 +107,8 @@ def load_model(ckpt_path: str | Path | None) -> LoadedModel:
         hparams_threshold=float(hparams["threshold"]),
         pos_weight=float(model.pos_weight),
         calibration=calibration,
+        # Checkpoints written before data.preprocess existed have none: no preprocessing.
+        preprocess=preprocess_spec(hparams.get("preprocess")),
     )
 
 

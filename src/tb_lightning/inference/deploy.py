@@ -1,6 +1,6 @@
-"""Export a trained classifier as one self-contained file (ONNX or TorchScript) plus a sidecar
-JSON that documents the preprocessing, the class names and the operating threshold; then check
-that the exported file reproduces the Lightning module's outputs."""
+"""Export a trained classifier (or a k-fold ensemble of them) as one self-contained file (ONNX or
+TorchScript) plus a sidecar JSON that documents the preprocessing, the class names and the
+operating threshold; then check that the exported file reproduces the Lightning module's outputs."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.split import read_split_csv
 from tb_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_image
 from tb_lightning.inference.checkpoint import LoadedModel
+from tb_lightning.inference.ensemble_model import COMBINATION, EnsembleModel
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,9 @@ FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 TOLERANCE = 1e-5
 
 
-class ProbabilityModel(nn.Module):
-    """The network with the sigmoid: normalised images (N, 3, S, S) -> TB probability (N,),
-    the logits divided by the checkpoint's calibration temperature (1 without one)."""
+class TemperedNet(nn.Module):
+    """A classifier's network alone (no Lightning module, no metrics): normalised images
+    (N, 3, S, S) -> TB logits (N,) divided by its calibration temperature (1 without one)."""
 
     def __init__(self, net: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
@@ -37,7 +38,50 @@ class ProbabilityModel(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(images) / self.temperature)
+        return self.net(images) / self.temperature
+
+
+class ProbabilityModel(nn.Module):
+    """The logits of a TemperedNet or an ensemble of them, then the sigmoid: TB probability (N,)."""
+
+    def __init__(self, logits: nn.Module) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(images))
+
+
+def exportable(loaded: LoadedModel) -> ProbabilityModel:
+    """The loaded model as the exported file computes it: a checkpoint's network, or an
+    ensemble's members' networks and their mean logit (with the ensemble's temperature)."""
+    model = loaded.model
+    if isinstance(model, EnsembleModel):
+        members = [TemperedNet(m.net, float(m.temperature)) for m in model.members]
+        return ProbabilityModel(EnsembleModel(members, float(model.temperature)))
+    return ProbabilityModel(TemperedNet(model.net, float(model.temperature)))
+
+
+def clahe_steps(preprocess: dict[str, Any] | None) -> list[str]:
+    """model.json's words for the CLAHE step, as data/preprocess.py's CLAHE does it."""
+    if not preprocess:
+        return []
+    grid = preprocess["tile_grid"]
+    return [
+        "contrast-limited adaptive histogram equalisation of the gray image (the channels' "
+        f"rounded mean): OpenCV cv2.createCLAHE(clipLimit={preprocess['clip_limit']}, "
+        f"tileGridSize=({grid}, {grid})).apply, the result repeated to 3 channels"
+    ]
+
+
+def ensemble_record(loaded: LoadedModel) -> dict[str, Any] | None:
+    """model.json's `ensemble`: the member checkpoints inside the file and how they combine."""
+    if not loaded.member_runs:
+        return None
+    return {
+        "members": [str(run / "checkpoints" / "best.ckpt") for run in loaded.member_runs],
+        "combination": f"{COMBINATION} (the members' logits averaged, then the sigmoid)",
+    }
 
 
 def check_images(loaded: LoadedModel, count: int) -> tuple[torch.Tensor, list[str]]:
@@ -46,7 +90,7 @@ def check_images(loaded: LoadedModel, count: int) -> tuple[torch.Tensor, list[st
     if split_csv.is_file():
         _, val = read_split_csv(split_csv)
         paths = [s.path for s in val[:count]]
-        transform = build_transform(loaded.image_size)
+        transform = build_transform(loaded.image_size, loaded.preprocess)
         return torch.stack([transform(load_image(p)) for p in paths]), paths
     log.warning("No split.csv beside the checkpoint; checking the export on random inputs.")
     generator = torch.Generator().manual_seed(0)
@@ -106,7 +150,7 @@ def export_model(
     """Write model.onnx|model.pt and model.json into output_dir; return the sidecar's content."""
     # fmt and num_check_images were checked with the config (config/checks.py).
     output_dir.mkdir(parents=True, exist_ok=True)
-    model = ProbabilityModel(loaded.model.net, float(loaded.model.temperature)).cpu().eval()
+    model = exportable(loaded).cpu().eval()
     images, image_paths = check_images(loaded, num_check_images)
     path = output_dir / FORMATS[fmt]
     export_file(model, images[:1], fmt, path)
@@ -136,9 +180,12 @@ def export_model(
             "steps": [
                 "decode the image as 8-bit RGB (grayscale repeated to 3 channels)",
                 f"resize to {size}x{size} (bilinear, antialiased; aspect ratio not kept)",
+                *clahe_steps(loaded.preprocess),
                 "scale to [0, 1] (divide by 255)",
                 "normalise each channel: (x - mean) / std",
             ],
+            # null, or CLAHE's settings (data/preprocess.py): part of the model's input.
+            "preprocess": loaded.preprocess,
             "image_size": size,
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
@@ -146,6 +193,7 @@ def export_model(
         "output": {"name": "p_tb", "shape": ["batch"], "meaning": "probability of Tuberculosis"},
         # Inside the exported graph already (logits / T before the sigmoid); for the record.
         "calibration": loaded.calibration,
+        "ensemble": ensemble_record(loaded),
         "class_names": list(CLASS_NAMES),
         "threshold": threshold,
         "threshold_source": threshold_source,

@@ -40,6 +40,7 @@ from tb_lightning.core.mapped_table import (
     RowWriter,
     files_digest,
 )
+from tb_lightning.data.preprocess import CLAHE
 from tb_lightning.data.sources import Sample
 from tb_lightning.inference.runner import run_over_images
 
@@ -59,6 +60,7 @@ DETERMINISTIC_TRANSFORMS = (
     v2.Grayscale,
     v2.ToImage,
     v2.ToPureTensor,
+    CLAHE,
 )
 # Re-exported: how old a temporary file of a killed cache write must be before any run removes it.
 __all__ = ["STALE_TMP_SECONDS", "FeatureCache", "build_feature_cache", "extract_features"]

@@ -125,7 +125,13 @@ def run_prediction(
     gets no prediction, and the run goes on with the rest.
     """
     predictions = predict_images(
-        loaded.model, paths, loaded.image_size, batch_size, num_workers, device
+        loaded.model,
+        paths,
+        loaded.image_size,
+        batch_size,
+        num_workers,
+        device,
+        preprocess=loaded.preprocess,
     )
     readable = [p for p, ok in zip(paths, predictions.readable, strict=True) if ok]
     maps = None
@@ -137,6 +143,7 @@ def run_prediction(
             threshold,
             loaded.image_size,
             output_dir / "saliency",
+            preprocess=loaded.preprocess,
             batch_size=min(batch_size, 16),
             device=device,
         )

@@ -10,8 +10,9 @@ gets no output and its reason.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,14 +140,16 @@ def predict_images(
     device: torch.device | None = None,
     progress: bool = True,
     description: str = "Predicting",
+    preprocess: Mapping[str, Any] | None = None,
 ) -> Predictions:
-    """TB logits of a classifier for every path; bad files are marked, not run."""
+    """TB logits of a classifier for every path; bad files are marked, not run. `preprocess`:
+    the images' preprocessing as the checkpoint stores it (LoadedModel.preprocess)."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     run = run_over_images(
         model,
         paths,
-        build_transform(image_size),
+        build_transform(image_size, preprocess),
         image_size,
         batch_size=batch_size,
         num_workers=num_workers,

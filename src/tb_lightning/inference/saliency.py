@@ -7,9 +7,10 @@ last convolutional block's activations by the spatially averaged gradient of the
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -128,9 +129,11 @@ def write_saliency_maps(
     batch_size: int = 16,
     device: torch.device | None = None,
     progress: bool = True,
+    preprocess: Mapping[str, Any] | None = None,
 ) -> list[SaliencyMap]:
     """One `<stem>_gradcam.png` figure per (readable) image, titled with its p_tb and the call
-    at `threshold`; returns them in path order."""
+    at `threshold`; returns them in path order. `preprocess`: the checkpoint's (the map is of
+    the preprocessed input; the figure shows the file itself)."""
     import matplotlib.pyplot as plt
 
     device = device or torch.device("cpu")
@@ -138,7 +141,7 @@ def write_saliency_maps(
     output_dir.mkdir(parents=True, exist_ok=True)
     resize = v2.Resize((image_size, image_size), antialias=True)
     display = v2.Resize((max(DISPLAY_SIZE, image_size),) * 2, antialias=True)
-    transform = build_transform(image_size)
+    transform = build_transform(image_size, preprocess)
     used: set[str] = set()
     written: list[SaliencyMap] = []
     with Progress(disable=not progress) as bar:

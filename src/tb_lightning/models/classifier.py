@@ -43,12 +43,22 @@ class TBClassifier(L.LightningModule):
         optimizer: Mapping[str, Any],
         threshold: float = 0.5,
         scheduler: Mapping[str, Any] | None = None,
+        preprocess: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         net, optimizer = to_plain_dict(net), to_plain_dict(optimizer)
         scheduler = to_plain_dict(scheduler) if scheduler else None
+        # `preprocess` is not used here: it is kept in the hyper-parameters (and so in every
+        # checkpoint) for eval, predict and export to rebuild the images' preprocessing.
+        preprocess = to_plain_dict(preprocess) if preprocess else None
         self.save_hyperparameters(
-            {"net": net, "optimizer": optimizer, "threshold": threshold, "scheduler": scheduler}
+            {
+                "net": net,
+                "optimizer": optimizer,
+                "threshold": threshold,
+                "scheduler": scheduler,
+                "preprocess": preprocess,
+            }
         )
         self.net = build_net(**net)
         # Set from the DataModule's train split in setup(); saved in checkpoints with the weights.
