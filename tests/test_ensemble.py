@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import phantom_overrides, run_cli
+from conftest import PROJECT_ROOT, phantom_overrides, run_cli
 from tb_lightning.data.split import read_split_csv
 from tb_lightning.data.transforms import build_transform, load_image
 from tb_lightning.evaluation.thresholds import choose_threshold
@@ -92,6 +94,14 @@ def test_eval_of_a_kfold_directory_scores_the_shared_test_split(kfold_dir, tmp_p
         skm.roc_auc_score(labels, 1 / (1 + np.exp(-mean_logit))), abs=1e-6
     )
     assert "out-of-fold predictions" in metrics["threshold"]["source"]
+    # docs/experiments.md's table: the folds' own test rows and this ensemble row.
+    table = subprocess.run(
+        [sys.executable, "scripts/fold_table.py", f"plain={kfold_dir}={out}"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, check=True,
+    ).stdout  # fmt: skip
+    rows = [line for line in table.splitlines() if line.startswith("| plain |")]
+    assert len(rows) == FOLDS + 2  # each fold, their mean ± std, the ensemble
+    assert f"| **{FOLDS}-fold ensemble** | {metrics['test/auroc']:.3f} [" in rows[-1]
     # Its val split would be scored by models that trained on it: refused.
     refused = run_cli(
         "tb_lightning.eval", f"ckpt_path={kfold_dir}", f"hydra.run.dir={tmp_path / 'v'}"
