@@ -94,6 +94,9 @@ def test_eval_of_a_kfold_directory_scores_the_shared_test_split(kfold_dir, tmp_p
         skm.roc_auc_score(labels, 1 / (1 + np.exp(-mean_logit))), abs=1e-6
     )
     assert "out-of-fold predictions" in metrics["threshold"]["source"]
+    report = (out / "report.txt").read_text()
+    assert f"Ensemble: the mean logit of {FOLDS} fold models ({kfold_dir.resolve()}/0/" in report
+    assert len(metrics["ensemble_members"]) == FOLDS
     # docs/experiments.md's table: the folds' own test rows and this ensemble row.
     table = subprocess.run(
         [sys.executable, "scripts/fold_table.py", f"plain={kfold_dir}={out}"],

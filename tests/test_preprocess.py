@@ -109,6 +109,9 @@ def test_the_checkpoint_carries_clahe_to_predict_and_export(clahe_run, phantom_r
     ckpt = clahe_run / "checkpoints" / "best.ckpt"
     loaded = load_model(ckpt)
     assert loaded.preprocess == SPEC
+    preprocessing = "Preprocessing: clahe (clip limit 3, 4x4 tiles), stored in the checkpoint"
+    assert preprocessing in (clahe_run / "report.txt").read_text()
+    assert json.loads((clahe_run / "metrics.json").read_text())["preprocess"] == SPEC
     assert torch.load(ckpt, weights_only=False)["hyper_parameters"]["preprocess"] == SPEC
     # predict, with no preprocessing option on its command line, applies the stored CLAHE.
     result = run_cli(

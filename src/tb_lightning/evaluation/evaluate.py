@@ -16,6 +16,7 @@ import torch
 from tb_lightning.core.atomic import atomic_write, atomic_write_csv
 from tb_lightning.core.errors import DataError
 from tb_lightning.data.integrity import apply_bad_file_policy
+from tb_lightning.data.preprocess import describe_preprocess
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.split import read_split_sides
 from tb_lightning.evaluation.calibration import describe_calibration
@@ -28,6 +29,7 @@ from tb_lightning.evaluation.report import (
 )
 from tb_lightning.evaluation.stats import CALIBRATION, RANKING, RATES
 from tb_lightning.inference.checkpoint import CHOSEN_ON_VAL, LoadedModel
+from tb_lightning.inference.ensemble_model import COMBINATION
 from tb_lightning.inference.runner import (
     INFERENCE_BATCH_SIZE,
     Predictions,
@@ -232,12 +234,20 @@ def evaluate_samples(
         "split": split,
         "threshold": {"value": threshold, "source": threshold_source},
         "calibration": loaded.calibration,
+        "preprocess": loaded.preprocess,
+        "ensemble_members": [str(run) for run in loaded.member_runs or []],
         "bootstrap": bootstrap_settings(n_bootstrap, seed),
         "skipped_files": len(skipped),
         **scores,
     }
     note = optimism_note(split, threshold_source)
-    report = format_threshold_header(loaded.checkpoint_path, threshold, threshold_source)
+    report = format_threshold_header(
+        loaded.checkpoint_path,
+        threshold,
+        threshold_source,
+        loaded.preprocess,
+        loaded.member_runs,
+    )
     if loaded.calibration:  # the model divided its logits by T: T x them are the raw ones
         raw = predictions.logits.astype(np.float64) * loaded.calibration["temperature"]
         report += describe_calibration(loaded.calibration, raw, labels)
@@ -319,8 +329,22 @@ def optimism_note(split: str, threshold_source: str) -> str | None:
     )
 
 
-def format_threshold_header(checkpoint: str | Path, threshold: float, source: str) -> str:
-    return f"Checkpoint: {checkpoint}\nOperating threshold: p_tb >= {threshold:.4f} ({source})\n"
+def format_threshold_header(
+    checkpoint: str | Path,
+    threshold: float,
+    source: str,
+    preprocess: dict[str, Any] | None = None,
+    members: Sequence[Path] | None = None,
+) -> str:
+    """The report's first lines: which model (an ensemble's members), its preprocessing when
+    there is one, and the operating threshold with where it came from."""
+    header = f"Checkpoint: {checkpoint}\n"
+    if members:
+        listed = ", ".join(str(run / "checkpoints" / "best.ckpt") for run in members)
+        header += f"Ensemble: the {COMBINATION} of {len(members)} fold models ({listed})\n"
+    if preprocess:
+        header += f"Preprocessing: {describe_preprocess(preprocess)}, stored in the checkpoint\n"
+    return header + f"Operating threshold: p_tb >= {threshold:.4f} ({source})\n"
 
 
 def write_eval_predictions(

@@ -115,6 +115,7 @@ def final_report(
         "checkpoint": checkpoint,
         "threshold": {**choice, "source": source},
         "calibration": fitted,
+        "preprocess": datamodule.preprocess,
         "bootstrap": bootstrap_settings(BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED),
         "synthetic_data": datamodule.is_synthetic,
         **scores,
@@ -126,7 +127,10 @@ def final_report(
         **(extra or {}),
     }
     report = format_threshold_header(
-        checkpoint or "final weights (no checkpoint saved)", threshold, source
+        checkpoint or "final weights (no checkpoint saved)",
+        threshold,
+        source,
+        datamodule.preprocess,
     )
     if fitted:
         raw = np.concatenate([val_logits, test_logits]) * fitted["temperature"]
