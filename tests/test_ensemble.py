@@ -127,15 +127,20 @@ def test_a_folder_that_is_not_a_finished_multirun_is_refused(tmp_path, phantom_r
         f"hydra.run.dir={tmp_path / 'out'}",
     )  # fmt: skip
     assert result.returncode == 1
-    assert "is a folder but not a finished multirun: it lacks" in result.stdout + result.stderr
+    assert (
+        "is a folder but not a finished multirun: it has no best.ckpt or last.ckpt in "
+        f"{(tmp_path / 'runs' / '0').resolve()}/checkpoints"
+    ) in result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
 def calibrated_clahe_kfold_dir(phantom_root, tmp_path_factory):
-    """Folds trained with CLAHE and calibration=temperature (the ensemble refits T out of fold)."""
+    """Folds trained with CLAHE and calibration=temperature (the ensemble refits T out of fold),
+    keeping only last.ckpt as experiment=nlm_scratch does (callbacks.model_checkpoint=null)."""
     return train_folds(
         phantom_root, tmp_path_factory.mktemp("kfold_clahe") / "sweep", "trainer.max_epochs=3",
         "data.preprocess=clahe", "data.clahe.tile_grid=4", "calibration=temperature",
+        "callbacks.model_checkpoint=null",
     )  # fmt: skip
 
 
@@ -156,7 +161,7 @@ def test_a_calibrated_ensemble_fits_its_temperature_out_of_fold_and_exports_as_o
     from tb_lightning.evaluation.calibration import fit_temperature
 
     folder = calibrated_clahe_kfold_dir
-    members = [load_model(folder / str(k) / "checkpoints" / "best.ckpt") for k in range(FOLDS)]
+    members = [load_model(folder / str(k) / "checkpoints" / "last.ckpt") for k in range(FOLDS)]
     assert all(m.calibration and m.preprocess["name"] == "clahe" for m in members)
     # The temperature, computed here: one T on the pooled out-of-fold raw logits.
     oof_logits, oof_labels = [], []
@@ -190,7 +195,7 @@ def test_a_calibrated_ensemble_fits_its_temperature_out_of_fold_and_exports_as_o
         ".hydra", "model.json", "model.onnx"
     ]  # fmt: skip
     assert sidecar["ensemble"]["members"] == [
-        str(folder.resolve() / str(k) / "checkpoints" / "best.ckpt") for k in range(FOLDS)
+        str(folder.resolve() / str(k) / "checkpoints" / "last.ckpt") for k in range(FOLDS)
     ]
     assert sidecar["threshold"] == pytest.approx(threshold, abs=1e-6)
     assert sidecar["calibration"]["temperature"] == pytest.approx(temperature, rel=1e-6)

@@ -54,8 +54,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         # Rows of a split file passed training's scan: a bad one is an error (evaluate_samples).
         samples, split_path = split_samples(loaded.run_dir, cfg.eval.get("split_file"), split)
-        for member_run in (loaded.member_runs or [])[1:]:  # no member trained on them either
-            refuse_trained_images(samples, member_run / "split.csv", split_path, split)
+        for member in (loaded.member_checkpoints or [])[1:]:  # no member trained on them either
+            refuse_trained_images(samples, member.parent.parent / "split.csv", split_path, split)
         on_bad_file = "error"
         log.info("Evaluating on the %d %s images of %s", len(samples), split, split_path)
     metrics, report = evaluate_samples(

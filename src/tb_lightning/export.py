@@ -1,6 +1,6 @@
 """`python -m tb_lightning.export ckpt_path=<ckpt> format=onnx|torchscript`.
 
-ckpt_path may also be a k-fold multirun directory: its jobs' best.ckpt become one ensemble
+ckpt_path may also be a k-fold multirun directory: its jobs' checkpoints become one ensemble
 file, with the threshold chosen on their out-of-fold predictions (evaluation/ensemble.py).
 
 Writes model.onnx (or model.pt) and model.json into outputs/export/runs/<timestamp>/.

@@ -1,6 +1,6 @@
 """`python -m tb_lightning.predict ckpt_path=<ckpt> input=<file|folder|csv> [saliency=true]`.
 
-ckpt_path may also be a k-fold multirun directory: its jobs' best.ckpt predict as one ensemble
+ckpt_path may also be a k-fold multirun directory: its jobs' checkpoints predict as one ensemble
 (evaluation/ensemble.py).
 
 Writes predictions.csv (path, p_tb, predicted label and class, threshold), skipped.csv for files

@@ -1,5 +1,6 @@
 """Several trained models as one: `ckpt_path=<k-fold multirun directory>` (every job's
-checkpoints/best.ckpt) for predict and eval.
+checkpoints/best.ckpt, or its last.ckpt where the run keeps no best: experiment=nlm_scratch) for
+predict, eval and export.
 
 Combination: the mean of the members' logits, then the sigmoid (inference/ensemble_model.py says
 why).
@@ -36,15 +37,29 @@ from tb_lightning.inference.runner import predict_images, probabilities
 log = logging.getLogger(__name__)
 
 
+def job_checkpoint(job: Path) -> Path | None:
+    """The checkpoint that holds a finished job's model and operating threshold: best.ckpt, or
+    last.ckpt when the run keeps no best (callbacks.model_checkpoint=null: the last epoch is the
+    model, and train stores the threshold in last.ckpt); None while it has neither."""
+    for name in ("best.ckpt", "last.ckpt"):
+        if (job / "checkpoints" / name).is_file():
+            return job / "checkpoints" / name
+    return None
+
+
 def member_checkpoints(folder: Path) -> list[Path]:
-    """`<job>/checkpoints/best.ckpt` of every job of a multirun directory, in job order."""
+    """The checkpoint (job_checkpoint) of every job of a multirun directory, in job order."""
     jobs = sorted(
         (p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
     )
-    found = [job / "checkpoints" / "best.ckpt" for job in jobs]
-    missing = [str(p) for p in found if not p.is_file()]
+    found = [job_checkpoint(job) for job in jobs]
+    missing = [f"{job}/checkpoints" for job, ckpt in zip(jobs, found, strict=True) if not ckpt]
     if not found or missing:
-        what = f"lacks {', '.join(missing)}" if missing else "holds no job folders (0, 1, ...)"
+        what = (
+            f"has no best.ckpt or last.ckpt in {', '.join(missing)}"
+            if missing
+            else "holds no job folders (0, 1, ...)"
+        )
         raise UserError(
             f"ckpt_path={folder} is a folder but not a finished multirun: it {what}; pass a "
             "multirun directory whose jobs all finished, or one checkpoint file."
@@ -82,7 +97,8 @@ def out_of_fold(members: list[LoadedModel]) -> tuple[np.ndarray, np.ndarray]:
 def load_ensemble(folder: str | Path) -> LoadedModel:
     """The members of a k-fold multirun as one model, with its out-of-fold threshold."""
     folder = Path(folder).expanduser().resolve()
-    members = [load_model(path) for path in member_checkpoints(folder)]
+    checkpoints = member_checkpoints(folder)
+    members = [load_model(path) for path in checkpoints]
     sizes = {m.image_size for m in members}
     preprocesses = {describe_preprocess(m.preprocess) for m in members}
     calibrated = {bool(m.calibration) for m in members}
@@ -142,7 +158,7 @@ def load_ensemble(folder: str | Path) -> LoadedModel:
         pos_weight=members[0].pos_weight,
         calibration=calibration,
         preprocess=members[0].preprocess,
-        member_runs=[m.run_dir for m in members],
+        member_checkpoints=checkpoints,
     )
 
 

@@ -235,7 +235,7 @@ def evaluate_samples(
         "threshold": {"value": threshold, "source": threshold_source},
         "calibration": loaded.calibration,
         "preprocess": loaded.preprocess,
-        "ensemble_members": [str(run) for run in loaded.member_runs or []],
+        "ensemble_members": [str(path) for path in loaded.member_checkpoints or []],
         "bootstrap": bootstrap_settings(n_bootstrap, seed),
         "skipped_files": len(skipped),
         **scores,
@@ -246,7 +246,7 @@ def evaluate_samples(
         threshold,
         threshold_source,
         loaded.preprocess,
-        loaded.member_runs,
+        loaded.member_checkpoints,
     )
     if loaded.calibration:  # the model divided its logits by T: T x them are the raw ones
         raw = predictions.logits.astype(np.float64) * loaded.calibration["temperature"]
@@ -340,7 +340,7 @@ def format_threshold_header(
     there is one, and the operating threshold with where it came from."""
     header = f"Checkpoint: {checkpoint}\n"
     if members:
-        listed = ", ".join(str(run / "checkpoints" / "best.ckpt") for run in members)
+        listed = ", ".join(str(path) for path in members)
         header += f"Ensemble: the {COMBINATION} of {len(members)} fold models ({listed})\n"
     if preprocess:
         header += f"Preprocessing: {describe_preprocess(preprocess)}, stored in the checkpoint\n"

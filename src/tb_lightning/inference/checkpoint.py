@@ -44,15 +44,15 @@ class LoadedModel:
     calibration: dict[str, Any] | None = None  # {"temperature": T, "fitted_on": ...} or None
     # The images' preprocessing (data/preprocess.py preprocess_spec): None, or CLAHE's settings.
     preprocess: dict[str, Any] | None = None
-    # An ensemble's members' run directories (evaluation/ensemble.py); None for one checkpoint.
-    member_runs: list[Path] | None = None
+    # An ensemble's members' checkpoints (evaluation/ensemble.py); None for one checkpoint.
+    member_checkpoints: list[Path] | None = None
 
     @property
     def run_dir(self) -> Path:
         """The training run directory (checkpoints/<name>.ckpt lives one level below it); an
         ensemble's first member's."""
-        if self.member_runs:
-            return self.member_runs[0]
+        if self.member_checkpoints:
+            return self.member_checkpoints[0].parent.parent
         return self.checkpoint_path.parent.parent
 
 

@@ -76,10 +76,10 @@ def clahe_steps(preprocess: dict[str, Any] | None) -> list[str]:
 
 def ensemble_record(loaded: LoadedModel) -> dict[str, Any] | None:
     """model.json's `ensemble`: the member checkpoints inside the file and how they combine."""
-    if not loaded.member_runs:
+    if not loaded.member_checkpoints:
         return None
     return {
-        "members": [str(run / "checkpoints" / "best.ckpt") for run in loaded.member_runs],
+        "members": [str(path) for path in loaded.member_checkpoints],
         "combination": f"{COMBINATION} (the members' logits averaged, then the sigmoid)",
     }
 
