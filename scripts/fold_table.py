@@ -20,17 +20,20 @@ from typing import Any
 
 
 def test_block(metrics_json: Path) -> dict[str, Any]:
+    """The test split's overall figures, with the val AUROC where the file has a val split."""
     metrics = json.loads(metrics_json.read_text())
     if "test" not in metrics:
         raise SystemExit(f"{metrics_json} holds no test split; train with data.test_size.")
-    return {**metrics["test"]["overall"], "threshold_source": metrics["threshold"]["source"]}
+    val_auroc = metrics["val"]["overall"]["auroc"] if "val" in metrics else None
+    return {**metrics["test"]["overall"], "val_auroc": val_auroc}
 
 
 def row(name: str, model: str, block: dict[str, Any]) -> str:
     (tn, fp), (fn, tp) = block["confusion_matrix"]
     low, high = block["ci"]["auroc"]
+    val = f"{block['val_auroc']:.3f}" if block["val_auroc"] is not None else "-"
     return (
-        f"| {name} | {model} | {block['auroc']:.3f} [{low:.3f}, {high:.3f}] | "
+        f"| {name} | {model} | {val} | {block['auroc']:.3f} [{low:.3f}, {high:.3f}] | "
         f"{block['threshold']:.3f} | {block['sensitivity']:.3f} ({tp}/{tp + fn}) | "
         f"{block['specificity']:.3f} ({tn}/{tn + fp}) | {block['ece']:.3f} |"
     )
@@ -42,10 +45,11 @@ def config_rows(name: str, multirun: Path, ensemble_eval: Path) -> list[str]:
     lines = [row(name, f"fold {job.name} alone", b) for job, b in zip(jobs, folds, strict=True)]
     summary = {
         key: (statistics.mean(b[key] for b in folds), statistics.stdev(b[key] for b in folds))
-        for key in ("auroc", "sensitivity", "specificity", "ece")
+        for key in ("val_auroc", "auroc", "sensitivity", "specificity", "ece")
     }
     lines.append(
-        f"| {name} | folds: mean ± std | {summary['auroc'][0]:.3f} ± {summary['auroc'][1]:.3f}"
+        f"| {name} | folds: mean ± std | {summary['val_auroc'][0]:.3f} ± "
+        f"{summary['val_auroc'][1]:.3f} | {summary['auroc'][0]:.3f} ± {summary['auroc'][1]:.3f}"
         f" | (own) | {summary['sensitivity'][0]:.3f} ± {summary['sensitivity'][1]:.3f} | "
         f"{summary['specificity'][0]:.3f} ± {summary['specificity'][1]:.3f} | "
         f"{summary['ece'][0]:.3f} ± {summary['ece'][1]:.3f} |"
@@ -59,8 +63,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="+", help="NAME=<multirun dir>=<ensemble eval dir>")
     args = parser.parse_args()
-    print("| config | model | test AUROC [95% CI] | threshold | sensitivity | specificity | ECE |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| config | model | val AUROC (own fold) | test AUROC [95% CI] | threshold | "
+        "test sensitivity | test specificity | test ECE |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for spec in args.configs:
         name, multirun, ensemble_eval = spec.split("=")
         print("\n".join(config_rows(name, Path(multirun), Path(ensemble_eval))))

@@ -104,7 +104,7 @@ def test_eval_of_a_kfold_directory_scores_the_shared_test_split(kfold_dir, tmp_p
     ).stdout  # fmt: skip
     rows = [line for line in table.splitlines() if line.startswith("| plain |")]
     assert len(rows) == FOLDS + 2  # each fold, their mean ± std, the ensemble
-    assert f"| **{FOLDS}-fold ensemble** | {metrics['test/auroc']:.3f} [" in rows[-1]
+    assert f"| **{FOLDS}-fold ensemble** | - | {metrics['test/auroc']:.3f} [" in rows[-1]
     # Its val split would be scored by models that trained on it: refused.
     refused = run_cli(
         "tb_lightning.eval", f"ckpt_path={kfold_dir}", f"hydra.run.dir={tmp_path / 'v'}"
