@@ -238,3 +238,22 @@ def test_figures_are_drawn_when_nothing_is_called_tb(scores):
     assert summary["ppv"] is None
     figures = evaluation_figures(probs, target, summary)
     assert set(figures) >= {"roc_curve", "pr_curve", "calibration_curve"}
+
+
+def test_the_calibration_figure_shows_before_and_after(scores):
+    """With the probabilities before the temperature, both reliability curves are drawn, each
+    labelled with its ECE and Brier score as scikit-learn computes the Brier score."""
+    from sklearn.metrics import brier_score_loss
+
+    from tb_lightning.evaluation.figures import calibration_figure
+
+    probs, target = scores
+    before = np.clip(probs**0.5, 0, 1)  # a flatter, miscalibrated version of the same ranking
+    figure = calibration_figure(probs, target, uncalibrated=before)
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert labels[1].startswith("before temperature scaling (ECE ")
+    assert labels[1].endswith(f"Brier {brier_score_loss(target, before):.3f})")
+    assert labels[2].startswith("after temperature scaling (ECE ")
+    assert labels[2].endswith(f"Brier {brier_score_loss(target, probs):.3f})")
+    alone = calibration_figure(probs, target)
+    assert [t.get_text() for t in alone.axes[0].get_legend().get_texts()][1].startswith("model (")

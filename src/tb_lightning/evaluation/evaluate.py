@@ -270,7 +270,12 @@ def evaluate_samples(
         if isinstance(value, float) and name != "threshold"
     }
     probs = predictions.probs
-    write_figures(evaluation_figures(probs, labels, overall), output_dir, scalars, report)
+    uncalibrated = None
+    if loaded.calibration:  # as describe_calibration computes them for the report's "before"
+        raw = predictions.logits.astype(np.float64) * loaded.calibration["temperature"]
+        uncalibrated = 1 / (1 + np.exp(-raw))
+    figures = evaluation_figures(probs, labels, overall, uncalibrated)
+    write_figures(figures, output_dir, scalars, report)
     return metrics, report
 
 

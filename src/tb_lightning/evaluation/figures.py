@@ -49,12 +49,16 @@ def finish_unit_square(
     legend: str,
     top: float = 1.02,
 ) -> Figure:
-    """Labels, [0, 1] axes (a little headroom above 1 for curves that reach it), the legend."""
+    """Labels, [0, 1] axes (a little headroom above 1 for curves that reach it), the legend
+    (a matplotlib location, or "below" the axes)."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, top)
-    ax.legend(loc=legend)
+    if legend == "below":
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize="small")
+    else:
+        ax.legend(loc=legend, fontsize="small")
     ax.set_title(title)
     fig.tight_layout()
     return fig
@@ -127,19 +131,33 @@ def calibration_bins(
     return mean_prob, observed, counts[keep]
 
 
-def calibration_figure(probs: np.ndarray, target: np.ndarray) -> Figure:
-    mean_prob, observed, counts = calibration_bins(probs, target)
+def calibration_scores(probs: np.ndarray, target: np.ndarray) -> str:
     scores = calibration_metrics(
         np.asarray(probs, dtype=np.float64), np.asarray(target), np.ones((1, len(probs)))
     )
-    fig, ax = plt.subplots(figsize=(5, 5))
+    return f"ECE {scores['ece'][0]:.3f}, Brier {scores['brier'][0]:.3f}"
+
+
+def calibration_figure(
+    probs: np.ndarray, target: np.ndarray, uncalibrated: np.ndarray | None = None
+) -> Figure:
+    """The reliability curve of `probs`; with `uncalibrated` (the probabilities before the
+    model's temperature) that curve too, dashed, so that before and after sit side by side."""
+    mean_prob, observed, counts = calibration_bins(probs, target)
+    fig, ax = plt.subplots(figsize=(5, 6))
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfectly calibrated")
-    ax.plot(
-        mean_prob,
-        observed,
-        "o-",
-        label=f"model (ECE {scores['ece'][0]:.3f}, Brier {scores['brier'][0]:.3f})",
-    )
+    if uncalibrated is not None:
+        before_x, before_y, _ = calibration_bins(uncalibrated, target)
+        ax.plot(
+            before_x,
+            before_y,
+            "s--",
+            color="tab:orange",
+            alpha=0.7,
+            label=f"before temperature scaling ({calibration_scores(uncalibrated, target)})",
+        )
+    name = "model" if uncalibrated is None else "after temperature scaling"
+    ax.plot(mean_prob, observed, "o-", label=f"{name} ({calibration_scores(probs, target)})")
     for x, y, n in zip(mean_prob, observed, counts, strict=True):
         ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     return finish_unit_square(
@@ -148,21 +166,26 @@ def calibration_figure(probs: np.ndarray, target: np.ndarray) -> Figure:
         "Calibration (reliability) curve",
         "mean predicted TB probability (10 bins)",
         "fraction of images that are TB",
-        legend="upper left",
+        # Below the axes: a reliability curve can pass through any corner of the square.
+        legend="below",
         top=1.0,
     )
 
 
 def evaluation_figures(
-    probs: np.ndarray, target: np.ndarray, metrics: dict[str, Any]
+    probs: np.ndarray,
+    target: np.ndarray,
+    metrics: dict[str, Any],
+    uncalibrated: np.ndarray | None = None,
 ) -> dict[str, Figure]:
-    """name -> figure for the overall metrics (see evaluation/report.py for `metrics`)."""
+    """name -> figure for the overall metrics (see evaluation/report.py for `metrics`);
+    `uncalibrated`: the probabilities before a calibration temperature, for its figure."""
     return {
         "confusion_matrix": confusion_figure(metrics["confusion_matrix"], metrics["threshold"]),
         "roc_curve": roc_figure(probs, target, metrics),
         "pr_curve": pr_figure(probs, target, metrics),
         "p_tb_distribution": distribution_figure(probs, target, metrics["threshold"]),
-        "calibration_curve": calibration_figure(probs, target),
+        "calibration_curve": calibration_figure(probs, target, uncalibrated),
     }
 
 
