@@ -46,15 +46,19 @@ def logits_of(model, paths, image_size) -> np.ndarray:
         return model(images).double().numpy()
 
 
-@pytest.mark.slow
-def test_predict_with_a_kfold_directory_uses_every_fold_model(kfold_dir, phantom_root, tmp_path):
-    out = tmp_path / "predict"
+def predict_rows(ckpt_path, input_path, out) -> list[dict[str, str]]:
+    """`python -m tb_lightning.predict ckpt_path=... input=...` as a user runs it: its CSV rows."""
     result = run_cli(
-        "tb_lightning.predict", f"ckpt_path={kfold_dir}", f"input={phantom_root}",
+        "tb_lightning.predict", f"ckpt_path={ckpt_path}", f"input={input_path}",
         f"hydra.run.dir={out}",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    return list(csv.DictReader((out / "predictions.csv").open()))
+
+
+@pytest.mark.slow
+def test_predict_with_a_kfold_directory_uses_every_fold_model(kfold_dir, phantom_root, tmp_path):
+    rows = predict_rows(kfold_dir, phantom_root, tmp_path / "predict")
     assert len(rows) == len(list(phantom_root.rglob("*.png")))  # one p_tb per image
     members = [load_model(kfold_dir / str(k) / "checkpoints" / "best.ckpt") for k in range(FOLDS)]
     paths = [r["path"] for r in rows]
@@ -173,13 +177,7 @@ def test_a_calibrated_ensemble_fits_its_temperature_out_of_fold_and_exports_as_o
     oof_probs = 1 / (1 + np.exp(-np.concatenate(oof_logits) / temperature))
     threshold = choose_threshold(oof_probs, np.array(oof_labels), "youden")
 
-    out = tmp_path / "predict"
-    result = run_cli(
-        "tb_lightning.predict", f"ckpt_path={folder}", f"input={phantom_root}",
-        f"hydra.run.dir={out}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    rows = predict_rows(folder, phantom_root, tmp_path / "predict")
     paths = [r["path"] for r in rows]
     mean_raw = np.mean([raw_logits_of(m, paths) for m in members], axis=0)
     expected = 1 / (1 + np.exp(-mean_raw / temperature))
