@@ -257,3 +257,14 @@ def test_the_calibration_figure_shows_before_and_after(scores):
     assert labels[2].endswith(f"Brier {brier_score_loss(target, probs):.3f})")
     alone = calibration_figure(probs, target)
     assert [t.get_text() for t in alone.axes[0].get_legend().get_texts()][1].startswith("model (")
+
+
+def test_every_figure_says_what_it_is_measured_on(scores):
+    from tb_lightning.evaluation.figures import evaluation_figures
+
+    probs, target = scores
+    summary = screening_summary(probs, target, 0.5, n_bootstrap=10, seed=0)
+    subject = f"test split: {len(target)} images"
+    figures = evaluation_figures(probs, target, summary, subject=subject)
+    for name, figure in figures.items():
+        assert figure.axes[0].get_title().endswith(f"\n{subject}"), name

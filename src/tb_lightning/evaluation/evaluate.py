@@ -274,7 +274,12 @@ def evaluate_samples(
     if loaded.calibration:  # as describe_calibration computes them for the report's "before"
         raw = predictions.logits.astype(np.float64) * loaded.calibration["temperature"]
         uncalibrated = 1 / (1 + np.exp(-raw))
-    figures = evaluation_figures(probs, labels, overall, uncalibrated)
+    n_tb = int(labels.sum())
+    subject = (
+        f"{'all images' if split == 'all' else f'{split} split'}: {len(labels)} images "
+        f"({len(labels) - n_tb} Normal, {n_tb} TB)"
+    )
+    figures = evaluation_figures(probs, labels, overall, uncalibrated, subject)
     write_figures(figures, output_dir, scalars, report)
     return metrics, report
 

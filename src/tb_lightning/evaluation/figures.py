@@ -25,7 +25,7 @@ def confusion_figure(
     confusion: list[list[int]], threshold: float, title: str | None = None
 ) -> Figure:
     """Counts with true class in rows, predicted class in columns; titled with the threshold."""
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig, ax = plt.subplots(figsize=(5, 4.2))
     matrix = np.asarray(confusion)
     ax.imshow(matrix, cmap="Blues")
     for (row, col), value in np.ndenumerate(matrix):
@@ -177,16 +177,25 @@ def evaluation_figures(
     target: np.ndarray,
     metrics: dict[str, Any],
     uncalibrated: np.ndarray | None = None,
+    subject: str | None = None,
 ) -> dict[str, Figure]:
     """name -> figure for the overall metrics (see evaluation/report.py for `metrics`);
-    `uncalibrated`: the probabilities before a calibration temperature, for its figure."""
-    return {
+    `uncalibrated`: the probabilities before a calibration temperature, for its figure;
+    `subject`: what the figures are measured on (`test split: 100 images (...)`), a second title
+    line on each, so that a figure shown alone still says it."""
+    figures = {
         "confusion_matrix": confusion_figure(metrics["confusion_matrix"], metrics["threshold"]),
         "roc_curve": roc_figure(probs, target, metrics),
         "pr_curve": pr_figure(probs, target, metrics),
         "p_tb_distribution": distribution_figure(probs, target, metrics["threshold"]),
         "calibration_curve": calibration_figure(probs, target, uncalibrated),
     }
+    if subject:
+        for figure in figures.values():
+            ax = figure.axes[0]
+            ax.set_title(f"{ax.get_title()}\n{subject}", fontsize="medium")
+            figure.tight_layout()
+    return figures
 
 
 def write_figures(
