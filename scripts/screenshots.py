@@ -1,7 +1,8 @@
 """`make screenshots`: what a user sees, captured into docs/img/ for the README.
 
-Runs the README's sweep (sweep=lr_dropout, 6 jobs, on ../shared/data/nlm-tb-128 with
-model.net.weights=null), evaluates the best job, draws Grad-CAM figures of two synthetic
+Runs the README's sweep (sweep=lr_dropout, 6 jobs, of the from-scratch recipe
+experiment=nlm_scratch on ../shared/data/nlm-tb-128 at its native 128 px, on a shorter
+schedule), evaluates the best job, draws Grad-CAM figures of two synthetic
 phantom images (no real radiograph goes into docs/), opens TensorBoard on the sweep in headless
 Chromium and captures each tab: Time Series, Scalars, HParams (table and parallel
 coordinates), Custom Scalars, Images. Everything it runs writes into a new folder of its own,
@@ -40,9 +41,9 @@ def run(*args: str) -> None:
 
 
 def best_job(sweep_dir: Path) -> Path:
-    """The run directory of the sweep summary's best job."""
+    """The run directory of the sweep summary's best job (its verdict column)."""
     rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))
-    best = [r for r in rows if r.get("best") == "best"]
+    best = [r for r in rows if r.get("verdict") == "best"]
     if not best:
         raise SystemExit(f"{sweep_dir}/sweep_summary.csv marks no best job")
     return Path(best[0]["run_dir"])
@@ -133,7 +134,7 @@ def capture_tensorboard(port: int, out: Path, chromium: str) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "img")
     parser.add_argument(
         "--sweep-dir", type=Path, help="capture this finished multirun instead of running one"
@@ -151,16 +152,20 @@ def main() -> None:
             "tb_lightning.train",
             "-m",
             "sweep=lr_dropout",
-            "data=nlm_tb",
+            "experiment=nlm_scratch",
             f"data.root={args.data_root}",
-            "model.net.weights=null",
             f"trainer.max_epochs={args.epochs}",
             f"hydra.sweep.dir={sweep_dir}",
         )
     elif not (sweep_dir / "sweep_summary.csv").is_file():
         raise SystemExit(f"--sweep-dir {sweep_dir} holds no sweep_summary.csv (not a multirun)")
     best = best_job(sweep_dir)
-    checkpoint = best / "checkpoints" / "best.ckpt"
+    # The recipe keeps no best.ckpt (its last epoch is the model): last.ckpt then.
+    checkpoint = next(
+        best / "checkpoints" / name
+        for name in ("best.ckpt", "last.ckpt")
+        if (best / "checkpoints" / name).is_file()
+    )
     run("tb_lightning.eval", f"ckpt_path={checkpoint}", f"hydra.run.dir={work / 'eval'}")
     examples = work / "examples.csv"
     examples.write_text("path\n" + "\n".join(phantom_examples(work / "phantoms")) + "\n")

@@ -83,6 +83,21 @@ def phantom_overrides(root: Path) -> list[str]:
     ]
 
 
+def eval_config(ckpt: Path, output_dir: Path, *overrides: str) -> DictConfig:
+    """conf/eval.yaml composed for `ckpt` (100 bootstrap resamples: fast), writing output_dir."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(
+            "eval",
+            [
+                f"ckpt_path={ckpt}",
+                "eval.bootstrap=100",
+                "trainer.accelerator=cpu",
+                f"paths.output_dir={output_dir}",
+                *overrides,
+            ],
+        )
+
+
 def compose_train(overrides: list[str], output_dir: Path | str = "/tmp/unused") -> DictConfig:
     """conf/train.yaml composed as Hydra would, for a run in output_dir (no Hydra job)."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

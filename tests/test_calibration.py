@@ -10,10 +10,20 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from conftest import phantom_overrides, run_cli, train_in_process
+from conftest import compose_train, phantom_overrides, run_cli, train_in_process
+from tb_lightning.core.errors import ConfigError
+from tb_lightning.core.tasks import instantiate_config
 from tb_lightning.data.split import read_split_csv
 from tb_lightning.data.transforms import build_transform, load_image
-from tb_lightning.evaluation.calibration import fit_temperature, mean_nll
+from tb_lightning.evaluation.calibration import (
+    MIN_CALIBRATION_IMAGES,
+    auroc_interval,
+    calibration_warnings,
+    fit_temperature,
+    mean_nll,
+)
+from tb_lightning.evaluation.ensemble import load_checkpoint_or_ensemble
+from tb_lightning.evaluation.final_report import final_report
 from tb_lightning.inference.checkpoint import load_model
 from tb_lightning.inference.deploy import export_model
 from tb_lightning.models.torch_file import load_checkpoint
@@ -98,3 +108,147 @@ def test_calibration_value_is_checked(phantom_root, tmp_path):
     assert "calibration='platt' is not one of ['none', 'temperature']" in result.stdout + (
         result.stderr
     )
+
+
+def overrides_with_val_size(phantom_root, val_size) -> list[str]:
+    """The phantom run's overrides with another data.val_size (in place of theirs)."""
+    kept = [o for o in phantom_overrides(phantom_root) if not o.startswith("data.val_size=")]
+    return [*kept, f"data.val_size={val_size}"]
+
+
+def test_a_val_size_too_small_to_calibrate_on_is_refused_before_training(phantom_root, tmp_path):
+    result = run_cli(
+        "tb_lightning.train", *overrides_with_val_size(phantom_root, 2), "calibration=temperature",
+        f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "Traceback" not in output
+    sentence = (
+        f"calibration=temperature needs at least {MIN_CALIBRATION_IMAGES} validation images, of "
+        "both classes, to fit a temperature on; this split has 2 (data.val_size=2): raise "
+        "data.val_size or use calibration=none."
+    )
+    assert sentence in output
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "split.csv").exists()
+
+
+def test_a_fraction_too_small_to_calibrate_on_is_refused_once_split(phantom_root, tmp_path):
+    """A fraction is counted once the split is made: refused there, before any epoch."""
+    overrides = [*overrides_with_val_size(phantom_root, 0.2), "calibration=temperature"]
+    with pytest.raises(ConfigError, match=r"this split has [0-9] \(data\.val_size=0\.2\)"):
+        train_in_process(overrides, tmp_path)
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "split.csv").exists()
+
+
+def test_the_warnings_say_when_a_temperature_means_nothing():
+    rng = np.random.default_rng(1)
+    # Logits unrelated to the labels: the fit flattens them as far as it may, and the AUROC
+    # interval includes 0.5.
+    labels = (rng.random(60) < 0.5).astype(int)
+    noise = rng.normal(0, 3, 60)
+    temperature = fit_temperature(noise, labels)
+    warnings = calibration_warnings(temperature, auroc_interval(noise, labels, 500, 0))
+    assert temperature == pytest.approx(100, rel=1e-6)
+    assert len(warnings) == 2
+    assert "the fit did not converge inside its range" in warnings[0]
+    assert "includes 0.5: the probabilities carry almost no information" in warnings[1]
+    # Two perfectly separated images: sharpened to the other end of the range.
+    separated = fit_temperature([-3.0, 2.0], [0, 1])
+    assert separated == pytest.approx(0.05, rel=1e-6)
+    assert "did not converge" in calibration_warnings(separated, [1.0, 1.0])[0]
+    # Extreme but inside the range; and the interval check alone.
+    assert calibration_warnings(46.3, [0.8, 0.9]) == [
+        "T = 46.300 is extreme (outside 0.1 to 10): it flattens the logits 46x, a sign of nearly "
+        "uninformative logits or of a fit on too few images, not of a calibrated model."
+    ]
+    assert "sharpens the logits 14x" in calibration_warnings(0.07, None)[0]
+    assert calibration_warnings(1.8, [0.45, 0.7]) == [
+        "the validation AUROC's 95% interval (0.450 to 0.700) includes 0.5: the probabilities "
+        "carry almost no information; calibration is trivial here, and a low ECE after it is no "
+        "evidence of a useful model."
+    ]
+    # An informative, over-confident model: a temperature that means something.
+    labels = (rng.random(400) < 0.4).astype(int)
+    logits = 3.0 * (rng.normal(0, 1.5, 400) + 2 * labels - 0.8)
+    temperature = fit_temperature(logits, labels)
+    assert calibration_warnings(temperature, auroc_interval(logits, labels, 500, 0)) == []
+
+
+class NoiseNet(torch.nn.Module):
+    """A network whose logits are noise, whatever the image: a chance-level model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return 3 * torch.randn(len(images), generator=self.generator)
+
+
+def copy_run(run_dir, to):
+    """A run folder with the run's split.csv and a copy of its best.ckpt (eval reads both)."""
+    (to / "checkpoints").mkdir(parents=True)
+    (to / "split.csv").write_bytes((run_dir / "split.csv").read_bytes())
+    best = to / "checkpoints" / "best.ckpt"
+    best.write_bytes((run_dir / "checkpoints" / "best.ckpt").read_bytes())
+    return best
+
+
+def test_a_chance_level_model_is_calibrated_with_warnings_everywhere(
+    calibrated_run, phantom_root, tmp_path, caplog
+):
+    """train's final report of a model whose logits are noise: the warnings stand next to the
+    ECE line and are stored with T; eval's report and predict's log repeat them."""
+    run_dir, _ = calibrated_run
+    best = copy_run(run_dir, tmp_path / "run")
+    loaded = load_model(best)
+    loaded.model.net = NoiseNet()
+    datamodule = instantiate_config(compose_train(phantom_overrides(phantom_root)).data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    final_report(
+        loaded.model, str(best), datamodule, "youden", 0.95, tmp_path / "run",
+        calibration="temperature",
+    )  # fmt: skip
+    warnings = json.loads((tmp_path / "run" / "metrics.json").read_text())["calibration"][
+        "warnings"
+    ]
+    assert any("includes 0.5: the probabilities carry almost no information" in w for w in warnings)
+    assert load_checkpoint(best)["calibration"]["warnings"] == warnings
+    # The ECE "before -> after" line says it is no evidence, and the warnings follow it.
+    lines = (tmp_path / "run" / "report.txt").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if "temperature scaling: T =" in line)
+    assert lines[at].startswith("Probabilities rescaled by temperature scaling")
+    assert lines[at].endswith("(before -> after), which is NO evidence of calibration:")
+    assert lines[at + 1 : at + 1 + len(warnings)] == [
+        f"  WARNING (calibration): {w}" for w in warnings
+    ]
+    # eval of that checkpoint repeats them in its report (its network is the real one now: the
+    # warnings are the fit's, stored with T).
+    result = run_cli("tb_lightning.eval", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'e'}")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    evaluated = (tmp_path / "e" / "report.txt").read_text()
+    assert all(f"  WARNING (calibration): {w}" in evaluated for w in warnings)
+    # predict (and export) load it through here: the warnings go to the log.
+    with caplog.at_level("WARNING"):
+        load_checkpoint_or_ensemble(best)
+    assert all(w in caplog.text for w in warnings)
+
+
+def test_a_checkpoint_without_stored_warnings_still_evaluates(calibrated_run, tmp_path):
+    """Checkpoints written before the warnings were stored: eval works, and a T at an end of
+    the range is still called what it is (from T alone)."""
+    run_dir, _ = calibrated_run
+    best = copy_run(run_dir, tmp_path / "run")
+    checkpoint = load_checkpoint(best)
+    checkpoint["calibration"].pop("warnings", None)
+    checkpoint["calibration"]["temperature"] = 100.0
+    torch.save(checkpoint, best)
+    result = run_cli("tb_lightning.eval", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'e'}")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = (tmp_path / "e" / "report.txt").read_text()
+    assert "temperature scaling: T = 100.000" in report
+    assert "the fit did not converge inside its range" in report
+    evaluated = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert "warnings" not in evaluated["calibration"]

@@ -1,9 +1,12 @@
-"""TensorBoard as a user opens it on a sweep: read through TensorBoard's own data endpoints (the
-ones its tabs call), so the test checks what the tabs show, not only what the event files hold."""
+"""TensorBoard as a user opens it on a sweep (two learning rates x two seeds): read through
+TensorBoard's own data endpoints (the ones its tabs call), so the test checks what the tabs show,
+not only what the event files hold."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -16,27 +19,24 @@ import pytest
 from conftest import phantom_overrides, run_cli
 from tb_lightning.engine.dashboard import DASHBOARD_HPARAMS, dashboard_hparams
 
-RUN_NAMES = {
-    "lr=0.001,dropout=0.3",
-    "lr=0.001,dropout=0.5",
-    "lr=0.003,dropout=0.3",
-    "lr=0.003,dropout=0.5",
-}
+# Jobs in Hydra's order: the last swept key varies fastest.
+RUN_NAMES = ["lr=0.001,seed=0", "lr=0.001,seed=1", "lr=0.003,seed=0", "lr=0.003,seed=1"]
 
-# A run's final figures (its `final` sub-run), in the order of the HParams metric columns.
+# A run's final figures, the first of the HParams metric columns (five are shown).
 FINAL_SCALARS = [
-    "val/auroc",
-    "val/average_precision",
-    "val/loss",
-    "val@operating/sensitivity",
-    "val@operating/specificity",
-    "val@operating/threshold",
+    "final/val_auroc",
+    "final/val_average_precision",
+    "final/val_loss",
+    "final/val_operating_sensitivity",
+    "final/val_operating_specificity",
+    "final/val_operating_threshold",
 ]
+FINAL_IMAGES = {"final/val_confusion_matrix", "final/val_roc_curve", "final/val_pr_curve"}
 
 
 @pytest.fixture(scope="module")
 def sweep_dir(phantom_root, tmp_path_factory) -> Path:
-    """A 2 x 2 lr x dropout multirun, 2 epochs each, as a user starts it."""
+    """Two learning rates, each repeated with two seeds, 2 epochs each, as a user starts it."""
     sweep = tmp_path_factory.mktemp("dashboard") / "sweep"
     result = run_cli(
         "tb_lightning.train",
@@ -44,7 +44,7 @@ def sweep_dir(phantom_root, tmp_path_factory) -> Path:
         *phantom_overrides(phantom_root),
         "trainer.max_epochs=2",
         "model.optimizer.lr=1e-3,3e-3",
-        "model.net.dropout=0.3,0.5",
+        "seed=0,1",
         f"hydra.sweep.dir={sweep}",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -101,86 +101,110 @@ class TensorBoard:
 def tensorboard(sweep_dir):
     server = TensorBoard(sweep_dir)
     try:
-        server.wait_for_runs(8)  # 4 jobs, each with its curves and its `final` sub-run
+        server.wait_for_runs(4)
         yield server
     finally:
         server.close()
 
 
 @pytest.mark.slow
-def test_runs_are_named_by_their_swept_values(tensorboard):
-    runs = set(tensorboard.get("/data/runs"))
-    expected = {f"{job}/tensorboard/{name}" for job, name in enumerate(sorted(RUN_NAMES))}
-    assert runs == expected | {f"{run}/final" for run in expected}
+def test_one_run_per_job_named_by_its_swept_values(tensorboard):
+    runs = tensorboard.get("/data/runs")
+    assert sorted(runs) == [f"{job}/tensorboard/{name}" for job, name in enumerate(RUN_NAMES)]
 
 
 @pytest.mark.slow
-def test_hparams_columns_are_the_swept_keys_then_the_short_list(tensorboard):
+def test_hparams_columns_are_the_swept_keys_with_log10_and_the_final_figures(tensorboard):
     experiment = tensorboard.get("/data/plugin/hparams/experiment", {"experimentName": ""})
-    columns = [h["name"] for h in experiment["hparamInfos"]]
-    # The swept keys first (TensorBoard shows the first five columns), numeric so that the
-    # parallel-coordinates and scatter views draw them as axes.
-    assert columns[:2] == ["model.net.dropout", "model.optimizer.lr"]
-    assert [h["differs"] for h in experiment["hparamInfos"][:3]] == [True, True, False]
-    assert {h["type"] for h in experiment["hparamInfos"][:2]} == {"DATA_TYPE_FLOAT64"}
-    assert set(columns) == set(DASHBOARD_HPARAMS)  # the short list, not the whole config
+    columns = {h["name"]: h for h in experiment["hparamInfos"]}
+    # The swept key and its log10, numeric (the parallel-coordinates axes); no constant keys,
+    # and no seed: the seeds of one configuration are one session group.
+    assert set(columns) == {"model.optimizer.lr", "log10(model.optimizer.lr)"}
+    assert {h["type"] for h in columns.values()} == {"DATA_TYPE_FLOAT64"}
+    assert all(h["differs"] for h in columns.values())
     metrics = [m["name"]["tag"] for m in experiment["metricInfos"]]
     # Shown first (five are visible): threshold-free, then at the operating threshold.
-    assert metrics == FINAL_SCALARS
+    assert metrics[:6] == FINAL_SCALARS
+    assert {m["name"]["group"] for m in experiment["metricInfos"]} == {""}  # no sub-runs
 
 
 @pytest.mark.slow
-def test_hparams_rows_hold_each_jobs_final_figures(tensorboard, sweep_dir):
+def test_hparams_groups_the_seeds_of_a_configuration(tensorboard, sweep_dir):
     request = {
         "experimentName": "",
         "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_RUNNING"],
         "colParams": [],
         "startIndex": 0,
         "sliceSize": 100,
+        "aggregationType": "AGGREGATION_AVG",
+        "aggregationMetric": {"tag": "final/val_auroc", "group": ""},
     }
     groups = tensorboard.get("/data/plugin/hparams/session_groups", request)["sessionGroups"]
-    assert len(groups) == 4
+    assert len(groups) == 2
     for group in groups:
-        # The Trial ID starts with what the job is and ends with its folder.
+        # The Trial ID is the configuration (no seed) and the multirun folder.
         name, folder = group["name"].split(" [")
-        assert name in RUN_NAMES
-        job_dir = sweep_dir / folder.rstrip("]").split("/")[-1]
-        stored = json.loads((job_dir / "metrics.json").read_text())
+        assert name in ("lr=0.001", "lr=0.003") and folder == f"{sweep_dir.name}]"
+        assert len(group["sessions"]) == 2
+        lr = float(name.split("=")[1])
+        assert group["hparams"]["model.optimizer.lr"] == pytest.approx(lr)
+        assert group["hparams"]["log10(model.optimizer.lr)"] == pytest.approx(math.log10(lr))
+        jobs = [RUN_NAMES.index(f"{name},seed={seed}") for seed in (0, 1)]
+        stored = [json.loads((sweep_dir / str(j) / "metrics.json").read_text()) for j in jobs]
         values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
-        assert values["val/auroc"] == pytest.approx(stored["val/auroc"], abs=1e-6)
-        assert values["val@operating/threshold"] == pytest.approx(
-            stored["threshold"]["value"], abs=1e-6
-        )
-        assert group["hparams"]["model.optimizer.lr"] in (0.001, 0.003)
+        # The group's row: the mean over its seeds.
+        mean = sum(m["val/auroc"] for m in stored) / 2
+        assert values["final/val_auroc"] == pytest.approx(mean, abs=1e-6)
 
 
 @pytest.mark.slow
-def test_scalars_hold_the_curves_without_epoch_or_hparams_copies(tensorboard):
+def test_sweep_files_count_the_repeats_as_configurations(sweep_dir):
+    rows = list(csv.DictReader((sweep_dir / "sweep_configurations.csv").open()))
+    assert [(r["configuration"], r["n_runs"], r["units"]) for r in rows] == [
+        ("model.optimizer.lr=0.001", "2", "seeds 0,1"),
+        ("model.optimizer.lr=0.003", "2", "seeds 0,1"),
+    ]
+    assert {r["verdict"] for r in rows} in ({"best", "tied"}, {"best", "worse"})
+    jobs = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))
+    assert [j["configuration"] for j in jobs] == [r["configuration"] for r in rows for _ in (0, 1)]
+    assert {j["verdict"] for j in jobs} == {""}  # repeats are not ranked
+
+
+@pytest.mark.slow
+def test_scalars_and_images_of_a_run(tensorboard):
     tags = tensorboard.get("/data/plugin/scalars/tags")
-    run = "0/tensorboard/lr=0.001,dropout=0.3"
+    run = f"0/tensorboard/{RUN_NAMES[0]}"
     assert {"train/loss", "train/auroc", "val/loss", "val/auroc", "val@0.5/acc"} <= set(tags[run])
+    assert set(FINAL_SCALARS) <= set(tags[run])
     every_tag = {tag for run_tags in tags.values() for tag in run_tags}
     assert "epoch" not in every_tag
     assert not any(tag.startswith("hparams/") for tag in every_tag)
-    assert sorted(tags[f"{run}/final"]) == FINAL_SCALARS
-
-
-@pytest.mark.slow
-def test_custom_scalars_and_images(tensorboard):
     layout = tensorboard.get("/data/plugin/custom_scalars/layout")
     charts = {c["title"]: c["multiline"]["tag"] for cat in layout["category"] for c in cat["chart"]}
     assert charts["val AUROC"] == ["^val/auroc$"]
     assert charts["train loss"] == ["^train/loss$"]
     images = tensorboard.get("/data/plugin/images/tags")
-    assert set(images) == {f"{job}/tensorboard/{n}" for job, n in enumerate(sorted(RUN_NAMES))}
-    assert all(set(tags) == {"val@0.5/confusion_matrix"} for tags in images.values())
+    assert set(images) == {f"{job}/tensorboard/{n}" for job, n in enumerate(RUN_NAMES)}
+    assert all(set(tags) == {"val@0.5/confusion_matrix"} | FINAL_IMAGES for tags in images.values())
 
 
-def test_dashboard_hparams_put_swept_keys_first(tmp_path):
+def test_dashboard_hparams_are_the_swept_keys_or_the_short_list():
     from conftest import compose_train
 
-    cfg = compose_train(["model.net.weights=null", "data.fold=null"])
-    params = dashboard_hparams(cfg, ["seed", "model.optimizer.lr"])
-    assert list(params)[:2] == ["seed", "model.net.arch"]  # lr is in the short list already
-    assert params["model.net.weights"] == "null" and params["data.fold"] == "null"
-    assert params["model.optimizer.lr"] == pytest.approx(1e-4)
+    cfg = compose_train(["model.net.weights=null", "model.net.dropout=0.25"])
+    # A multirun: the swept keys but the repeat keys, a log-scale key with its log10.
+    params = dashboard_hparams(cfg, ["seed", "model.optimizer.lr", "model.net.dropout"])
+    assert params == {
+        "model.optimizer.lr": pytest.approx(1e-4),
+        "log10(model.optimizer.lr)": pytest.approx(-4),
+        "model.net.dropout": 0.25,
+    }
+    # A single run, or a multirun of repeats only (seeds, folds): the short list.
+    for swept in ([], ["seed", "data.fold"]):
+        params = dashboard_hparams(cfg, swept)
+        assert list(params) == [
+            *DASHBOARD_HPARAMS[:4],
+            "log10(model.optimizer.lr)",
+            *DASHBOARD_HPARAMS[4:],
+        ]
+        assert params["model.net.weights"] == "null"

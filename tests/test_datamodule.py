@@ -138,3 +138,29 @@ def test_phantom_source(phantom_root):
         sum(dm.class_counts("train")) + sum(dm.class_counts("val")) == PHANTOM_NORMAL + PHANTOM_TB
     )
     assert dm.class_counts("val") == [8, 4]
+
+
+def test_upsampling_factor_from_the_median_shorter_side():
+    from tb_lightning.data.inventory import describe_upsampling, upsampling
+
+    # Shorter sides 100, 128, 128, 128, 3000: the median (128) speaks for the set, not the odd
+    # large file nor the small one.
+    sizes = [(100, 120), (128, 128), (128, 140), (150, 128), (3000, 3200)]
+    found = upsampling(512, sizes)
+    assert found == {
+        "factor": 4.0,
+        "image_size": 512,
+        "native_side": 128,
+        "native_width": 128,
+        "native_height": 128,
+        "statistic": "median over 5 images of the shorter side",
+    }
+    assert describe_upsampling(found, "data.image_size=512", "data.image_size=128 fits.") == (
+        "data.image_size=512 upsamples these images 4.0x (native 128x128 px, median): 16x the "
+        "pixels to compute and no detail gained; data.image_size=128 fits."
+    )
+    assert upsampling(256, sizes) is None  # exactly 2x is the usual slack: nothing to say
+    assert upsampling(257, sizes)["factor"] == pytest.approx(257 / 128, abs=0.01)
+    assert upsampling(64, sizes) is None  # downsampling
+    assert upsampling(512, []) is None
+    assert upsampling(512, [(600, 100)])["factor"] == pytest.approx(5.12)  # the shorter side

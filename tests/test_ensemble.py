@@ -21,11 +21,12 @@ from tb_lightning.inference.checkpoint import load_model
 FOLDS = 3
 
 
-def train_folds(phantom_root, sweep, *overrides: str):
-    """A FOLDS-fold multirun with a shared 8-image test split, as a user runs it."""
+def train_folds(phantom_root, sweep, *overrides: str, test_size: int = 8):
+    """A FOLDS-fold multirun with a shared test split (8 images), as a user runs it."""
     result = run_cli(
         "tb_lightning.train", "-m", *phantom_overrides(phantom_root), "sweep=kfold",
-        f"data.num_folds={FOLDS}", "data.test_size=8", *overrides, f"hydra.sweep.dir={sweep}",
+        f"data.num_folds={FOLDS}", f"data.test_size={test_size}", *overrides,
+        f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return sweep
@@ -145,6 +146,8 @@ def calibrated_clahe_kfold_dir(phantom_root, tmp_path_factory):
         phantom_root, tmp_path_factory.mktemp("kfold_clahe") / "sweep", "trainer.max_epochs=3",
         "data.preprocess=clahe", "data.clahe.tile_grid=4", "calibration=temperature",
         "callbacks.model_checkpoint=null",
+        # 6 test images leave 30 to the folds: 10 val images each, calibration's minimum.
+        test_size=6,
     )  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image
 from sklearn import metrics as skm
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import PHANTOM_SIZE, run_cli
+from conftest import PHANTOM_SIZE, eval_config, run_cli
 from data_builders import write_bad
 from tb_lightning.config import CONF_DIR
 from tb_lightning.config.checks import check_eval_config
@@ -245,7 +246,13 @@ def test_predict_cli_with_saliency_skips_unreadable_files(
         # The image and its overlay side by side, each at least 512 px, with a colour bar.
         figure = Image.open(row["saliency"])
         assert figure.size[0] >= 2 * 512 and figure.size[1] >= 512
-        assert row["saliency_empty"] in ("true", "false")
+        assert row["saliency_flag"] in ("", "empty", "border")
+        if row["saliency_flag"] == "empty":
+            assert row["saliency_border_share"] == ""
+        else:  # a share with 3 decimals, flagged exactly when it is over one half
+            share = row["saliency_border_share"]
+            assert len(share.split(".")[1]) == 3 and 0.0 <= float(share) <= 1.0
+            assert (row["saliency_flag"] == "border") == (float(share) > 0.5)
     skipped = list(csv.DictReader((out / "skipped.csv").open()))
     reasons = {Path(r["path"]).name: r["reason"] for r in skipped}
     assert reasons.keys() == {"broken.png", "truncated.png", "corrupt.png"}
@@ -254,25 +261,117 @@ def test_predict_cli_with_saliency_skips_unreadable_files(
     assert reasons["corrupt.png"].startswith("truncated or corrupt PNG")
 
 
-def test_empty_gradcam_maps_are_flagged(loaded, phantom_root, tmp_path, monkeypatch, caplog):
-    """A map with no region that raises p_tb is marked in predictions.csv and in the log."""
+def border_mask(height: int, width: int, fraction: float) -> np.ndarray:
+    """True on the outer `fraction` of each side: pixel distances to the nearest edge."""
+    rows, cols = np.indices((height, width))
+    to_edge_y = np.minimum(rows, height - 1 - rows)
+    to_edge_x = np.minimum(cols, width - 1 - cols)
+    return (to_edge_y < round(height * fraction)) | (to_edge_x < round(width * fraction))
+
+
+@pytest.mark.parametrize("where", ["border", "centre", "uniform", "random"])
+def test_border_share_of_a_heatmap(where):
+    from tb_lightning.inference.saliency import BORDER_FRACTION, border_share, flag_map
+
+    height, width = 64, 80
+    heat = np.zeros((height, width), dtype=np.float32)
+    if where == "border":  # a blob in a corner, as users saw
+        heat[:5, :6] = 1.0
+        heat[40:, 2:4] = 0.3
+    elif where == "centre":
+        heat[20:44, 25:55] = np.linspace(0.1, 1.0, 30, dtype=np.float32)
+    elif where == "uniform":
+        heat[:] = 0.5
+    else:
+        heat = np.random.default_rng(0).random((height, width)).astype(np.float32)
+    mask = border_mask(height, width, BORDER_FRACTION)
+    expected = float(heat[mask].sum() / heat.sum())
+    share = border_share(heat)
+    assert share == pytest.approx(expected, abs=1e-6)
+    # The frame is 1 - 0.8^2 of the area: what an even map puts there (the check of the mask).
+    assert mask.mean() == pytest.approx(1 - (1 - 2 * 0.1) ** 2, abs=0.01)
+    if where in ("border", "centre"):
+        assert share == {"border": 1.0, "centre": 0.0}[where]
+    assert flag_map(share) == ("border" if where == "border" else "")
+    assert border_share(np.zeros((height, width))) is None
+    assert flag_map(None) == "empty"
+
+
+def test_flagged_gradcam_maps_are_marked(loaded, phantom_root, tmp_path, monkeypatch, caplog):
+    """A map with no region that raises p_tb, and one on the image border, are marked in
+    predictions.csv, in their figure's title and in the log."""
     from tb_lightning.inference import saliency
 
     real = saliency.gradcam
 
-    def first_map_empty(net, images):
+    def first_empty_second_on_the_border(net, images):
         maps = real(net, images)
         maps[0] = 0
+        maps[1] = 0
+        maps[1, :, :4] = 1.0  # the left edge: all the mass in the border
+        maps[2] = 0
+        maps[2, 20:40, 20:40] = 1.0  # the centre: none of it
         return maps
 
-    monkeypatch.setattr(saliency, "gradcam", first_map_empty)
-    paths = [str(p) for p in sorted((phantom_root / "Tuberculosis").glob("*.png"))[:3]]
+    notes = []
+    real_figure = saliency.saliency_figure
+
+    def recording_figure(image, heatmap, title, note=None, frame=None):
+        notes.append(note)
+        return real_figure(image, heatmap, title, note, frame)
+
+    monkeypatch.setattr(saliency, "gradcam", first_empty_second_on_the_border)
+    monkeypatch.setattr(saliency, "saliency_figure", recording_figure)
+    paths = [str(p) for p in sorted((phantom_root / "Tuberculosis").glob("*.png"))[:4]]
     run_prediction(loaded, paths, 0.5, "test", tmp_path, batch_size=8, saliency=True)
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
-    assert rows[0]["saliency_empty"] == "true"
-    empty = sum(r["saliency_empty"] == "true" for r in rows)  # the weak test model adds some
-    assert f"{empty} of 3 Grad-CAM maps are empty" in caplog.text
+    assert "saliency_empty" not in rows[0]
+    assert [r["saliency_flag"] for r in rows[:3]] == ["empty", "border", ""]
+    assert [r["saliency_border_share"] for r in rows[:3]] == ["", "1.000", "0.000"]
+    assert notes[0] == "EMPTY map: no region raises p_tb"
+    assert notes[1] == "FLAGGED: 100% of the map lies in the image border, outside the body"
+    assert notes[2] is None
+    # The weak test model's own map (the fourth) may add to either count.
+    empty = sum(r["saliency_flag"] == "empty" for r in rows)
+    border = sum(r["saliency_flag"] == "border" for r in rows)
+    assert f"{empty} of 4 Grad-CAM maps are empty" in caplog.text
+    assert f"{border} of 4 Grad-CAM maps have most of their mass (more than 50%) in the " in (
+        caplog.text
+    )
+    assert "saliency_flag=empty/border" in caplog.text
     assert all(Path(r["saliency"]).is_file() for r in rows)
+
+
+def test_predict_and_eval_say_when_the_checkpoint_upsamples_the_inputs(
+    loaded, phantom_root, tmp_path, caplog
+):
+    """64 px phantoms through a model of 160 px input: 2.5x, said once per run with the native
+    size (a copy of the session's model that claims 160 px; its network takes any size)."""
+    assert PHANTOM_SIZE == 64  # 160 / 64 = 2.5
+    larger = dataclasses.replace(loaded, image_size=160)
+    samples = [
+        Sample(str(p), label, p.stem, "phantom")
+        for label, folder in enumerate(("Normal", "Tuberculosis"))
+        for p in sorted((phantom_root / folder).glob("*.png"))[:2]
+    ]
+    paths = [s.path for s in samples]
+    expected = (
+        "The checkpoint's image size (160 px, its data.image_size) upsamples these images 2.5x "
+        "(native 64x64 px, median): 6.25x the pixels to compute and no detail gained; a model "
+        "trained with data.image_size=64 matches them."
+    )
+    tasks = {
+        "predict": lambda model, out: run_prediction(model, paths, 0.5, "test", out),
+        "eval": lambda model, out: evaluate_samples(
+            model, samples, 0.5, "test", out, "all", n_bootstrap=20
+        ),
+    }
+    for task, run in tasks.items():
+        caplog.clear()
+        run(larger, tmp_path / task / "up")
+        run(loaded, tmp_path / task / "same")  # 1x: nothing to say
+        said = [r.getMessage() for r in caplog.records if "upsamples" in r.getMessage()]
+        assert said == [expected]
 
 
 def test_predict_csv_input_and_user_errors(loaded, phantom_root, tmp_path):
@@ -326,20 +425,6 @@ def test_predict_keeps_going_past_every_kind_of_bad_file(loaded, phantom_root, t
     assert reasons.keys() == expected.keys()
     for name, words in expected.items():
         assert words in reasons[name], (name, reasons[name])
-
-
-def eval_config(ckpt: Path, output_dir: Path, *overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose(
-            "eval",
-            [
-                f"ckpt_path={ckpt}",
-                "eval.bootstrap=100",
-                "trainer.accelerator=cpu",
-                f"paths.output_dir={output_dir}",
-                *overrides,
-            ],
-        )
 
 
 def test_eval_of_a_folder_follows_data_on_bad_file(trained_run, loaded, phantom_root, tmp_path):

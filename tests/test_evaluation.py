@@ -1,4 +1,6 @@
-"""Evaluation maths: metrics against scikit-learn, bootstrap intervals, threshold policies."""
+"""Evaluation maths: metrics against scikit-learn, bootstrap intervals, threshold policies.
+
+The Wilson intervals of the rates are checked in tests/test_intervals.py."""
 
 from __future__ import annotations
 
@@ -77,7 +79,8 @@ def test_bootstrap_hand_check_small_example():
 
     Resampling the two TB images gives sensitivity 1, 1/2 or 0 with probabilities 1/4, 1/2,
     1/4 (by hand: draws (a,a), (a,b)|(b,a), (b,b)), so the 95% interval is [0, 1]; specificity
-    is 1 in every resample, so its interval is [1, 1].
+    is 1 in every resample, so its interval is [1, 1]: the collapse for which the reports give
+    the rates Wilson intervals instead (2/2 correct: [0.342, 1]).
     """
     probs = np.array([0.1, 0.2, 0.9, 0.3])
     target = np.array([0, 0, 1, 1])
@@ -89,6 +92,9 @@ def test_bootstrap_hand_check_small_example():
     assert ci["sensitivity"] == (0.0, 1.0)
     assert ci["specificity"] == (1.0, 1.0)
     assert ci["tp"] == (0.0, 2.0)
+    summary = screening_summary(probs, target, 0.5, n_bootstrap=2000, seed=3)
+    assert summary["ci"]["specificity"] == pytest.approx([0.342380, 1.0], abs=1e-6)
+    assert "tp" not in summary["ci"]
 
 
 def test_bootstrap_sensitivity_interval_is_the_binomial_one():
@@ -112,6 +118,9 @@ def test_screening_summary_who_check():
     assert summary["who_screening_minimum"]["met_by_lower_ci"] is False  # 20 images is few
     low, high = summary["ci"]["sensitivity"]
     assert low < 0.95 <= high
+    # The stricter check reads the Wilson lower bounds: 19/20 -> 0.764, 16/20 -> 0.584.
+    assert summary["ci_method"]["sensitivity"] == summary["ci_method"]["specificity"] == "wilson"
+    assert low == pytest.approx(0.763869, abs=1e-6)
 
 
 def test_reference_report_metrics_match_sklearn(scores):

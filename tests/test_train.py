@@ -12,7 +12,14 @@ import torch
 from sklearn import metrics as skm
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import compose_train, phantom_overrides, train_in_process
+from conftest import (
+    PHANTOM_NORMAL,
+    PHANTOM_SIZE,
+    PHANTOM_TB,
+    compose_train,
+    phantom_overrides,
+    train_in_process,
+)
 from tb_lightning.core.errors import ConfigError
 from tb_lightning.core.tasks import run_task
 from tb_lightning.data.dataset import ImageDataset
@@ -126,40 +133,45 @@ def test_metrics_json_matches_sklearn_on_the_best_checkpoints_predictions(two_ep
 def test_tensorboard_has_curves_confusion_images_and_a_final_row(two_epoch_run):
     (run,) = (two_epoch_run / "tensorboard").iterdir()  # one run, named by its overrides
     assert run.name.startswith("data=phantom,")
+    assert not [p for p in run.iterdir() if p.is_dir()]  # no sub-run: one run in the list
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()
-    # The curves and nothing else: no `epoch` staircase, no hparams/* copies. (The step loss
-    # is written every trainer.log_every_n_steps, more than this run's steps.)
-    assert set(tags["scalars"]) - {"train/loss_step"} == EXPECTED_SCALARS
+    final_tags = {tag for tag in tags["scalars"] if tag.startswith("final/")}
+    # The curves and the final figures, nothing else: no `epoch` staircase, no hparams/* copies.
+    # (The step loss is written every trainer.log_every_n_steps, more than this run's steps.)
+    assert set(tags["scalars"]) - {"train/loss_step"} - final_tags == EXPECTED_SCALARS
     assert len(events.Scalars("val/auroc")) == 2  # one point per epoch
     images = events.Images("val@0.5/confusion_matrix")
     # One per epoch, at the same steps as the epoch's val scalars.
     assert [i.step for i in images] == [s.step for s in events.Scalars("val/auroc")]
-    # The final figures and the HParams row live in the `final` sub-run.
-    final = EventAccumulator(str(run / "final"))
-    final.Reload()
+    # The final figures and the HParams row live in the run itself.
     stored = json.loads((two_epoch_run / "metrics.json").read_text())
-    values = {tag: final.Scalars(tag)[0].value for tag in final.Tags()["scalars"]}
+    values = {tag: events.Scalars(tag)[0].value for tag in final_tags}
     assert values == pytest.approx(
         {
-            "val/auroc": stored["val/auroc"],
-            "val/average_precision": stored["val/average_precision"],
-            "val/loss": stored["val/loss"],
-            "val@operating/sensitivity": stored["val/sensitivity"],
-            "val@operating/specificity": stored["val/specificity"],
-            "val@operating/threshold": stored["threshold"]["value"],
+            "final/val_auroc": stored["val/auroc"],
+            "final/val_average_precision": stored["val/average_precision"],
+            "final/val_loss": stored["val/loss"],
+            "final/val_operating_sensitivity": stored["val/sensitivity"],
+            "final/val_operating_specificity": stored["val/specificity"],
+            "final/val_operating_threshold": stored["threshold"]["value"],
         },
         abs=1e-6,
     )
     # Drawn on the curve at the chosen checkpoint's epoch.
     chosen = load_checkpoint(two_epoch_run / "checkpoints" / "best.ckpt")["global_step"] - 1
-    assert {s.step for tag in values for s in final.Scalars(tag)} == {chosen}
+    assert {s.step for tag in values for s in events.Scalars(tag)} == {chosen}
     assert chosen in [s.step for s in events.Scalars("val/auroc")]
-    assert any(tag.startswith("final_report") for tag in final.Tags()["tensors"])
-    hparams = final.PluginTagToContent("hparams")
+    # The chosen checkpoint's figures at the operating threshold, at that step.
+    for name in ("confusion_matrix", "roc_curve", "pr_curve"):
+        (image,) = events.Images(f"final/val_{name}")
+        assert image.step == chosen and image.width > 100
+    assert "final/report" in {tag.split("/text_summary")[0] for tag in tags["tensors"]}
+    hparams = events.PluginTagToContent("hparams")
     assert set(hparams) == {"_hparams_/session_start_info"}  # no experiment summary
     assert b"model.optimizer.lr" in hparams["_hparams_/session_start_info"]
+    assert b"log10(model.optimizer.lr)" in hparams["_hparams_/session_start_info"]
 
 
 def test_more_epochs_is_not_a_resume_of_a_finished_run(two_epoch_run, phantom_root, tmp_path):
@@ -186,6 +198,32 @@ def test_fast_dev_run(phantom_root, tmp_path, caplog):
     train_in_process([*phantom_overrides(phantom_root), "debug=fdr"], tmp_path)
     assert (tmp_path / "report.txt").is_file()
     assert "reporting the final weights" in caplog.text
+
+
+def test_upsampling_run_says_so_once_and_in_the_data_report(
+    two_epoch_run, phantom_root, tmp_path, caplog
+):
+    """64 px phantoms at data.image_size=160: 2.5x on a side, said once with the native size."""
+    assert PHANTOM_SIZE == 64  # the figures below are 160 / 64
+    train_in_process(
+        [*phantom_overrides(phantom_root), "data.image_size=160", "debug=fdr"], tmp_path
+    )
+    said = [r.getMessage() for r in caplog.records if "upsamples" in r.getMessage()]
+    assert said == [
+        "data.image_size=160 upsamples these images 2.5x (native 64x64 px, median): 6.25x the "
+        "pixels to compute and no detail gained; data.image_size=64 matches them."
+    ]
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert report["upsampling"] == {
+        "factor": 2.5,
+        "image_size": 160,
+        "native_side": 64,
+        "native_width": 64,
+        "native_height": 64,
+        "statistic": f"median over {PHANTOM_NORMAL + PHANTOM_TB} images of the shorter side",
+    }
+    # At its own size (the session's run) there is nothing to report.
+    assert json.loads((two_epoch_run / "data_report.json").read_text())["upsampling"] is None
 
 
 def test_same_seed_same_metrics(two_epoch_run, phantom_root, tmp_path):

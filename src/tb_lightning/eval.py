@@ -2,7 +2,9 @@
 
 Writes metrics.json, report.txt, predictions.csv, figures/*.png and tensorboard/ (and
 skipped.csv, the bad files left out with data.on_bad_file=skip) into
-outputs/eval/runs/<timestamp>/ and prints the report.
+outputs/eval/runs/<timestamp>/ and prints the report. Images the model trained on (rows of a
+member's train split, by bytes, patient or near-duplicate hash: inference/seen.py) are marked in
+predictions.csv, counted in metrics.json (`seen_in_training`) and named at the top of report.txt.
 """
 
 from __future__ import annotations

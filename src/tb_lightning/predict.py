@@ -3,8 +3,10 @@
 ckpt_path may also be a k-fold multirun directory: its jobs' checkpoints predict as one ensemble
 (evaluation/ensemble.py).
 
-Writes predictions.csv (path, p_tb, predicted label and class, threshold), skipped.csv for files
-that could not be read, and with saliency=true a Grad-CAM overlay per image in saliency/.
+Writes predictions.csv (path, p_tb, predicted label and class, threshold, and whether the model
+saw the image in training: seen_in_training, seen_by), skipped.csv for files that could not be
+read, and with saliency=true a Grad-CAM overlay per image in saliency/. The log warns when some
+inputs are images or patients of the model's train or val split (inference/seen.py).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from tb_lightning.data.phantom import LESION_MIXES
 from tb_lightning.data.preprocess import PREPROCESS_NAMES, preprocess_spec
 from tb_lightning.data.sources import SOURCE_KEYS, SOURCES
 from tb_lightning.data.split import resolve_val_count, stratified_split
+from tb_lightning.evaluation.calibration import calibration_refusal
 from tb_lightning.evaluation.evaluate import SPLITS
 from tb_lightning.evaluation.thresholds import POLICIES
 from tb_lightning.inference.deploy import FORMATS
@@ -363,6 +364,19 @@ def check_data(data: Mapping[str, Any], arch: str = "alexnet") -> None:
         stratified_split(labels, val_size, 0)
 
 
+def check_calibration_split(data: Mapping[str, Any]) -> None:
+    """calibration=temperature with a validation count known from the config alone (an integer
+    data.val_size that the split uses): enough images to fit on. A fraction, a fold or a split
+    file is counted once split (engine/training.py)."""
+    val_size = data.get("val_size")
+    if data.get("split_file") or data.get("num_folds") is not None or not _is_int(val_size):
+        return
+    # Both classes are assumed here: the split, stratified, is checked for them once made.
+    refusal = calibration_refusal(val_size, 2, f"data.val_size={val_size}", "raise data.val_size")
+    if refusal:
+        raise ConfigError(refusal)
+
+
 def check_num_workers(key: str, value: Any) -> None:
     if value != "auto" and (not _is_int(value) or value < 0):
         raise ConfigError(f"{key}={value!r} is not allowed; use auto or an integer >= 0.")
@@ -460,6 +474,8 @@ def check_config(cfg: DictConfig) -> None:
     threshold = cfg.get("threshold") or {}
     check_policy(threshold.get("policy", "youden"), threshold.get("target", 0.95))
     _one_of("calibration", cfg.get("calibration") or "none", ("none", "temperature"))
+    if cfg.get("calibration") == "temperature":
+        check_calibration_split(cfg.data)
     if cfg.get("ckpt_path") not in (None, "", LAST):
         check_ckpt_path(cfg.ckpt_path)
     init_from = cfg.get("init_from")

@@ -18,7 +18,12 @@ from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data import integrity
 from tb_lightning.data.augment import build_train_transform, is_random
 from tb_lightning.data.dataset import ImageDataset
-from tb_lightning.data.inventory import build_data_report, write_data_report
+from tb_lightning.data.inventory import (
+    build_data_report,
+    describe_upsampling,
+    upsampling,
+    write_data_report,
+)
 from tb_lightning.data.phantom import ensure_phantom_dataset
 from tb_lightning.data.preprocess import preprocess_spec
 from tb_lightning.data.sampling import EpochSeededDataLoader, EpochShuffleSampler
@@ -133,6 +138,8 @@ class TBDataModule(L.LightningDataModule):
         self.train_samples: list[Sample] | None = None
         self.val_samples: list[Sample] | None = None
         self.test_samples: list[Sample] = []
+        # path -> (SHA-256, pHash) of the split's images, for split.csv (write_split).
+        self.hashes: dict[str, tuple[str, str]] = {}
         self.report: dict[str, Any] = {}
         # data.cache_features: the engine may hand over cached backbone features to serve
         # instead of images (serve_features; inference/features.py decides and builds them).
@@ -247,8 +254,20 @@ class TBDataModule(L.LightningDataModule):
         dropped = integrity.apply_leak_policy(splits, duplicates, self.on_leak)
         self.train_samples, self.val_samples = splits["train"], splits["val"]
         self.test_samples = splits["test"]
+        # Only the two hashes of the split's images are kept, not the scan's whole infos.
+        self.hashes = {
+            s.path: (infos[s.path]["sha256"], infos[s.path]["phash"]) for s in self.all_samples
+        }
+        upsampled = self._check_upsampling(infos)
         self.report = build_data_report(
-            splits, infos, skipped, duplicates, dropped, self._report_settings(), scan_stats
+            splits,
+            infos,
+            skipped,
+            duplicates,
+            dropped,
+            self._report_settings(),
+            scan_stats,
+            upsampled,
         )
         n_dup = self.report["duplicates"]
         log.info(
@@ -278,6 +297,26 @@ class TBDataModule(L.LightningDataModule):
             self.describe_counts(self.class_counts("val")),
         )
 
+    def _check_upsampling(self, infos: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        """Warn once when data.image_size enlarges the split's images more than 2x on a side
+        (their sizes from the scan: no file is read again); what upsampling() found, or None."""
+        sizes = [
+            (info["width"], info["height"])
+            for s in self.all_samples
+            if (info := infos.get(s.path)) and info.get("width") and info.get("height")
+        ]
+        found = upsampling(self.image_size, sizes)
+        if found:
+            log.warning(
+                "%s",
+                describe_upsampling(
+                    found,
+                    f"data.image_size={self.image_size}",
+                    f"data.image_size={found['native_side']} matches them.",
+                ),
+            )
+        return found
+
     def class_counts(self, split: str = "train") -> list[int]:
         samples = {"train": self.train_samples, "val": self.val_samples, "test": self.test_samples}[
             split
@@ -306,7 +345,13 @@ class TBDataModule(L.LightningDataModule):
         return n_normal / n_tb
 
     def write_split(self, path: str | Path) -> None:
-        write_split_csv(path, self.train_samples or [], self.val_samples or [], self.test_samples)
+        write_split_csv(
+            path,
+            self.train_samples or [],
+            self.val_samples or [],
+            self.test_samples,
+            self.hashes,
+        )
 
     def write_data_report(self, path: str | Path) -> None:
         """data_report.json: counts, image sizes, skipped files, duplicates, class weights."""

@@ -5,13 +5,22 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tb_lightning.core.atomic import atomic_write
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.sources import Sample
+from tb_lightning.data.transforms import check_image_file
+
+# Resizing up by more than this on a side is reported: interpolation invents no detail, so the
+# model computes on factor^2 times the pixels of the files for nothing (up to 2x is the usual
+# slack between a dataset's export size and a standard input size).
+UPSAMPLING_WARN_FACTOR = 2.0
+# eval and predict read the headers of at most this many inputs (evenly spread over the list)
+# for the native size: a median needs no more, and a folder of 100k images stays quick.
+UPSAMPLING_SAMPLE = 1000
 
 
 def class_counts(samples: Sequence[Sample]) -> dict[str, int]:
@@ -30,6 +39,54 @@ def size_stats(values: Sequence[int]) -> dict[str, float] | None:
     }
 
 
+def upsampling(image_size: int, sizes: Iterable[tuple[int, int]]) -> dict[str, Any] | None:
+    """How much resizing to image_size x image_size enlarges images of these (width, height),
+    or None when it is at most UPSAMPLING_WARN_FACTOR on a side (or there are no sizes).
+
+    The native side is the median over the images of their shorter side, the one the square
+    resize stretches most; factor = image_size / that side. The median, not the smallest, so a
+    few odd files do not speak for the set.
+    """
+    sizes = [(int(w), int(h)) for w, h in sizes]
+    if not sizes:
+        return None
+    side = statistics.median(min(w, h) for w, h in sizes)
+    factor = image_size / side
+    if factor <= UPSAMPLING_WARN_FACTOR:
+        return None
+    return {
+        "factor": round(factor, 2),
+        "image_size": image_size,
+        "native_side": round(side),
+        "native_width": round(statistics.median(w for w, _ in sizes)),
+        "native_height": round(statistics.median(h for _, h in sizes)),
+        "statistic": f"median over {len(sizes)} images of the shorter side",
+    }
+
+
+def describe_upsampling(found: Mapping[str, Any], subject: str, remedy: str) -> str:
+    """One sentence: `<subject> upsamples these images 4.0x (native 128x128 px, median): 16x the
+    pixels to compute and no detail gained; <remedy>`; the remedy may name found["native_side"]."""
+    factor = found["factor"]
+    return (
+        f"{subject} upsamples these images {factor:.1f}x (native {found['native_width']}x"
+        f"{found['native_height']} px, median): {factor**2:.3g}x the pixels to compute and no "
+        f"detail gained; {remedy}"
+    )
+
+
+def header_sizes(paths: Sequence[str], limit: int = UPSAMPLING_SAMPLE) -> list[tuple[int, int]]:
+    """(width, height) from the headers (no pixel decoded) of at most `limit` paths spread
+    evenly over the list; unusable files are left out (they are reported where they are read)."""
+    step = max(1, -(-len(paths) // limit))
+    sizes = []
+    for path in paths[::step]:
+        info = check_image_file(path)
+        if not info["problem"]:
+            sizes.append((info["width"], info["height"]))
+    return sizes
+
+
 def build_data_report(
     splits: Mapping[str, Sequence[Sample]],
     infos: Mapping[str, Mapping[str, Any]],
@@ -38,8 +95,10 @@ def build_data_report(
     dropped: Sequence[Mapping[str, str]],
     settings: Mapping[str, Any],
     scan_stats: Mapping[str, Any],
+    upsampled: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report as a dict; `splits` are the final train/val/test sides after any drops."""
+    """The report as a dict; `splits` are the final train/val/test sides after any drops;
+    `upsampled`: what upsampling() found for data.image_size (None: no image upsampled > 2x)."""
     used = [s for side in splits.values() for s in side]
     sources = sorted({s.source for s in used})
     n_normal, n_tb = (class_counts(splits.get("train", []))[name] for name in CLASS_NAMES)
@@ -66,6 +125,7 @@ def build_data_report(
             "modes": dict(Counter(i["mode"] for i in known)),
             "formats": dict(Counter(i["format"] for i in known)),
         },
+        "upsampling": dict(upsampled) if upsampled else None,
         # Class weights of the loss: Normal 1, Tuberculosis #Normal / #TB of the train split.
         "class_weights": {
             "Normal": 1.0,

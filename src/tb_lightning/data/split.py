@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tb_lightning.core.atomic import atomic_write_csv
@@ -12,7 +12,16 @@ from tb_lightning.core.errors import ConfigError, DataError
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.sources import Sample
 
-SPLIT_COLUMNS = ("path", "label", "class_name", "split", "patient_id", "source")
+SPLIT_COLUMNS = (
+    "path",
+    "label",
+    "class_name",
+    "split",
+    "patient_id",
+    "source",
+    "sha256",
+    "phash",
+)
 
 
 def resolve_val_count(val_size: int | float, num_samples: int, key: str = "data.val_size") -> int:
@@ -84,10 +93,18 @@ def write_split_csv(
     train: Sequence[Sample],
     val: Sequence[Sample],
     test: Sequence[Sample] = (),
+    hashes: Mapping[str, tuple[str, str]] | None = None,
 ) -> None:
-    """Write the split so that `data.split_file=<path>` reproduces it exactly."""
+    """Write the split so that `data.split_file=<path>` reproduces it exactly.
+
+    `hashes` (path -> (SHA-256, pHash) from the scan) fill the sha256/phash columns, so that
+    predict and eval can tell which of their inputs the model has seen (inference/seen.py) even
+    renamed or resized; a path without them gets empty cells.
+    """
+    hashes = hashes or {}
     rows = [
         [s.path, s.label, CLASS_NAMES[s.label], split, s.patient_id, s.source]
+        + list(hashes.get(s.path, ("", "")))
         for split, samples in (("train", train), ("val", val), ("test", test))
         for s in samples
     ]
@@ -101,7 +118,11 @@ def read_split_csv(path: str | Path) -> tuple[list[Sample], list[Sample]]:
 
 
 def read_split_sides(path: str | Path) -> dict[str, list[Sample]]:
-    """Read a `split.csv` into {"train": [...], "val": [...], "test": [...] (maybe empty)}."""
+    """Read a `split.csv` into {"train": [...], "val": [...], "test": [...] (maybe empty)}.
+
+    The sha256/phash columns are not needed here (older runs' files lack them): setup hashes
+    every image again when it checks it.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(

@@ -1,29 +1,36 @@
 """What a run shows in TensorBoard, and under which names.
 
 - Runs are named by what they are (sweep/naming.py): `<run>/tensorboard/lr=0.0003,dropout=0.5`.
+  One run per job: its curves, its final figures and its HParams row all live in it.
 - Per-epoch curves (models/metrics.py): `train/...` and `val/...` (loss, AUROC, average
-  precision, lr), then `val@0.5/...` (figures at the fixed per-epoch threshold). TensorBoard's
-  Time Series tab sorts card groups by name and opens the first two: train and val.
-- The final figures of the chosen checkpoint go into a sub-run `<run>/final`: `val/auroc`,
-  `val/average_precision`, `val/loss` (one point each, on the curve, at the chosen epoch's step)
-  and `val@operating/sensitivity`, `.../specificity`, `.../threshold`. That sub-run is also the
-  HParams tab's row (its "session"): TensorBoard takes a session's metrics from the scalars of
-  its own run, so the HParams metric columns are exactly these figures, in this order, and the
-  per-epoch curves are not among them.
-- HParams columns (`dashboard_hparams`): the keys a multirun sweeps plus a short list, not the
-  whole config (which stays in `.hydra/`). No experiment summary is written: TensorBoard then
-  builds the columns from every run it reads, marks the keys whose values differ and shows those
-  first, also across sweeps opened together.
+  precision, lr), then `val@0.5/...` (figures at the fixed per-epoch threshold).
+- The final figures of the chosen checkpoint, at its step (`final/...`): the threshold-free
+  `final/val_auroc`, `final/val_average_precision`, `final/val_loss`, then the figures at the
+  operating threshold `final/val_operating_sensitivity`, `..._specificity`, `..._threshold`;
+  the confusion matrix, ROC and PR curve at the operating threshold as images
+  (`final/val_confusion_matrix`, ..., and `final/test_...` with a held-out test split), titled
+  with the split and the threshold; and the final report as text. The group is named so that
+  it sorts first: the HParams tab takes its metric columns from every scalar of a session's run,
+  sorted by tag, and shows the first five, which are then these figures (the per-epoch tags
+  can be ticked too); in Time Series the `final` group therefore comes before train and val.
+- HParams columns (`dashboard_hparams`): in a multirun the keys it sweeps, except the repeat keys
+  (seed, data.fold: a configuration's repeats form one session group, sweep/naming.py
+  trial_id, and TensorBoard shows their mean, median, min or max); in a single run a short list.
+  A key searched on a log scale (the learning rate) is also given as its log10, which the
+  parallel-coordinates view spaces evenly. No experiment summary is written: TensorBoard then
+  builds the columns from every run it reads, also across sweeps opened together.
 - Custom Scalars: one chart per metric and split, one line per run.
-- Images: the per-epoch val confusion matrix, drawn like eval's, at the scalars' step.
+- Images: the per-epoch val confusion matrix at the fixed threshold, drawn like eval's, at the
+  scalars' step, and the final figures above.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -31,9 +38,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from tb_lightning.core.labels import CLASS_NAMES
+from tb_lightning.sweep.naming import REPEAT_KEYS
 
-# The hyperparameters people compare between runs, always in the HParams tab; a multirun's
-# swept keys are added to them (and TensorBoard shows the keys whose values differ first).
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# The hyperparameters people compare between single runs: the HParams columns of a run that is
+# not part of a multirun (a multirun shows the keys it sweeps instead).
 DASHBOARD_HPARAMS = (
     "model.net.arch",
     "model.net.weights",
@@ -44,22 +55,26 @@ DASHBOARD_HPARAMS = (
     "data.image_size",
     "data.preprocess",
     "trainer.max_epochs",
-    "data.fold",
 )
-# Sub-run of a run's TensorBoard folder that holds its final figures and its HParams row.
-FINAL_RUN = "final"
-# metrics.json key -> TensorBoard tag of the final figures. The HParams tab lists metric columns
-# sorted by tag and shows the first five: AUROC, average precision, loss, sensitivity and
-# specificity; the threshold is the sixth, one click away. Test-split figures are left out on
-# purpose: the HParams tab is where hyperparameters are chosen, and they are chosen on val (the
-# test figures are in report.txt and sweep_summary.md).
+# Keys searched on a log scale: also shown as log10, so that 1e-4 and 3e-4 do not crowd together
+# at one end of a linear axis.
+LOG_SCALE_KEYS = (
+    "model.optimizer.lr",
+    "model.optimizer.weight_decay",
+    "model.optimizer.backbone_lr_scale",
+)
+# metrics.json key -> TensorBoard tag of the final figures, in the order of the HParams columns
+# (sorted by tag; the first five are shown): threshold-free first, then at the operating
+# threshold. Test-split figures are left out on purpose: the HParams tab is where
+# hyperparameters are chosen, and they are chosen on val (the test figures are in report.txt
+# and sweep_summary.md).
 FINAL_TAGS = {
-    "val/auroc": "val/auroc",
-    "val/average_precision": "val/average_precision",
-    "val/loss": "val/loss",
-    "val/sensitivity": "val@operating/sensitivity",
-    "val/specificity": "val@operating/specificity",
-    "threshold": "val@operating/threshold",
+    "val/auroc": "final/val_auroc",
+    "val/average_precision": "final/val_average_precision",
+    "val/loss": "final/val_loss",
+    "val/sensitivity": "final/val_operating_sensitivity",
+    "val/specificity": "final/val_operating_specificity",
+    "threshold": "final/val_operating_threshold",
 }
 
 
@@ -80,17 +95,21 @@ def dashboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
 
 
 def dashboard_hparams(cfg: DictConfig, swept: Iterable[str] = ()) -> dict[str, Any]:
-    """The HParams tab's columns: the swept keys, then DASHBOARD_HPARAMS, with their values.
+    """The HParams tab's columns with their values: the swept keys but the repeat keys, or
+    DASHBOARD_HPARAMS when nothing else is swept; each LOG_SCALE_KEYS key also as log10.
 
     Values are numbers, booleans or strings (None becomes "null"), as TensorBoard takes them.
     """
-    keys = [k for k in swept if k not in DASHBOARD_HPARAMS] + list(DASHBOARD_HPARAMS)
+    keys = [k for k in swept if k not in REPEAT_KEYS] or list(DASHBOARD_HPARAMS)
     params: dict[str, Any] = {}
     for key in keys:
         value = OmegaConf.select(cfg, key, default=None)
         if OmegaConf.is_config(value):  # a list or section: shown as its text
             value = str(OmegaConf.to_container(value))
         params[key] = "null" if value is None else value
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if key in LOG_SCALE_KEYS and is_number and value > 0:
+            params[f"log10({key})"] = math.log10(value)
     return params
 
 
@@ -104,32 +123,36 @@ def final_figures(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def write_final_run(
+def write_final_figures(
     log_dir: str | Path,
     trial_id: str,
     params: Mapping[str, Any],
     metrics: Mapping[str, Any],
     report: str,
+    figures: Mapping[str, Mapping[str, Figure]],
     step: int,
-) -> Path:
-    """Write `<log_dir>/final`: the HParams row (session start), the final figures at `step`
-    and the final report as text. Returns the sub-run's folder."""
+) -> None:
+    """Into the run's own folder (a second event file, which TensorBoard reads as the same run,
+    written once the trainer has closed its own): the HParams row (session start), the final
+    figures and images at `step`, and the final report as text."""
     from tensorboard.plugins.hparams import summary_v2 as hp
     from torch.utils.tensorboard import SummaryWriter
 
-    folder = Path(log_dir) / FINAL_RUN
-    writer = SummaryWriter(log_dir=str(folder))
+    writer = SummaryWriter(log_dir=str(log_dir))
     try:
         # trial_id is TensorBoard's "group name": the HParams tab's Trial ID column.
         session = hp.hparams_pb(dict(params), trial_id=trial_id, start_time_secs=time.time())
         writer.file_writer.add_summary(session, step)
         for tag, value in final_figures(metrics).items():
             writer.add_scalar(tag, value, step)
+        for split, named in figures.items():
+            for name, figure in named.items():
+                writer.add_figure(f"final/{split}_{name}", figure, global_step=step, close=True)
         # Markdown: indent by four spaces to keep the report's columns.
-        writer.add_text("final_report", "\n".join("    " + ln for ln in report.splitlines()), step)
+        report_text = "\n".join("    " + line for line in report.splitlines())
+        writer.add_text("final/report", report_text, step)
     finally:
         writer.close()
-    return folder
 
 
 def custom_scalars_layout(threshold: float = 0.5) -> dict:

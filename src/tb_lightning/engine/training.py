@@ -38,9 +38,10 @@ from tb_lightning.engine.dashboard import (
     DashboardLogger,
     dashboard_hparams,
     epoch_end_step,
-    write_final_run,
+    write_final_figures,
 )
-from tb_lightning.evaluation.final_report import final_report
+from tb_lightning.evaluation.calibration import calibration_refusal
+from tb_lightning.evaluation.final_report import FinalReport, final_report
 from tb_lightning.inference.features import build_feature_cache
 from tb_lightning.inference.runner import pick_device
 from tb_lightning.models.classifier import TBClassifier, to_plain_dict
@@ -104,6 +105,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         datamodule = instantiate_config(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if cfg.get("calibration") == "temperature":
+        refuse_calibration_split(datamodule)
     if datamodule.is_synthetic:
         log.warning(
             "The data are SYNTHETIC phantom images (data=phantom), not medical images: the "
@@ -157,7 +160,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         state = load_checkpoint(checkpoint)
         model.load_state_dict(state["state_dict"])
         chosen_step = int(state.get("global_step", chosen_step))
-    metrics, report = final_report(
+    final = final_report(
         model,
         checkpoint,
         datamodule,
@@ -168,10 +171,26 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         extra={"init_from": str(cfg.init_from)} if cfg.get("init_from") else None,
         calibration=cfg.get("calibration") or "none",
     )
-    log.info("Final figures of %s:\n%s", checkpoint or "the final weights", report)
-    log_final_figures(trainer, cfg, metrics, report, epoch_end_step(chosen_step))
+    log.info("Final figures of %s:\n%s", checkpoint or "the final weights", final.report)
+    log_final_figures(trainer, cfg, final, epoch_end_step(chosen_step))
     log.info("Wrote %s", ", ".join(sorted(p.name for p in output_dir.iterdir())))
-    return metrics
+    return final.metrics
+
+
+def refuse_calibration_split(datamodule: TBDataModule) -> None:
+    """calibration=temperature on a validation split too small (or of one class) to fit on:
+    refused once the split is made, before anything is written or trained."""
+    val = datamodule.val_samples or []
+    if datamodule.split_file:
+        source, fix = f"data.split_file={datamodule.split_file}", "give it more val rows"
+    elif datamodule.num_folds is not None:
+        source = f"fold {datamodule.fold} of data.num_folds={datamodule.num_folds}"
+        fix = "use fewer folds or more images"
+    else:
+        source, fix = f"data.val_size={datamodule.val_size}", "raise data.val_size"
+    refusal = calibration_refusal(len(val), len({s.label for s in val}), source, fix)
+    if refusal:
+        raise ConfigError(refusal)
 
 
 def refuse_foreign_run(output_dir: Path) -> None:
@@ -280,23 +299,27 @@ def chosen_checkpoint(trainer: L.Trainer) -> str | None:
     return best or None
 
 
-def log_final_figures(
-    trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any], report: str, step: int
-) -> None:
-    """The run's HParams row and final figures in TensorBoard (its `final` sub-run,
-    engine/dashboard.py); the other loggers get the same hyperparameters."""
+def log_final_figures(trainer: L.Trainer, cfg: DictConfig, final: FinalReport, step: int) -> None:
+    """The run's HParams row, final figures and images in its own TensorBoard run
+    (engine/dashboard.py); the other loggers get the same hyperparameters."""
     params = dashboard_hparams(cfg, current_swept_keys())
     for logger in trainer.loggers:
         if isinstance(logger, DashboardLogger):
             run_dir = Path(cfg.paths.output_dir)
-            write_final_run(
+            write_final_figures(
                 logger.log_dir,
                 trial_id(str(logger.version), run_dir),
                 params,
-                metrics,
-                report,
+                final.metrics,
+                final.report,
+                final.figures,
                 step,
             )
         else:
             logger.log_hyperparams(params)
         logger.finalize("success")
+    import matplotlib.pyplot as plt
+
+    for named in final.figures.values():  # closed once drawn; unused without TensorBoard
+        for figure in named.values():
+            plt.close(figure)

@@ -1,2 +1,2 @@
-"""Evaluation at an operating threshold: metrics, bootstrap intervals, threshold policies,
+"""Evaluation at an operating threshold: metrics, confidence intervals, threshold policies,
 per-source breakdowns, figures and the printed report."""

@@ -1,4 +1,8 @@
-"""Percentile bootstrap confidence intervals for the screening metrics."""
+"""Percentile bootstrap confidence intervals for the screening metrics.
+
+The reports use them for AUROC, average precision, Brier and ECE; the rates (proportions of
+counted images) get Wilson score intervals instead (report.py says why).
+"""
 
 from __future__ import annotations
 

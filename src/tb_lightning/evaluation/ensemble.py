@@ -14,7 +14,9 @@ Calibration: when the members were trained with calibration=temperature, the ens
 temperature of its own on the pooled out-of-fold logits (the members' raw logits; each member's
 own temperature, fitted on its 1/k of the images, is set aside) and divides the mean logit by
 it; the threshold is then chosen on those calibrated probabilities. Members trained without it
-give an uncalibrated ensemble; a mix is refused.
+give an uncalibrated ensemble; a mix is refused. Fewer pooled out-of-fold images than
+calibration.MIN_CALIBRATION_IMAGES are refused; the temperature carries the warnings of
+calibration_warnings, the AUROC interval being the bootstrap one of the pooled predictions.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ import torch
 from tb_lightning.core.errors import ConfigError, UserError
 from tb_lightning.data.preprocess import describe_preprocess
 from tb_lightning.data.split import read_split_csv
-from tb_lightning.evaluation.calibration import fit_temperature
+from tb_lightning.evaluation.calibration import (
+    auroc_interval,
+    calibration_refusal,
+    calibration_warnings,
+    fit_temperature,
+    warnings_of,
+)
+from tb_lightning.evaluation.evaluate import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from tb_lightning.evaluation.thresholds import choose_threshold
 from tb_lightning.inference.checkpoint import LoadedModel, load_model
 from tb_lightning.inference.ensemble_model import COMBINATION, EnsembleModel
@@ -122,12 +131,30 @@ def load_ensemble(folder: str | Path) -> LoadedModel:
             loaded.model.temperature.fill_(1.0)
     logits, labels = out_of_fold(members)
     if is_calibrated:
+        refusal = calibration_refusal(
+            len(labels),
+            len(set(labels.tolist())),
+            f"ckpt_path={folder}",
+            "train the folds on more images",
+            subject="the pooled out-of-fold predictions of its members are",
+        )
+        if refusal:
+            raise ConfigError(refusal)
+        temperature = fit_temperature(logits, labels)
         calibration = {
             "method": "temperature",
-            "temperature": fit_temperature(logits, labels),
+            "temperature": temperature,
             "fitted_on": f"the out-of-fold predictions of the {len(members)} fold models "
             f"({len(labels)} images)",
+            # The interval of the pooled out-of-fold AUROC, as the reports' (same resamples).
+            "warnings": calibration_warnings(
+                temperature,
+                auroc_interval(logits, labels, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED),
+                auroc_of="out-of-fold",
+            ),
         }
+        for warning in calibration["warnings"]:
+            log.warning("The ensemble's calibration temperature: %s", warning)
         # In float32, as the ensemble's forward divides.
         logits = (torch.from_numpy(logits.astype(np.float32)) / calibration["temperature"]).numpy()
     policy, target = policies.pop(), targets.pop()
@@ -170,7 +197,12 @@ def load_checkpoint_or_ensemble(
     (the sentence's reason), or None when it can."""
     path = Path(str(ckpt_path)).expanduser()
     if not path.is_dir():
-        return load_model(path)
+        loaded = load_model(path)
+        # Repeated wherever the temperature is applied (eval, predict, export): its
+        # probabilities are not calibrated ones.
+        for warning in warnings_of(loaded.calibration) if loaded.calibration else []:
+            log.warning("The checkpoint's calibration temperature: %s", warning)
+        return loaded
     if ensemble_refusal:
         raise ConfigError(f"ckpt_path={path} is a multirun (an ensemble), but {ensemble_refusal}")
     return load_ensemble(path)

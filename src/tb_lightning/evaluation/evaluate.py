@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,14 @@ from tb_lightning.inference.runner import (
     Predictions,
     predict_images,
     probabilities,
+    warn_if_upsampled,
+)
+from tb_lightning.inference.seen import (
+    Seen,
+    describe_seen,
+    role_counts,
+    same_file_key,
+    seen_in_training,
 )
 
 log = logging.getLogger(__name__)
@@ -75,11 +82,6 @@ def split_samples(
         )
     refuse_trained_images(samples, run_dir / "split.csv", path, split)
     return samples, path
-
-
-def same_file_key(path: str | Path) -> str:
-    """One spelling per file (absolute, links resolved), to compare paths from two CSVs."""
-    return os.path.realpath(os.path.expanduser(path))
 
 
 def train_paths(run_split: Path) -> set[str] | None:
@@ -147,7 +149,8 @@ def score_split(
     Flat keys `<split>/<name>` (the reference report's loss, accuracy, per-class
     precision/recall/F1, AUROC, average precision, sensitivity, specificity, PPV, NPV, the
     confusion matrix) for quick reading and the sweep summary, and `<split>` -> {"overall",
-    "per_source"} with the bootstrap intervals and the WHO check. Only loss, AUROC and average
+    "per_source"} with the 95% intervals (Wilson score for the rates, bootstrap for the rest:
+    `ci_method`), the too-few-images flag and the WHO check. Only loss, AUROC and average
     precision are threshold-free.
     """
     labels = np.array([s.label for s in samples], dtype=int)
@@ -200,6 +203,7 @@ def evaluate_samples(
             f"The {len(samples)} images to evaluate hold only one class; sensitivity and "
             "specificity need both Normal and Tuberculosis images."
         )
+    warn_if_upsampled([s.path for s in samples], loaded.image_size)
     predictions = predict_images(
         loaded.model,
         [s.path for s in samples],
@@ -226,6 +230,9 @@ def evaluate_samples(
                 f"{output_dir / 'skipped.csv'}); replace them or evaluate another folder."
             )
     labels = np.array([s.label for s in samples], dtype=int)
+    # Which of these images (or patients) the model trained on, or chose its threshold on.
+    seen = seen_in_training(loaded, [s.path for s in samples], num_workers=num_workers)
+    seen_counts = role_counts(seen) if seen is not None else None
     scores = score_split(
         split, samples, predictions.logits, threshold, loaded.pos_weight, n_bootstrap, seed
     )
@@ -238,6 +245,8 @@ def evaluate_samples(
         "ensemble_members": [str(path) for path in loaded.member_checkpoints or []],
         "bootstrap": bootstrap_settings(n_bootstrap, seed),
         "skipped_files": len(skipped),
+        # {"train", "val", "test", "unseen"} counts; None without the training split.csv.
+        "seen_in_training": seen_counts,
         **scores,
     }
     note = optimism_note(split, threshold_source)
@@ -248,6 +257,10 @@ def evaluate_samples(
         loaded.preprocess,
         loaded.member_checkpoints,
     )
+    seen_line = seen_warning(seen_counts, split)
+    if seen_line:
+        log.warning("%s", seen_line)
+        report += f"SEEN IN TRAINING: {seen_line}\n"
     if loaded.calibration:  # the model divided its logits by T: T x them are the raw ones
         raw = predictions.logits.astype(np.float64) * loaded.calibration["temperature"]
         report += describe_calibration(loaded.calibration, raw, labels)
@@ -261,7 +274,12 @@ def evaluate_samples(
     atomic_write(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     atomic_write(output_dir / "report.txt", report)
     write_eval_predictions(
-        output_dir / "predictions.csv", samples, predictions.probs, threshold, threshold_source
+        output_dir / "predictions.csv",
+        samples,
+        predictions.probs,
+        threshold,
+        threshold_source,
+        seen,
     )
     overall = scores[split]["overall"]
     scalars = {
@@ -339,6 +357,14 @@ def optimism_note(split: str, threshold_source: str) -> str | None:
     )
 
 
+def seen_warning(counts: dict[str, int] | None, split: str) -> str | None:
+    """The sentence on evaluated images the model has seen (train ones; val ones too, except on
+    eval.split=val, whose optimism note covers them), or None when there are none."""
+    if counts is None or (not counts["train"] and split == "val"):
+        return None
+    return describe_seen(counts, "evaluated images", "these figures are")
+
+
 def format_threshold_header(
     checkpoint: str | Path,
     threshold: float,
@@ -363,9 +389,12 @@ def write_eval_predictions(
     probs: np.ndarray,
     threshold: float,
     threshold_source: str,
+    seen: Sequence[Seen] | None = None,
 ) -> None:
-    """One row per image: what the model said, at which threshold, and what the truth is."""
+    """One row per image: what the model said, at which threshold, what the truth is, and
+    whether the model has seen the image in training (seen_in_training, seen_by: seen.py)."""
     header = ["path", "label", "source", "p_tb", "predicted_label", "threshold", "threshold_source"]
+    header += ["seen_in_training", "seen_by"]
     rows = [
         [
             s.path,
@@ -375,7 +404,9 @@ def write_eval_predictions(
             int(p >= threshold),
             threshold,
             threshold_source,
+            mark.role,
+            mark.by,
         ]
-        for s, p in zip(samples, probs, strict=True)
+        for s, p, mark in zip(samples, probs, seen or [Seen()] * len(samples), strict=True)
     ]
     atomic_write_csv(path, header, rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,18 +179,22 @@ def evaluation_figures(
     metrics: dict[str, Any],
     uncalibrated: np.ndarray | None = None,
     subject: str | None = None,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Figure]:
     """name -> figure for the overall metrics (see evaluation/report.py for `metrics`);
     `uncalibrated`: the probabilities before a calibration temperature, for its figure;
     `subject`: what the figures are measured on (`test split: 100 images (...)`), a second title
-    line on each, so that a figure shown alone still says it."""
-    figures = {
-        "confusion_matrix": confusion_figure(metrics["confusion_matrix"], metrics["threshold"]),
-        "roc_curve": roc_figure(probs, target, metrics),
-        "pr_curve": pr_figure(probs, target, metrics),
-        "p_tb_distribution": distribution_figure(probs, target, metrics["threshold"]),
-        "calibration_curve": calibration_figure(probs, target, uncalibrated),
+    line on each, so that a figure shown alone still says it; `names`: only these figures."""
+    draw = {
+        "confusion_matrix": lambda: confusion_figure(
+            metrics["confusion_matrix"], metrics["threshold"]
+        ),
+        "roc_curve": lambda: roc_figure(probs, target, metrics),
+        "pr_curve": lambda: pr_figure(probs, target, metrics),
+        "p_tb_distribution": lambda: distribution_figure(probs, target, metrics["threshold"]),
+        "calibration_curve": lambda: calibration_figure(probs, target, uncalibrated),
     }
+    figures = {name: draw[name]() for name in (names or draw)}
     if subject:
         for figure in figures.values():
             ax = figure.axes[0]

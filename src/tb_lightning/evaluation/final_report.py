@@ -11,17 +11,26 @@ backbone features in reduced precision (data.cache_features); the final figures 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
-from tb_lightning.core.atomic import atomic_write
+from tb_lightning.core.atomic import atomic_write, atomic_write_csv
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.datamodule import TBDataModule
-from tb_lightning.evaluation.calibration import describe_calibration, fit_temperature
+from tb_lightning.data.sources import Sample
+from tb_lightning.evaluation.calibration import (
+    calibration_warnings,
+    describe_calibration,
+    fit_temperature,
+)
 from tb_lightning.evaluation.evaluate import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
@@ -31,10 +40,14 @@ from tb_lightning.evaluation.evaluate import (
     optimism_note,
     score_split,
 )
+from tb_lightning.evaluation.figures import evaluation_figures
 from tb_lightning.evaluation.operating import choose_operating_threshold, store_operating_threshold
+from tb_lightning.evaluation.populations import source_of
 from tb_lightning.evaluation.report import format_split_block
 from tb_lightning.inference.checkpoint import describe_threshold_choice
 from tb_lightning.inference.runner import INFERENCE_BATCH_SIZE, predict_images, probabilities
+
+log = logging.getLogger(__name__)
 
 TEST_NOTE = (
     "Scored at the same operating threshold, which these images did not influence: the "
@@ -56,13 +69,15 @@ def final_report(
     device: torch.device | None = None,
     extra: dict[str, Any] | None = None,
     calibration: str = "none",
-) -> tuple[dict[str, Any], str]:
+) -> FinalReport:
     """Score `model` (holding the checkpoint's weights) on the val and test splits, choose and
-    store the operating threshold, write metrics.json and report.txt; return (metrics, report).
+    store the operating threshold, write metrics.json, report.txt and predictions.csv; return
+    them with the figures at the operating threshold.
 
     calibration=temperature: a temperature is fitted on the val logits first and set on the
     model; the threshold is then chosen on, and every figure computed from, the calibrated
-    probabilities, which eval, predict and export reproduce from the stored temperature.
+    probabilities, which eval, predict and export reproduce from the stored temperature. The
+    temperature is stored with its warnings (calibration_warnings: [] when it may be trusted).
     """
     val, test = list(datamodule.val_samples or []), list(datamodule.test_samples)
     predictions = predict_images(
@@ -98,14 +113,22 @@ def final_report(
         )
 
     choice = choose_operating_threshold(probabilities(val_logits), val_labels, policy, target)
-    if checkpoint:
-        store_operating_threshold(checkpoint, choice, fitted)
     source = describe_threshold_choice(choice)
     threshold = choice["value"]
     pos_weight = float(model.pos_weight)
     scores = score_split("val", val, val_logits, threshold, pos_weight)
     if test:
         scores.update(score_split("test", test, test_logits, threshold, pos_weight))
+    if fitted:
+        # Stored with T (so stored after the scoring): the val AUROC's interval is the same
+        # before and after T, which changes no ranking.
+        fitted["warnings"] = calibration_warnings(
+            fitted["temperature"], scores["val"]["overall"]["ci"]["auroc"]
+        )
+        for warning in fitted["warnings"]:
+            log.warning("calibration=temperature: %s", warning)
+    if checkpoint:
+        store_operating_threshold(checkpoint, choice, fitted)
 
     counts = {
         f"{split}_counts": dict(zip(CLASS_NAMES, datamodule.class_counts(split), strict=True))
@@ -148,4 +171,68 @@ def final_report(
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     atomic_write(output_dir / "report.txt", report)
-    return metrics, report
+    write_run_predictions(
+        output_dir / "predictions.csv",
+        [("val", val, val_logits), ("test", test, test_logits)],
+        threshold,
+    )
+    figures = {
+        split: operating_figures(samples, logits, scores[split]["overall"], split)
+        for split, samples, logits in (("val", val, val_logits), ("test", test, test_logits))
+        if samples
+    }
+    return FinalReport(metrics, report, figures)
+
+
+@dataclass
+class FinalReport:
+    """What final_report wrote (metrics.json, report.txt) and the chosen checkpoint's figures
+    at the operating threshold, split -> name -> figure, for the dashboards."""
+
+    metrics: dict[str, Any]
+    report: str
+    figures: dict[str, dict[str, Figure]]
+
+
+def write_run_predictions(
+    path: Path, splits: Sequence[tuple[str, Sequence[Sample], np.ndarray]], threshold: float
+) -> None:
+    """predictions.csv of a training run: the chosen checkpoint's logit and p_tb for every val
+    and test image. The logit is written exactly (float32 round-trips in 9 digits), so that the
+    sweep summary recomputes the run's figures bit for bit and compares runs image by image."""
+    header = ["path", "split", "label", "source", "logit", "p_tb", "predicted_label"]
+    rows = []
+    for split, samples, logits in splits:
+        for sample, logit, p in zip(samples, logits, probabilities(logits), strict=True):
+            rows.append(
+                [
+                    sample.path,
+                    split,
+                    sample.label,
+                    source_of(sample),
+                    f"{float(logit):.9g}",
+                    f"{p:.6f}",
+                    int(p >= threshold),
+                ]
+            )
+    atomic_write_csv(path, header, rows)
+
+
+def operating_figures(
+    samples: Sequence[Sample], logits: np.ndarray, overall: dict[str, Any], split: str
+) -> dict[str, Figure]:
+    """Confusion matrix, ROC and PR curve of one split at the operating threshold, each titled
+    with the split, its class counts and the threshold."""
+    labels = np.array([s.label for s in samples])
+    n_tb = int(labels.sum())
+    subject = (
+        f"{split} split: {len(labels)} images ({len(labels) - n_tb} Normal, {n_tb} TB), "
+        f"at p_tb >= {overall['threshold']:.4f}"
+    )
+    return evaluation_figures(
+        probabilities(logits),
+        labels,
+        overall,
+        subject=subject,
+        names=("confusion_matrix", "roc_curve", "pr_curve"),
+    )

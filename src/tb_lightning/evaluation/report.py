@@ -1,4 +1,10 @@
-"""Screening metrics with confidence intervals, the WHO check, and the printed report."""
+"""Screening metrics with confidence intervals, the WHO check, and the printed report.
+
+Rates (sensitivity, specificity, PPV, NPV, accuracy) get Wilson score intervals: they are
+proportions of counted images, and a percentile bootstrap of a proportion collapses to [0, 0]
+or [1, 1] at 0/n and n/n, which reads as certainty on 12 images. The threshold-free figures and
+the calibration errors have no such closed form and keep the stratified bootstrap.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.evaluation.bootstrap import bootstrap_ci
@@ -15,6 +22,16 @@ from tb_lightning.evaluation.stats import CALIBRATION, COUNTS, RANKING, RATES, w
 # specificity >= 0.70 (its triage target asks for sensitivity above 0.95).
 WHO_MIN_SENSITIVITY = 0.90
 WHO_MIN_SPECIFICITY = 0.70
+
+CI_LEVEL = 0.95
+# Fewer images than this of a class (overall or in a source): the group is labelled too small to
+# say much, beside its figures; its intervals are then wide whatever the point values look like.
+MIN_CLASS_IMAGES = 10
+# How each interval is computed, as metrics.json's `ci_method` names it.
+CI_METHODS = {
+    **{name: "bootstrap" for name in RANKING + CALIBRATION},
+    **{name: "wilson" for name in RATES},
+}
 
 LABELS = {
     "auroc": "AUROC",
@@ -35,21 +52,65 @@ def _num(value: Any) -> float | None:
     return None if np.isnan(value) else value
 
 
+def wilson_interval(
+    successes: int, trials: int, level: float = CI_LEVEL
+) -> tuple[float | None, float | None]:
+    """The Wilson score interval of successes/trials; (None, None) when trials is 0 (the rate
+    itself is undefined, e.g. PPV when nothing is called TB)."""
+    if trials == 0:
+        return None, None
+    ci = binomtest(successes, trials).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def rate_counts(confusion: Sequence[Sequence[int]]) -> dict[str, tuple[int, int]]:
+    """name -> (successes, trials) of each rate, from [[tn, fp], [fn, tp]]."""
+    (tn, fp), (fn, tp) = confusion
+    return {
+        "sensitivity": (tp, tp + fn),
+        "specificity": (tn, tn + fp),
+        "ppv": (tp, tp + fp),
+        "npv": (tn, tn + fn),
+        "accuracy": (tp + tn, tp + tn + fp + fn),
+    }
+
+
+def small_classes(counts: Mapping[str, int]) -> dict[str, int]:
+    """The classes with fewer than MIN_CLASS_IMAGES images, with their counts."""
+    return {name: n for name, n in counts.items() if n < MIN_CLASS_IMAGES}
+
+
 def screening_summary(
     probs: np.ndarray, target: np.ndarray, threshold: float, n_bootstrap: int, seed: int
 ) -> dict[str, Any]:
-    """Every screening number for one set of images, each with its bootstrap 95% CI."""
+    """Every screening number for one set of images, each with its 95% CI: Wilson score for the
+    rates, the stratified bootstrap for AUROC, AP, Brier and ECE (`ci_method` says which)."""
     target = np.asarray(target).astype(int)
     point = weighted_metrics(probs, target, threshold)
-    ci = bootstrap_ci(probs, target, threshold, n_bootstrap, seed)
+    boot = bootstrap_ci(probs, target, threshold, n_bootstrap, seed, CI_LEVEL)
     tn, fp, fn, tp = (int(point[name]) for name in COUNTS)
+    confusion = [[tn, fp], [fn, tp]]
+    ci = {
+        name: [_num(lo), _num(hi)]
+        for name, (lo, hi) in boot.items()
+        if CI_METHODS.get(name) == "bootstrap"
+    }
+    for name, (successes, trials) in rate_counts(confusion).items():
+        ci[name] = list(wilson_interval(successes, trials))
+    counts = {CLASS_NAMES[0]: int((target == 0).sum()), CLASS_NAMES[1]: int(target.sum())}
+    few = small_classes(counts)
     summary: dict[str, Any] = {
         "images": int(len(target)),
-        "counts": {CLASS_NAMES[0]: int((target == 0).sum()), CLASS_NAMES[1]: int(target.sum())},
+        "counts": counts,
         "threshold": float(threshold),
         **{name: _num(point[name]) for name in RANKING + CALIBRATION + RATES},
-        "confusion_matrix": [[tn, fp], [fn, tp]],
-        "ci": {name: [_num(lo), _num(hi)] for name, (lo, hi) in ci.items()},
+        "confusion_matrix": confusion,
+        "ci": {name: ci[name] for name in CI_METHODS},
+        "ci_method": dict(CI_METHODS),
+        # In metrics.json too, so that a small group is flagged wherever its figures are read.
+        "too_few_images": bool(few),
+        "small_classes": few,
+        "min_class_images": MIN_CLASS_IMAGES,
     }
     sens, spec = summary["sensitivity"], summary["specificity"]
     low_sens, low_spec = summary["ci"]["sensitivity"][0], summary["ci"]["specificity"][0]
@@ -62,7 +123,7 @@ def screening_summary(
             and sens >= WHO_MIN_SENSITIVITY
             and spec >= WHO_MIN_SPECIFICITY
         ),
-        # Stricter: even the lower ends of both intervals reach the minimum.
+        # Stricter: even the lower ends of both (Wilson) intervals reach the minimum.
         "met_by_lower_ci": bool(
             low_sens is not None
             and low_spec is not None
@@ -113,27 +174,43 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _interval(ci: Sequence[float | None], digits: int = 3) -> str:
+    if ci[0] is None and ci[1] is None:
+        return "n/a"
     return f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
+
+
+def too_few_note(summary: Mapping[str, Any]) -> str | None:
+    """The note of a flagged group (`too few images to say much: 3 Tuberculosis < 10`), else
+    None."""
+    if not summary.get("too_few_images"):
+        return None
+    few = ", ".join(f"{n} {name}" for name, n in summary["small_classes"].items())
+    return f"too few images to say much: {few} < {summary['min_class_images']}"
+
+
+def ci_method_line(n_bootstrap: int) -> str:
+    """Which interval each figure has, in the words of the table header."""
+    return (
+        f"95% CI: rates Wilson score; AUROC, AP, Brier, ECE {n_bootstrap} bootstrap resamples "
+        "(stratified)"
+    )
 
 
 def format_screening_table(summary: Mapping[str, Any], n_bootstrap: int) -> str:
     """The screening metrics with their 95% CIs and the WHO check.
 
     Threshold-free figures (AUROC, average precision) come first; the rest are at the summary's
-    threshold, which their heading states.
+    threshold, which their heading states. A group with too few images of a class says so first.
     """
-    (tn, fp), (fn, tp) = summary["confusion_matrix"]
     fractions = {
-        "sensitivity": f"{tp}/{tp + fn}",
-        "specificity": f"{tn}/{tn + fp}",
-        "ppv": f"{tp}/{tp + fp}",
-        "npv": f"{tn}/{tn + fn}",
-        "accuracy": f"{tp + tn}/{tp + tn + fp + fn}",
+        name: f"{successes}/{trials}"
+        for name, (successes, trials) in rate_counts(summary["confusion_matrix"]).items()
     }
-    lines = [
-        f"{'metric':<19}{'value':>7}   95% CI ({n_bootstrap} bootstrap resamples, stratified)",
-        "threshold-free:",
-    ]
+    lines = [f"{'metric':<19}{'value':>7}   {ci_method_line(n_bootstrap)}"]
+    note = too_few_note(summary)
+    if note:
+        lines.append(note[0].upper() + note[1:])
+    lines.append("threshold-free:")
     for name in RANKING:
         lines.append(
             f"{LABELS[name]:<19}{_fmt(summary[name]):>7}   {_interval(summary['ci'][name])}"
@@ -149,39 +226,35 @@ def format_screening_table(summary: Mapping[str, Any], n_bootstrap: int) -> str:
             f"{LABELS[name]:<19}{_fmt(summary[name]):>7}   {_interval(summary['ci'][name]):<16}"
             f"{fractions[name]}"
         )
-    ci = summary["ci"]
-    lines.append(
-        "Confusion counts:  "
-        + ", ".join(
-            f"{name.upper()} {value} {_interval(ci[name], 0)}"
-            for name, value in zip(COUNTS, (tn, fp, fn, tp), strict=True)
-        )
-    )
     who = summary["who_screening_minimum"]
     verdict = "MET" if who["met"] else "NOT met"
     strict = "met" if who["met_by_lower_ci"] else "not met"
     lines.append(
         f"WHO screening minimum (sensitivity >= {who['sensitivity']:.2f}, specificity >= "
         f"{who['specificity']:.2f}) at p_tb >= {summary['threshold']:.4f}: {verdict} "
-        f"(by the lower 95% bounds: {strict})"
+        f"(by the lower Wilson 95% bounds: {strict})"
     )
     return "\n".join(lines) + "\n"
 
 
 def format_per_source(per_source: Mapping[str, Mapping[str, Any]], threshold: float) -> str:
-    """One row per source: images, TB count, AUROC, sensitivity and specificity with CIs."""
+    """One row per source: images, TB count, AUROC, sensitivity and specificity with their Wilson
+    95% CIs, and the too-few-images note of a source that has one."""
     lines = [
-        f"Per source (sensitivity and specificity at p_tb >= {threshold:.4f}):",
+        f"Per source (sensitivity and specificity at p_tb >= {threshold:.4f}) with 95% Wilson "
+        "score intervals:",
         f"{'source':<14}{'images':>7}{'TB':>6}{'AUROC':>8}   {'sensitivity [95% CI]':<25}"
         "specificity [95% CI]",
     ]
     for name, s in per_source.items():
         sens = f"{_fmt(s['sensitivity'])} {_interval(s['ci']['sensitivity'])}"
         spec = f"{_fmt(s['specificity'])} {_interval(s['ci']['specificity'])}"
-        lines.append(
+        note = too_few_note(s)
+        row = (
             f"{name:<14}{s['images']:>7}{s['counts'][CLASS_NAMES[1]]:>6}"
             f"{_fmt(s['auroc']):>8}   {sens:<25}{spec}"
         )
+        lines.append(f"{row:<86}{note}" if note else row)
     return "\n".join(lines) + "\n"
 
 

@@ -13,8 +13,9 @@ from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.sources import IMAGE_EXTENSIONS
 from tb_lightning.inference.checkpoint import LoadedModel
-from tb_lightning.inference.runner import Predictions, predict_images
+from tb_lightning.inference.runner import Predictions, predict_images, warn_if_upsampled
 from tb_lightning.inference.saliency import SaliencyMap, write_saliency_maps
+from tb_lightning.inference.seen import Seen, describe_seen, role_counts, seen_in_training
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,10 @@ PREDICTION_COLUMNS = (
     "predicted_class",
     "threshold",
     "threshold_source",
+    # The input's role in the model's training (train/val/test, empty: none) and how it matched
+    # (sha256, path, patient, phash:<bits>): inference/seen.py.
+    "seen_in_training",
+    "seen_by",
 )
 
 
@@ -72,27 +77,37 @@ def write_predictions(
     threshold: float,
     threshold_source: str,
     saliency: list[SaliencyMap] | None = None,
+    seen: list[Seen] | None = None,
 ) -> tuple[Path, Path | None]:
     """predictions.csv for the usable images and skipped.csv (path, reason) for the rest.
 
-    With Grad-CAM figures: their path (`saliency`) and whether the map was empty
-    (`saliency_empty`: no region raises p_tb, the figure shows no evidence).
+    `seen` (one per path) fills seen_in_training and seen_by; without it they stay empty.
+
+    With Grad-CAM figures: their path (`saliency`), the share of the map's mass in the image
+    border (`saliency_border_share`, 3 decimals; empty for an empty map) and `saliency_flag`:
+    `empty` (no region raises p_tb) or `border` (most of the map lies in the border, outside the
+    body), each a figure that shows no evidence; empty for the others (saliency.py).
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     predictions_csv = output_dir / "predictions.csv"
     columns = list(PREDICTION_COLUMNS)
     if saliency is not None:
-        columns += ["saliency", "saliency_empty"]
+        columns += ["saliency", "saliency_border_share", "saliency_flag"]
     readable_saliency = iter(saliency or [])
     rows = []
-    for path, p, ok in zip(paths, predictions.probs, predictions.readable, strict=True):
+    marks = seen or [Seen()] * len(paths)
+    for path, p, ok, mark in zip(
+        paths, predictions.probs, predictions.readable, marks, strict=True
+    ):
         if not ok:
             continue
         label = int(p >= threshold)
         row = [path, f"{p:.6f}", label, CLASS_NAMES[label], threshold, threshold_source]
+        row += [mark.role, mark.by]
         if saliency is not None:
             figure = next(readable_saliency)
-            row += [str(figure.path), str(figure.empty).lower()]
+            share = "" if figure.border_share is None else f"{figure.border_share:.3f}"
+            row += [str(figure.path), share, figure.flag]
         rows.append(row)
     atomic_write_csv(predictions_csv, columns, rows)
     skipped = [
@@ -120,10 +135,14 @@ def run_prediction(
 ) -> Predictions:
     """Predict every path, write the CSVs (and Grad-CAM overlays); bad files are skipped.
 
+    Each predicted image is compared with the model's training split(s) (inference/seen.py):
+    predictions.csv says which ones it has seen, and the log counts them.
+
     Every file gets the scan's checks (transforms.check_image_file, then a decode): a huge,
     tiny, truncated, unreadable or non-image file is listed in skipped.csv with the reason and
     gets no prediction, and the run goes on with the rest.
     """
+    warn_if_upsampled(paths, loaded.image_size)
     predictions = predict_images(
         loaded.model,
         paths,
@@ -147,8 +166,9 @@ def run_prediction(
             batch_size=min(batch_size, 16),
             device=device,
         )
+    seen = seen_in_training(loaded, paths, num_workers=num_workers)
     predictions_csv, skipped_csv = write_predictions(
-        output_dir, paths, predictions, threshold, threshold_source, maps
+        output_dir, paths, predictions, threshold, threshold_source, maps, seen
     )
     n_tb = int((predictions.probs[predictions.readable] >= threshold).sum())
     log.info(
@@ -159,6 +179,8 @@ def run_prediction(
         threshold,
         predictions_csv,
     )
+    if seen is not None:
+        log_seen([s for s, ok in zip(seen, predictions.readable, strict=True) if ok])
     if skipped_csv:
         skipped = [(p, r) for p, r in zip(paths, predictions.reasons, strict=True) if r]
         listing = "\n".join(f"  {path}: {reason}" for path, reason in skipped[:20])
@@ -171,3 +193,18 @@ def run_prediction(
             more,
         )
     return predictions
+
+
+def log_seen(seen: list[Seen]) -> None:
+    """Warn when some predicted images are the model's train or val images (or patients)."""
+    counts = role_counts(seen)
+    sentence = describe_seen(counts)
+    if sentence:
+        log.warning("%s", sentence)
+    if counts["test"]:
+        log.info(
+            "%d of %d inputs are images or patients of the model's held-out test split "
+            "(seen_in_training=test in predictions.csv).",
+            counts["test"],
+            len(seen),
+        )

@@ -10,6 +10,7 @@ gets no output and its reason.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,10 @@ from torch.utils.data import DataLoader
 
 from tb_lightning.core.signals import raise_if_stopped
 from tb_lightning.data.dataset import BAD_FILE, ImageDataset
+from tb_lightning.data.inventory import describe_upsampling, header_sizes, upsampling
 from tb_lightning.data.transforms import BadImageError, build_transform, load_image
+
+log = logging.getLogger(__name__)
 
 # One batch size for every pass that reports numbers (train's final report, eval), so that the
 # same checkpoint gives bit-identical probabilities in both.
@@ -106,6 +110,22 @@ def problem_of(path: str) -> str:
     except BadImageError as err:
         return err.problem
     return "could not be read during the pass (it changed meanwhile)"
+
+
+def warn_if_upsampled(paths: Sequence[str], image_size: int) -> dict[str, Any] | None:
+    """Warn once (eval, predict) when the checkpoint's input size enlarges these images more
+    than 2x on a side; what inventory.upsampling() found, or None. Reads headers only."""
+    found = upsampling(image_size, header_sizes(paths))
+    if found:
+        log.warning(
+            "%s",
+            describe_upsampling(
+                found,
+                f"The checkpoint's image size ({image_size} px, its data.image_size)",
+                f"a model trained with data.image_size={found['native_side']} matches them.",
+            ),
+        )
+    return found
 
 
 def pick_device(accelerator: str) -> torch.device:

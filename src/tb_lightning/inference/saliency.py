@@ -56,13 +56,59 @@ def gradcam(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
 # The overlay figure's width in pixels, at least: the radiograph is shown at DISPLAY_SIZE px.
 DISPLAY_SIZE = 512
 
+# The image border whose share of a map is reported: the outer 10% of each side. On a chest
+# film as exported for ML that frame holds the collimation edges, the air beside the shoulders,
+# markers and text, not the lungs, which start further in. It is 36% of the area (1 - 0.8^2):
+# a map spread evenly over the image has that share.
+BORDER_FRACTION = 0.10
+# A map with more than half its mass in the border shows the frame, not the lungs: flagged.
+BORDER_FLAG_SHARE = 0.5
+# saliency_flag values in predictions.csv ("" for a map that is neither).
+EMPTY_FLAG = "empty"  # no region raises p_tb
+BORDER_FLAG = "border"  # most of the map lies in the image border
+
 
 @dataclass(frozen=True)
 class SaliencyMap:
-    """One written figure, and whether its Grad-CAM map was empty (no region raises p_tb)."""
+    """One written figure; its map's share of mass in the image border (None for an empty map)
+    and its flag: EMPTY_FLAG, BORDER_FLAG or "" (the figure shows no evidence when flagged)."""
 
     path: Path
-    empty: bool
+    border_share: float | None
+    flag: str
+
+    @property
+    def empty(self) -> bool:
+        return self.flag == EMPTY_FLAG
+
+
+def border_share(heatmap: np.ndarray, fraction: float = BORDER_FRACTION) -> float | None:
+    """The share of the map's mass (sum of its values) in the outer `fraction` of each side,
+    on the map as computed (the model's input size); None for an empty map (no mass)."""
+    total = float(heatmap.sum())
+    if not total > 0:  # NaN too: such a map shows nothing
+        return None
+    height, width = heatmap.shape[-2:]
+    # At least one pixel a side, so that a tiny map still has a border.
+    top, side = max(1, round(height * fraction)), max(1, round(width * fraction))
+    inside = float(heatmap[..., top : height - top, side : width - side].sum())
+    return min(1.0, max(0.0, (total - inside) / total))
+
+
+def flag_map(share: float | None) -> str:
+    """saliency_flag of a map with this border_share()."""
+    if share is None:
+        return EMPTY_FLAG
+    return BORDER_FLAG if share > BORDER_FLAG_SHARE else ""
+
+
+def flag_note(share: float | None, flag: str) -> str | None:
+    """The overlay's title for a flagged map (None: the usual one)."""
+    if flag == EMPTY_FLAG:
+        return "EMPTY map: no region raises p_tb"
+    if flag == BORDER_FLAG:
+        return f"FLAGGED: {share:.0%} of the map lies in the image border, outside the body"
+    return None
 
 
 def blend(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -75,10 +121,15 @@ def blend(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndar
 
 
 def saliency_figure(
-    image: torch.Tensor, heatmap: np.ndarray, title: str, note: str | None = None
+    image: torch.Tensor,
+    heatmap: np.ndarray,
+    title: str,
+    note: str | None = None,
+    frame: float | None = None,
 ) -> Figure:
     """The radiograph and its Grad-CAM overlay side by side, with a colour bar, at least
-    2 x DISPLAY_SIZE px wide; `title` says p_tb and the call, `note` flags an empty map.
+    2 x DISPLAY_SIZE px wide; `title` says p_tb and the call, `note` flags an empty map or one
+    on the border; `frame`: the border fraction to outline on the overlay (a border-flagged map).
 
     `image` is the radiograph (3, H, W) uint8 at any size (shown at DISPLAY_SIZE, or its own
     size when larger); the heatmap is upsampled onto it.
@@ -100,6 +151,19 @@ def saliency_figure(
     axes[0].set_title("input")
     axes[1].imshow(blend(gray, heat))
     axes[1].set_title("Grad-CAM: regions that raise p_tb" if note is None else note)
+    if frame is not None:  # the border the flag speaks of, so the reader can see it
+        inset = frame * size
+        axes[1].add_patch(
+            plt.Rectangle(
+                (inset - 0.5, inset - 0.5),
+                size - 2 * inset,
+                size - 2 * inset,
+                fill=False,
+                edgecolor="white",
+                linestyle="--",
+                linewidth=1.2,
+            )
+        )
     for ax in axes:
         ax.set_axis_off()
     bar = fig.colorbar(
@@ -157,25 +221,45 @@ def write_saliency_maps(
             for offset, (path, image, heatmap) in enumerate(zip(chunk, shown, maps, strict=True)):
                 p_tb = float(probs[start + offset])
                 call = CLASS_NAMES[int(p_tb >= threshold)]
-                empty = bool(heatmap.max() == 0)
+                share = border_share(heatmap)  # at the model's input size, as computed
+                flag = flag_map(share)
                 fig = saliency_figure(
                     image,
                     heatmap,
                     f"{Path(path).name}: p_tb {p_tb:.3f} -> {call} (threshold {threshold:.4g})",
-                    "EMPTY map: no region raises p_tb" if empty else None,
+                    flag_note(share, flag),
+                    BORDER_FRACTION if flag == BORDER_FLAG else None,
                 )
                 target = output_dir / unique_name(Path(path).stem, used)
                 atomic_write_with(target, lambda f, fig=fig: fig.savefig(f, format="png"))
                 plt.close(fig)
-                written.append(SaliencyMap(target, empty))
+                written.append(SaliencyMap(target, share, flag))
             bar.advance(task, len(chunk))
-    empty = sum(m.empty for m in written)
-    if empty:
-        log.warning(
-            "%d of %d Grad-CAM maps are empty: no region of those images raises the TB logit "
-            "(usual for an untrained or weak model); predictions.csv marks them "
-            "(saliency_empty=true).",
-            empty,
-            len(written),
-        )
+    warn_flagged(written)
     return written
+
+
+def warn_flagged(maps: Sequence[SaliencyMap]) -> None:
+    """One warning with the counts of empty and border-flagged maps, when there are any."""
+    empty = sum(m.flag == EMPTY_FLAG for m in maps)
+    border = sum(m.flag == BORDER_FLAG for m in maps)
+    if not (empty or border):
+        return
+    parts = []
+    if empty:
+        parts.append(
+            f"{empty} of {len(maps)} Grad-CAM maps are empty: no region of those images raises "
+            "the TB logit (usual for an untrained or weak model)"
+        )
+    if border:
+        parts.append(
+            f"{border} of {len(maps)} Grad-CAM maps have most of their mass (more than "
+            f"{BORDER_FLAG_SHARE:.0%}) in the image border (the outer {BORDER_FRACTION:.0%} of "
+            "each side), outside the body: they show the frame, not the lungs, and are no "
+            "evidence"
+        )
+    log.warning(
+        "%s; predictions.csv marks them (saliency_flag=%s).",
+        "; ".join(parts),
+        "/".join(f for f, n in ((EMPTY_FLAG, empty), (BORDER_FLAG, border)) if n),
+    )

@@ -13,25 +13,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from tb_lightning.core.atomic import atomic_write
 from tb_lightning.core.tasks import ERROR_FILE
-from tb_lightning.sweep.summary import write_summary
+from tb_lightning.sweep.summary import Summary, write_summary
 
 log = logging.getLogger(__name__)
 
 
-def metric_direction(config: DictConfig) -> tuple[str, str]:
-    """The metric that picks the best job (`optimized_metric`) and whether higher is better.
-
-    The Optuna sweeper's `direction` wins; otherwise losses are minimised, the rest maximised.
-    """
-    metric = config.get("optimized_metric") or "val/auroc"
-    direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None)
-    if not isinstance(direction, str):
-        direction = "minimize" if metric.endswith("loss") else "maximize"
-    return metric, direction
+def ranking_metric(config: DictConfig) -> str:
+    """The metric that ranks the sweep's configurations (`optimized_metric`, val/auroc unset)."""
+    return config.get("optimized_metric") or "val/auroc"
 
 
 class SweepSummary(Callback):
-    """Writes sweep_summary.csv/.md into the multirun directory after every job and at the end.
+    """Writes sweep_summary.csv/.md and sweep_configurations.csv into the multirun directory
+    after every job and at the end.
 
     Rewriting after every job keeps the finished jobs' results even when a later job fails or
     the sweep is stopped.
@@ -52,7 +46,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        jobs = self._write(config)
+        jobs = self._write(config).jobs
         path = sweep_dir / "sweep_summary.md"
         log.info("Sweep summary: %s\n%s", path, path.read_text())
         failed = [j for j in jobs if j.status != "ok"]
@@ -69,8 +63,8 @@ class SweepSummary(Callback):
             raise SystemExit(1)
 
     @staticmethod
-    def _write(config: DictConfig) -> list:
-        return write_summary(Path(config.hydra.sweep.dir), *metric_direction(config))
+    def _write(config: DictConfig) -> Summary:
+        return write_summary(Path(config.hydra.sweep.dir), ranking_metric(config))
 
 
 # Overrides that can change which pretrained weights a job loads; when one of them is swept,

@@ -123,7 +123,20 @@ def current_swept_keys() -> list[str]:
     return sorted(swept_keys(hydra_cfg))
 
 
-def trial_id(run_name: str, run_dir: Path) -> str:
-    """The HParams tab's Trial ID: the run's name, then the folder that tells runs apart
-    (`lr=0.0003,dropout=0.5 [2026-11-30_01-44-35/2]`)."""
-    return f"{run_name} [{run_dir.parent.name}/{run_dir.name}]"
+# Keys whose values make repeats of one configuration (never rivals): the sweep summary pools
+# them, the HParams tab groups them.
+REPEAT_KEYS = ("seed", "data.fold")
+
+
+def trial_id(name: str, run_dir: Path) -> str:
+    """The HParams tab's Trial ID, which is also its session group: a single run's name, then
+    the folder that tells runs apart (`quickstart [runs/2026-11-30_01-44-35]`); a multirun job's
+    configuration (its swept values but seeds and folds) and the multirun folder
+    (`lr=0.0003,dropout=0.5 [2026-11-30_01-44-35]`), so that the repeats of one configuration
+    form one group, for which TensorBoard shows the mean, median, min or max of the metrics."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        hydra_cfg = HydraConfig.get()
+        keys = swept_keys(hydra_cfg) - set(REPEAT_KEYS)
+        configuration = run_name(hydra_cfg.overrides.task, keys) or "all jobs"
+        return f"{configuration} [{run_dir.parent.name}]"
+    return f"{name} [{run_dir.parent.name}/{run_dir.name}]"
