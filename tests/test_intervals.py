@@ -98,6 +98,12 @@ def test_perfect_separation_gives_no_certain_rate():
     assert summary["who_screening_minimum"]["met"] is True
     assert summary["ci"]["sensitivity"][0] < 0.90
     assert summary["who_screening_minimum"]["met_by_lower_ci"] is False
+    # AUROC keeps its bootstrap, which has no spread here: the table says it is no certainty.
+    assert summary["ci"]["auroc"] == [1.0, 1.0]
+    row = next(
+        r for r in format_screening_table(summary, 500).splitlines() if r.startswith("AUROC")
+    )
+    assert "[1.000, 1.000]  (zero width: every resample gave this value; not certainty)" in row
 
 
 def test_the_table_says_which_interval_and_drops_the_count_intervals():

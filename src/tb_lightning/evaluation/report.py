@@ -212,14 +212,10 @@ def format_screening_table(summary: Mapping[str, Any], n_bootstrap: int) -> str:
         lines.append(note[0].upper() + note[1:])
     lines.append("threshold-free:")
     for name in RANKING:
-        lines.append(
-            f"{LABELS[name]:<19}{_fmt(summary[name]):>7}   {_interval(summary['ci'][name])}"
-        )
+        lines.append(_bootstrap_row(summary, name))
     lines.append("calibration (lower is better):")
     for name in CALIBRATION:
-        lines.append(
-            f"{LABELS[name]:<19}{_fmt(summary[name]):>7}   {_interval(summary['ci'][name])}"
-        )
+        lines.append(_bootstrap_row(summary, name))
     lines.append(f"at p_tb >= {summary['threshold']:.4f}:")
     for name in RATES:
         lines.append(
@@ -235,6 +231,16 @@ def format_screening_table(summary: Mapping[str, Any], n_bootstrap: int) -> str:
         f"(by the lower Wilson 95% bounds: {strict})"
     )
     return "\n".join(lines) + "\n"
+
+
+def _bootstrap_row(summary: Mapping[str, Any], name: str) -> str:
+    """A bootstrap figure's row; an interval of zero width (every resample gave the same value,
+    e.g. AUROC 1 when the classes never overlap) is marked as no proof of certainty."""
+    low, high = summary["ci"][name]
+    row = f"{LABELS[name]:<19}{_fmt(summary[name]):>7}   {_interval(summary['ci'][name])}"
+    if low is not None and low == high:
+        row += "  (zero width: every resample gave this value; not certainty)"
+    return row
 
 
 def format_per_source(per_source: Mapping[str, Mapping[str, Any]], threshold: float) -> str:

@@ -532,6 +532,10 @@ def chance_sentence(top: Configuration, summary: Summary) -> str:
     )
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _max_units(configurations: Sequence[Configuration]) -> int:
     return max((len(c.units or {}) for c in configurations), default=0)
 
@@ -542,8 +546,8 @@ def summary_markdown(summary: Summary) -> str:
     chosen_by = f"threshold.policy={'/'.join(policies)}" if policies else "threshold.policy"
     n_conf = len(summary.configurations)
     lines = [
-        f"# Sweep summary: {len(summary.jobs)} jobs, {n_conf} configuration"
-        f"{'s' if n_conf != 1 else ''}, ranked by {_title(summary.metric)}",
+        f"# Sweep summary: {_count(len(summary.jobs), 'job')}, "
+        f"{_count(n_conf, 'configuration')}, ranked by {_title(summary.metric)}",
         "",
         *(part for line in conclusion(summary) for part in (line, "")),
         "How to read it: `best` is the configuration with the best "
