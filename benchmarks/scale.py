@@ -7,7 +7,11 @@ its own: scan (the integrity scan, cold) -> split (scan cache warm) -> feature e
 cache through its memory map). Per stage and N: seconds, milliseconds per image, peak RSS
 (VmHWM: includes the pages of the cache file the process touched, which the kernel can drop
 at will) and peak anonymous RSS (sampled every 20 ms: the memory the process itself holds).
-The figures are printed and written to docs/benchmarks.md (section "scale").
+The train stage opens the cache the extract stage wrote, as the next run would, which checks
+every row against the block checksums (core/mapped_table.py): that check's seconds against a
+head epoch's, measured in the same process, are the cost of verification (target: at most
++10% of an epoch at N = 16k). The figures are printed and written to docs/benchmarks.md
+(section "scale").
 
     python benchmarks/scale.py [--sizes 1000 4000 16000] [--keep DIR]
 """
@@ -97,12 +101,17 @@ def run_stage(stage: str, root: Path, work: Path, n: int) -> dict:
 
     import tb_lightning.data.datamodule  # noqa: F401
     from tb_lightning.config import CONF_DIR
+    from tb_lightning.core.allocator import keep_large_blocks_in_heap
     from tb_lightning.core.tasks import instantiate_config
     from tb_lightning.inference.features import build_feature_cache
 
     logging.basicConfig(level=logging.WARNING)
+    keep_large_blocks_in_heap()  # as `python -m tb_lightning.train` does (core/allocator.py)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides(root, work, n))
+    # Seeded as a training run is: the same random-init backbone in every stage, hence the same
+    # cache key, so that the train stage reads (and checks) the extract stage's cache.
+    L.seed_everything(cfg.seed, workers=True)
     anon = AnonPeak()
     started = time.perf_counter()
     datamodule = instantiate_config(cfg.data)
@@ -110,11 +119,15 @@ def run_stage(stage: str, root: Path, work: Path, n: int) -> dict:
     datamodule.setup("fit")
     if stage in ("extract", "train"):
         model = instantiate_config(cfg.model, _recursive_=False)
+        cache_files = set(Path(cfg.data.cache_dir).glob("*.npy"))
         started = time.perf_counter()  # the extraction (or, warm, the cache's opening) alone
         cache = build_feature_cache(datamodule, model.net)
         if stage == "extract":
             elapsed = time.perf_counter() - started
         else:
+            if cache.path not in cache_files:
+                raise RuntimeError("the train stage extracted again instead of reading the cache")
+            verify_seconds = cache.table.verify_seconds
             datamodule.serve_features(cache)
             timer = EpochTimer()
             trainer = L.Trainer(
@@ -130,7 +143,13 @@ def run_stage(stage: str, root: Path, work: Path, n: int) -> dict:
             trainer.fit(model, datamodule=datamodule)
             elapsed = time.perf_counter() - started
             # Per image: the second epoch (train + val), after the first warmed up.
-            return {**peaks(anon), "seconds": elapsed, "epoch_seconds": timer.times[-1]}
+            return {
+                **peaks(anon),
+                "seconds": elapsed,
+                "epoch_seconds": timer.times[-1],
+                "verify_seconds": verify_seconds,
+                "cache_mb": cache.path.stat().st_size / 2**20,
+            }
     else:
         elapsed = time.perf_counter() - started
     return {**peaks(anon), "seconds": elapsed}
@@ -207,10 +226,41 @@ def section(rows: list[dict], sizes: list[int]) -> str:
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     cache = " | ".join(f"{by[n, 'cache file']['size_mb']:.1f} MB" for n in sizes)
     lines += ["", f"| feature cache file | {cache} |", "|---|" + "---:|" * len(sizes)]
+    # Verification: the train stage's check of every row at load, against its head epoch.
+    lines += [
+        "",
+        "Checking every row of the feature cache when a run opens it (CRC32 per block of"
+        " rows, one streaming pass; in the train stage, the process that runs the epochs; the"
+        " file is in the page cache as the extract stage left it, and a check from a cold disk"
+        " reads at disk speed, paging in what the first epoch then finds in memory):",
+        "",
+        "| | " + " | ".join(f"N={n:,}" for n in sizes) + " |",
+        "|---|" + "---:|" * len(sizes),
+        "| check at load, s | "
+        + " | ".join(f"{by[n, 'train']['verify_seconds']:.3f}" for n in sizes)
+        + " |",
+        "| check, MB/s | "
+        + " | ".join(
+            f"{by[n, 'train']['cache_mb'] / max(by[n, 'train']['verify_seconds'], 1e-9):.0f}"
+            for n in sizes
+        )
+        + " |",
+        "| head epoch (train + val), s | "
+        + " | ".join(f"{by[n, 'train']['epoch_seconds']:.2f}" for n in sizes)
+        + " |",
+        "| epoch + check vs epoch without | "
+        + " | ".join(f"x{verify_ratio(by[n, 'train']):.3f}" for n in sizes)
+        + " |",
+    ]
     # The targets: time per image within +-20% across N, peak at the largest N <= 1.25x the
     # smallest, and the figure extrapolated to TARGET_N.
     small, large = sizes[0], sizes[-1]
     lines += ["", "Targets (largest N against smallest):", ""]
+    ratio = verify_ratio(by[large, "train"])
+    lines.append(
+        f"- verification at N={large:,}: an epoch plus the check at load x{ratio:.3f} of one"
+        f" without ({'within' if ratio <= 1.10 else 'over'} +10%)"
+    )
     for stage in STAGES:
         a, b = by[small, stage], by[large, stage]
         time_ratio = b["ms_per_image"] / a["ms_per_image"]
@@ -234,6 +284,12 @@ def section(rows: list[dict], sizes: list[int]) -> str:
         f" memory as at {large:,} ({max(by[large, s]['peak_anon_mb'] for s in STAGES):.0f} MB).",
     ]
     return "\n".join(lines)
+
+
+def verify_ratio(train: dict) -> float:
+    """(head epoch + the cache's check at load) / head epoch: what verification adds to an
+    epoch (to each run's first; later epochs check nothing)."""
+    return (train["epoch_seconds"] + train["verify_seconds"]) / train["epoch_seconds"]
 
 
 def main() -> None:

@@ -3,9 +3,14 @@
 Each round starts a short training run on a small phantom set, kills it with SIGKILL or SIGTERM
 at a random moment of its life (data scan, feature extraction, training, a checkpoint write,
 the final scoring), then does what a user would do: resume it with `ckpt_path=last` and the
-same overrides when it left a `last.ckpt`, else run the same command again. A round passes when
+same overrides when it left a `last.ckpt`, else run the same command again. The kill times are
+drawn within KILL_WINDOW of the measured length of an uninterrupted run of the same config, so
+that they land while the run is running. A round passes when
+- the kill interrupted the run (a run that had already finished is a failed round: it tested
+  nothing),
 - the killed run exited as it should (SIGTERM: code 143 and the resume sentence; SIGKILL: -9),
-- every file the runs left is whole (checkpoints load, JSON parses, no temporary file remains),
+- every file the runs left is whole (checkpoints load, JSON parses strictly: no NaN/Infinity
+  tokens, no temporary file remains),
 - the finished run's metrics.json equals an uninterrupted run's with the same config.
 
 Two configs alternate: a frozen backbone on cached features (scan, extraction, head training)
@@ -19,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +48,11 @@ COMPARED = (
     "val/specificity",
     "val/confusion_matrix",
 )
+# Kill times are drawn uniformly in this fraction of an uninterrupted run's length: after the
+# interpreter has started (before it, SIGTERM's default action ends any program) and well before
+# the end. The length is the shortest seen so far (the reference run, then every full run of a
+# round): on a shared 2-core machine one run of the same config took 17 s, another 31 s.
+KILL_WINDOW = (0.05, 0.80)
 CONFIGS = {
     "cached": ["model.net.freeze_features=true", "data.num_workers=0"],
     "workers": [
@@ -102,10 +113,15 @@ def whole_files(root: Path) -> list[str]:
                 problems.append(f"{path}: {type(err).__name__}: {err}")
         elif path.suffix == ".json":
             try:
-                json.loads(path.read_text())
+                json.loads(path.read_text(), parse_constant=refuse_constant)
             except ValueError as err:
                 problems.append(f"{path}: {err}")
     return problems
+
+
+def refuse_constant(token: str) -> None:
+    """json.loads accepts NaN, Infinity and -Infinity, which are not JSON; strict readers don't."""
+    raise ValueError(f"{token} is not JSON")
 
 
 def finished_run(log_dir: Path) -> Path | None:
@@ -147,7 +163,9 @@ def main() -> int:
             return 1
         print(f"reference {name}: {duration[name]:.1f} s, val/auroc {reference[name]['val/auroc']}")
 
+    reference_duration = dict(duration)
     failures, kinds = [], {"SIGKILL": 0, "SIGTERM": 0}
+    interrupted = lost = identical = 0
     for i in range(args.rounds):
         name = list(CONFIGS)[i % len(CONFIGS)]
         round_dir = work / f"round-{i:02d}"
@@ -155,15 +173,31 @@ def main() -> int:
         overrides = [*base_overrides(phantom, round_dir / "cache", round_dir), *CONFIGS[name]]
         sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
         kinds[signal.Signals(sig).name] += 1
-        at = rng.uniform(0.5, duration[name])
+        at = rng.uniform(*KILL_WINDOW) * duration[name]
+        began = time.monotonic()
         process = start(overrides, log)
-        time.sleep(at)
-        process.send_signal(sig)
+        try:
+            process.wait(timeout=at)
+            running, ended = False, time.monotonic() - began
+            # Faster than any run so far: the later rounds draw their kill times within this.
+            duration[name] = min(duration[name], ended)
+        except subprocess.TimeoutExpired:
+            running = True
+            process.send_signal(sig)
         code = process.wait(timeout=300)
+        if running:
+            ended = time.monotonic() - began
         text = log.read_text()
         problems = []
-        if code == 0:
-            outcome = "finished before the kill"
+        # Interrupted: still running when the signal was sent, and ended by it (not finished).
+        landed = running and code != 0
+        interrupted += landed
+        if not landed:
+            outcome = "finished before the kill" if code == 0 else f"ended (code {code}) before it"
+            problems.append(
+                f"the kill at {at:.1f} s did not interrupt the run (it ended after {ended:.1f} s; "
+                f"the reference run took {reference_duration[name]:.1f} s)"
+            )
         elif code == -signal.SIGTERM and not list(round_dir.glob("train/runs/*")):
             # Before Python has imported the entry point (the first ~0.3 s) the signal's
             # default action ends the process, as for any program; nothing was written.
@@ -173,7 +207,8 @@ def main() -> int:
             if code != -signal.SIGKILL:
                 problems.append(f"SIGKILL gave exit code {code}")
         else:
-            outcome = "stopped"
+            phase = re.search(r"Stopped by SIGTERM during ([^.]+)\.", text)
+            outcome = f"stopped during {phase[1]}" if phase else "stopped"
             if code != 143:
                 problems.append(f"SIGTERM gave exit code {code}, not 143")
             if "Stopped by SIGTERM" not in text:
@@ -181,15 +216,23 @@ def main() -> int:
         last = list(round_dir.glob("train/runs/*/checkpoints/last.ckpt"))
         problems += whole_files(round_dir / "train")
         resume = ["ckpt_path=last"] if last and code != 0 else []
+        began = time.monotonic()
         if code != 0 and run([*overrides, *resume], log) != 0:
             problems.append("the resumed run failed")
+        elif code != 0 and not resume:  # a whole run again: its length is a run's length
+            duration[name] = min(duration[name], time.monotonic() - began)
         metrics = finished_metrics(round_dir)
         if metrics is None:
+            lost += 1
             problems.append("no metrics.json after the resume")
         else:
-            for key in COMPARED:
-                if metrics.get(key) != reference[name].get(key):
-                    problems.append(f"{key}: {metrics.get(key)} != {reference[name].get(key)}")
+            differ = [
+                f"{key}: {metrics.get(key)} != {reference[name].get(key)}"
+                for key in COMPARED
+                if metrics.get(key) != reference[name].get(key)
+            ]
+            identical += not differ
+            problems += differ
         problems += whole_files(round_dir / "train")
         # The run that finished (resumed, or run again) has removed what a kill left in it;
         # a killed run that had no checkpoint to resume is left as it was (noted, not a loss).
@@ -201,16 +244,19 @@ def main() -> int:
         if abandoned:
             how += f" ({len(abandoned)} temporary file(s) left in the abandoned run's folder)"
         status = "ok" if not problems else "FAILED: " + "; ".join(problems)
+        share = at / reference_duration[name]
         print(
-            f"round {i:2d} {name:8s} {signal.Signals(sig).name} at {at:5.1f} s: {outcome}, "
-            f"{how}: {status}"
+            f"round {i:2d} {name:8s} {signal.Signals(sig).name} at {at:5.1f} s ({share:4.0%} of "
+            f"the reference; {'during the run' if landed else 'AFTER the run'}): {outcome}, {how}: "
+            f"{status}"
         )
         if problems:
             failures.append(i)
     print(
         f"\n{args.rounds} rounds ({kinds['SIGKILL']} SIGKILL, {kinds['SIGTERM']} SIGTERM): "
-        f"{args.rounds - len(failures)} passed, {len(failures)} failed"
-        + (f" (rounds {failures}); logs in {work}" if failures else "")
+        f"{interrupted} interrupted a running training, {lost} lost run(s), {identical} with "
+        f"metrics identical to the uninterrupted run's; {args.rounds - len(failures)} passed, "
+        f"{len(failures)} failed" + (f" (rounds {failures}); logs in {work}" if failures else "")
     )
     if not failures and not args.keep:
         shutil.rmtree(work, ignore_errors=True)

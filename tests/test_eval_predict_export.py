@@ -467,7 +467,10 @@ def test_eval_of_a_split_file_refuses_a_bad_row(trained_run, tmp_path):
     split_file = tmp_path / "split.csv"
     write_split_csv(split_file, sides["train"], val)
     ckpt = trained_run / "checkpoints" / "best.ckpt"
-    config = eval_config(ckpt, tmp_path / "out", f"eval.split_file={split_file}")
+    # tiny.png lies outside the training data folder: allowed here, to reach the image check.
+    config = eval_config(
+        ckpt, tmp_path / "out", f"eval.split_file={split_file}", "eval.allow_outside_paths=true"
+    )
     with pytest.raises(DataError) as err:
         evaluate(config)
     message = str(err.value)

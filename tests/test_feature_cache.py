@@ -178,7 +178,7 @@ def test_cache_files_are_written_with_the_atomic_helpers(tmp_path, net, images, 
     from tb_lightning.core import mapped_table
 
     written = []
-    real_target, real_write = mapped_table.atomic_target, mapped_table.atomic_write
+    real_target, real_write = mapped_table.atomic_target, mapped_table.atomic_write_json
     monkeypatch.setattr(
         mapped_table,
         "atomic_target",
@@ -186,8 +186,8 @@ def test_cache_files_are_written_with_the_atomic_helpers(tmp_path, net, images, 
     )
     monkeypatch.setattr(
         mapped_table,
-        "atomic_write",
-        lambda path, data: (written.append(Path(path)), real_write(path, data)),
+        "atomic_write_json",
+        lambda path, value, **kw: (written.append(Path(path)), real_write(path, value, **kw)),
     )
     cache = make_cache(tmp_path, net, images)
     cache.load_or_build()

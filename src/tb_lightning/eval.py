@@ -45,6 +45,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "the folds) or data=... with other images."
         if split == "val"
         else None,
+        allow_partial=cfg.get("allow_partial", False),
     )
     threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
     if split == "all":
@@ -55,7 +56,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         log.info("Evaluating on all %d images of %s", len(samples), cfg.data.root)
     else:
         # Rows of a split file passed training's scan: a bad one is an error (evaluate_samples).
-        samples, split_path = split_samples(loaded.run_dir, cfg.eval.get("split_file"), split)
+        samples, split_path = split_samples(
+            loaded.run_dir,
+            cfg.eval.get("split_file"),
+            split,
+            allow_outside_paths=cfg.eval.get("allow_outside_paths", False),
+        )
         for member in (loaded.member_checkpoints or [])[1:]:  # no member trained on them either
             refuse_trained_images(samples, member.parent.parent / "split.csv", split_path, split)
         on_bad_file = "error"

@@ -31,7 +31,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     check_export_config(cfg)  # every value, before the checkpoint is read
     output_dir = Path(cfg.paths.output_dir)
     # A k-fold multirun directory exports its fold models as one ensemble file.
-    loaded = load_checkpoint_or_ensemble(cfg.get("ckpt_path"))
+    loaded = load_checkpoint_or_ensemble(
+        cfg.get("ckpt_path"), allow_partial=cfg.get("allow_partial", False)
+    )
     threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
     sidecar = export_model(
         loaded, cfg.format, output_dir, threshold, threshold_source, cfg.check_images

@@ -40,6 +40,7 @@ def predict(cfg: DictConfig) -> Path:
         "its jobs' checkpoints/best.ckpt."
         if cfg.saliency
         else None,
+        allow_partial=cfg.get("allow_partial", False),
     )
     threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
     log.info("Operating threshold p_tb >= %.4f (%s)", threshold, threshold_source)

@@ -5,21 +5,24 @@ run first in their entry points. Each failure is one sentence naming the key, th
 what is allowed. The classes and functions that take these values trust them: they are built
 from a checked config, or from code that knows what it passes. Checks that need the data (a
 val_size larger than the data, fewer patients than folds, a file that is not an image) are made
-where the data is read (data/split.py, data/sources.py, data/integrity.py), once each. Typos in
-override keys are refused by Hydra's struct mode ("Key 'dropuot' is not in struct"), and keys
-added with `+` by `check_known_keys`.
+where the data is read (data/split.py, data/sources.py, data/integrity.py), once each; the one
+file read here is a data.split_file (its rows, not its images: check_split_file), which says as
+much about the run as any value. No float setting may be NaN or infinite (check_finite, and
+_is_number in every range check). Typos in override keys are refused by Hydra's struct mode
+("Key 'dropuot' is not in struct"), and keys added with `+` by `check_known_keys`.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tb_lightning.core.errors import ConfigError, WeightsError
 from tb_lightning.core.extras import require as require_extra
@@ -28,8 +31,13 @@ from tb_lightning.data.augment import AUGMENT_KEYS
 from tb_lightning.data.integrity import BAD_FILE_POLICIES, LEAK_POLICIES, PHASH_BITS
 from tb_lightning.data.phantom import LESION_MIXES
 from tb_lightning.data.preprocess import PREPROCESS_NAMES, preprocess_spec
-from tb_lightning.data.sources import SOURCE_KEYS, SOURCES
-from tb_lightning.data.split import resolve_val_count, stratified_split
+from tb_lightning.data.sources import SOURCE_KEYS, SOURCES, source_folder
+from tb_lightning.data.split import (
+    read_split_sides,
+    resolve_val_count,
+    split_class_problem,
+    stratified_split,
+)
 from tb_lightning.evaluation.calibration import calibration_refusal
 from tb_lightning.evaluation.evaluate import SPLITS
 from tb_lightning.evaluation.thresholds import POLICIES
@@ -62,7 +70,9 @@ THRESHOLD_KEYS = ("policy", "target")
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    # Finite only: NaN passes every comparison check (nan <= 0 is False) and reaches OpenCV,
+    # the optimizer and the artefacts; inf is no setting either.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_int(value: Any) -> bool:
@@ -77,6 +87,40 @@ def _one_of(key: str, value: Any, allowed: Sequence[Any], hint: str = "") -> Non
 def _positive_int(key: str, value: Any, minimum: int = 1) -> None:
     if not _is_int(value) or value < minimum:
         raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}.")
+
+
+def check_finite(cfg: Any, prefix: str = "") -> None:
+    """No setting anywhere in the config is NaN or infinite (`key=nan`, `key=inf` parse as
+    floats): each key's own check below also refuses them, and this covers the keys that are
+    passed through unchecked (trainer.*, callbacks.*, the scheduler's and augmentation's)."""
+    if isinstance(cfg, DictConfig):
+        # Unresolved: an interpolation is checked where it points; ??? is left to its reader.
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    items = (
+        cfg.items() if isinstance(cfg, Mapping) else enumerate(cfg) if isinstance(cfg, list) else ()
+    )
+    for key, value in items:
+        name = f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}.{key}" if prefix else key
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(
+                f"{name}={value} is not a finite number; set {name} to a finite value (NaN and "
+                "infinity are never a setting here)."
+            )
+        check_finite(value, str(name))
+
+
+def check_image_size(image_size: Any, arch: str) -> None:
+    """data.image_size: an integer (pixels a side), at least what the backbone takes."""
+    if not _is_int(image_size):
+        raise ConfigError(
+            f"data.image_size={image_size!r} must be an integer (pixels a side), e.g. 512."
+        )
+    min_size = MIN_IMAGE_SIZE.get(arch, max(MIN_IMAGE_SIZE.values()))
+    if image_size < min_size:
+        raise ConfigError(
+            f"data.image_size={image_size!r} is too small for {arch}; use an integer >= "
+            f"{min_size} (the reference experiment uses 512)."
+        )
 
 
 # --- sections ---------------------------------------------------------------------------------
@@ -140,13 +184,7 @@ def check_model(model: Mapping[str, Any], max_epochs: Any = None) -> None:
     pool_size = net.get("pool_size")
     if pool_size is not None and (not _is_int(pool_size) or pool_size < 1):
         raise ConfigError(f"model.net.pool_size={pool_size!r} must be null or an integer >= 1.")
-    image_size = net.get("image_size", 512)
-    min_size = MIN_IMAGE_SIZE[arch]
-    if not _is_int(image_size) or image_size < min_size:
-        raise ConfigError(
-            f"data.image_size={image_size!r} is too small for {arch}; use an integer >= "
-            f"{min_size} (the reference experiment uses 512)."
-        )
+    check_image_size(net.get("image_size", 512), arch)
     weights = net.get("weights")
     if weights not in (None, "imagenet") and not Path(str(weights)).expanduser().exists():
         raise WeightsError(
@@ -282,13 +320,7 @@ def check_data(data: Mapping[str, Any], arch: str = "alexnet") -> None:
             f"data.class_names={class_names} must name two folders: "
             "[negative, positive], e.g. [Normal, Tuberculosis]."
         )
-    image_size = data.get("image_size")
-    min_size = MIN_IMAGE_SIZE.get(arch, max(MIN_IMAGE_SIZE.values()))
-    if not _is_int(image_size) or image_size < min_size:
-        raise ConfigError(
-            f"data.image_size={image_size!r} is too small for {arch}; use an integer >= "
-            f"{min_size} (the reference experiment uses 512)."
-        )
+    check_image_size(data.get("image_size"), arch)
     batch_size = data.get("batch_size")
     if not _is_int(batch_size) or batch_size < 1:
         raise ConfigError(f"data.batch_size={batch_size!r} must be an integer >= 1.")
@@ -362,6 +394,52 @@ def check_data(data: Mapping[str, Any], arch: str = "alexnet") -> None:
         # The phantom set's size is known from the config: split it on paper, as setup() will.
         labels = [0] * int(phantom.get("num_normal", 0)) + [1] * int(phantom.get("num_tb", 0))
         stratified_split(labels, val_size, 0)
+
+
+def data_folders(data: Mapping[str, Any]) -> list[Path]:
+    """The folders the images of data.root (or of each data.sources entry) lie in, resolved."""
+    entries = data.get("sources") or [{"source": data.get("source"), "root": data.get("root")}]
+    return [source_folder(str(e.get("source")), str(e.get("root"))) for e in entries]
+
+
+def check_split_file(data: Mapping[str, Any], calibration: Any = "none") -> None:
+    """data.split_file, read before any image: every row inside data.root (or the data.sources
+    roots; symlinks followed) unless data.allow_outside_paths, every split (train, val, test
+    when it has rows) of both classes, and with calibration=temperature enough val images to
+    fit on. Otherwise the run would train to the end and then fail, or train on files from
+    anywhere; the same data checks follow in setup (bad files, leaks)."""
+    split_file = data.get("split_file")
+    if not split_file:
+        return
+    roots = None if data.get("allow_outside_paths") else data_folders(data)
+    if data.get("sources"):
+        named, fix = "the data.sources roots", "add the images' folder to data.sources"
+    else:
+        named, fix = "data.root", "pass data.root=<the folder that holds the images>"
+    sides = read_split_sides(
+        split_file,
+        roots=roots,
+        roots_name=named,
+        outside_fix=f"{fix}, remove the row, or set data.allow_outside_paths=true if the file "
+        "is trusted",
+    )
+    problem = split_class_problem(sides)
+    if problem:
+        raise ConfigError(
+            f"data.split_file={split_file}: {problem}, but every split needs both classes (the "
+            "loss weights them, the threshold and AUROC compare them); add rows of the missing "
+            "class to that split, or make a new split with data.split_file=null."
+        )
+    if calibration == "temperature":
+        val = sides["val"]
+        refusal = calibration_refusal(
+            len(val),
+            len({s.label for s in val}),
+            f"data.split_file={split_file}",
+            "give it more val rows",
+        )
+        if refusal:
+            raise ConfigError(refusal)
 
 
 def check_calibration_split(data: Mapping[str, Any]) -> None:
@@ -464,6 +542,7 @@ def check_known_keys(cfg: DictConfig) -> None:
 def check_config(cfg: DictConfig) -> None:
     """Check every value train() uses before anything is read or written."""
     check_known_keys(cfg)
+    check_finite(cfg)
     seed = cfg.get("seed")
     if seed is not None and not _is_int(seed):
         raise ConfigError(f"seed={seed!r} must be an integer, or null for an unseeded run.")
@@ -476,6 +555,8 @@ def check_config(cfg: DictConfig) -> None:
     _one_of("calibration", cfg.get("calibration") or "none", ("none", "temperature"))
     if cfg.get("calibration") == "temperature":
         check_calibration_split(cfg.data)
+    # Last: it reads the split file (not its images), once every value above is known good.
+    check_split_file(cfg.data, cfg.get("calibration"))
     if cfg.get("ckpt_path") not in (None, "", LAST):
         check_ckpt_path(cfg.ckpt_path)
     init_from = cfg.get("init_from")
@@ -493,11 +574,28 @@ def _check_ckpt_path_set(cfg: DictConfig) -> None:
         )
 
 
+def _check_allow_partial(cfg: DictConfig) -> None:
+    """allow_partial (eval, predict, export): a k-fold ensemble with folds missing, or not."""
+    value = cfg.get("allow_partial", False)
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"allow_partial={value!r} must be true or false (true: a k-fold multirun directory "
+            "with folds missing is used as the ensemble of the folds there are)."
+        )
+
+
 def check_eval_config(cfg: DictConfig) -> None:
     """python -m tb_lightning.eval: eval.*, threshold.value, the accelerator, a data source."""
     _check_ckpt_path_set(cfg)
+    check_finite(cfg)
+    _check_allow_partial(cfg)
     check_accelerator(cfg.trainer.get("accelerator", "auto"))
     check_threshold_value(cfg.threshold.get("value"))
+    if not isinstance(cfg.eval.get("allow_outside_paths", False), bool):
+        raise ConfigError(
+            f"eval.allow_outside_paths={cfg.eval.get('allow_outside_paths')!r} must be true or "
+            "false."
+        )
     split = cfg.eval.get("split")
     if split is not None:
         _one_of("eval.split", split, SPLITS)
@@ -519,6 +617,8 @@ def check_eval_config(cfg: DictConfig) -> None:
 def check_predict_config(cfg: DictConfig) -> None:
     """python -m tb_lightning.predict: input, batch_size, workers, threshold.value."""
     _check_ckpt_path_set(cfg)
+    check_finite(cfg)
+    _check_allow_partial(cfg)
     if not cfg.get("input"):
         raise ConfigError("input is not set; pass input=<image file, folder or CSV of paths>.")
     check_accelerator(cfg.trainer.get("accelerator", "auto"))
@@ -532,6 +632,8 @@ def check_predict_config(cfg: DictConfig) -> None:
 def check_export_config(cfg: DictConfig) -> None:
     """python -m tb_lightning.export: format, check_images, threshold.value."""
     _check_ckpt_path_set(cfg)
+    check_finite(cfg)
+    _check_allow_partial(cfg)
     _one_of("format", cfg.get("format"), FORMATS)
     if cfg.get("format") == "onnx":
         require_extra("export", "export format=onnx")

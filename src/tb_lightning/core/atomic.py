@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -69,6 +71,30 @@ def atomic_write_csv(
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write(path, out.getvalue())
+
+
+def finite_json(value: Any) -> Any:
+    """value with every non-finite float (NaN, +-Infinity) replaced by None, recursively through
+    mappings, lists and tuples. Python's json writes those floats as bare NaN/Infinity tokens,
+    which are not JSON: strict parsers (jq, JavaScript, Go) reject the whole file. null is what
+    an undefined figure means in JSON, and what this project's readers already expect."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def atomic_write_json(path: str | Path, value: Any, indent: int | None = 2) -> None:
+    """Write value as strict JSON (non-finite floats become null: finite_json), atomically.
+
+    Every JSON file the project writes goes through here; allow_nan=False makes a non-finite
+    float that got past finite_json (a NumPy scalar type, say) an error, never a bad file.
+    """
+    text = json.dumps(finite_json(value), indent=indent, allow_nan=False)
+    atomic_write(path, text + "\n")
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from tb_lightning.core.errors import ConfigError
+from tb_lightning.core.errors import ConfigError, DataError
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data import integrity
 from tb_lightning.data.augment import build_train_transform, is_random
@@ -38,6 +38,7 @@ from tb_lightning.data.split import (
     group_stratified_folds,
     group_stratified_split,
     read_split_sides,
+    split_class_problem,
     write_split_csv,
 )
 from tb_lightning.data.transforms import build_transform
@@ -252,6 +253,17 @@ class TBDataModule(L.LightningDataModule):
             splits = self._split(good)
         duplicates = integrity.find_duplicates(splits, infos, self.near_duplicate_distance)
         dropped = integrity.apply_leak_policy(splits, duplicates, self.on_leak)
+        # The split file's classes were checked up front (config/checks.py) and a new split is
+        # made with both; only the files left out here can still empty a class of a split,
+        # which would fail after training (threshold, AUROC) instead of now.
+        problem = split_class_problem(splits)
+        if problem:
+            where = f"data.split_file={self.split_file}" if self.split_file else "The split"
+            raise DataError(
+                f"{where}: {problem} once bad files and duplicates were left out "
+                f"(data.on_bad_file={self.on_bad_file}, data.on_leak={self.on_leak}), but every "
+                "split needs both classes; replace the bad files or remove the duplicates."
+            )
         self.train_samples, self.val_samples = splits["train"], splits["val"]
         self.test_samples = splits["test"]
         # Only the two hashes of the split's images are kept, not the scan's whole infos.

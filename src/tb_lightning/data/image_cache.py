@@ -9,9 +9,10 @@ included, torchvision v2 on tensors) then run on it exactly as on a decoded file
 files are larger than S, a random crop resamples the S x S copy rather than the full-size file
 (the only difference from reading the files; none for files already at S).
 
-Storage, atomic publish, lock, damage detection and memory: core/mapped_table.py. The key is a
-hash of the file list (paths, sizes, modification times), S and the decoder, so any change of
-those builds a new file.
+Storage, atomic publish, lock, memory, and damage detection (a checksum per block of rows, every
+block checked when a run opens the cache): core/mapped_table.py. The key is a hash of the file
+list (paths, sizes, modification times), S and the decoder, so any change of those builds a new
+file.
 """
 
 from __future__ import annotations

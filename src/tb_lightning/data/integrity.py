@@ -24,7 +24,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from tb_lightning.core.atomic import atomic_write
+from tb_lightning.core.atomic import atomic_write_json
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.signals import cancel_pending_on_stop, raise_if_stopped
 from tb_lightning.data.sources import Sample
@@ -111,7 +111,7 @@ def save_cache(path: Path | None, entries: Mapping[str, Any]) -> None:
     if path is None:
         return
     # Atomic: a concurrent run reads the old or the new cache, never half of one.
-    atomic_write(path, json.dumps({"version": CACHE_VERSION, "files": entries}))
+    atomic_write_json(path, {"version": CACHE_VERSION, "files": entries}, indent=None)
 
 
 def inspect_files(

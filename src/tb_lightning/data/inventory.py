@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tb_lightning.core.atomic import atomic_write
+from tb_lightning.core.atomic import atomic_write_json
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.transforms import check_image_file
@@ -147,4 +146,4 @@ def build_data_report(
 def write_data_report(path: str | Path, report: Mapping[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(report, indent=2) + "\n")
+    atomic_write_json(path, report)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tb_lightning.core.atomic import atomic_write, atomic_write_with
+from tb_lightning.core.atomic import atomic_write_json, atomic_write_with
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.core.signals import cancel_pending_on_stop, raise_if_stopped
@@ -634,8 +634,7 @@ def ensure_phantom_dataset(
         )
     if _read_meta(meta_path) != {**wanted, "note": _NOTE}:
         # Written before any image, so the PNGs on disk always match the json's settings.
-        text = json.dumps({**wanted, "note": _NOTE}, indent=2) + "\n"
-        atomic_write(meta_path, text)
+        atomic_write_json(meta_path, {**wanted, "note": _NOTE})
 
     items: list[tuple[Path, int]] = []
     for label, count in ((0, num_normal), (1, num_tb)):

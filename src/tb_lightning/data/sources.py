@@ -193,13 +193,23 @@ def scan_class_map(
 MAX_DUPLICATES_SHOWN = 3
 
 
-def is_inside(image: Path, folder: Path) -> bool:
-    """True when image lies under folder, as written (`..` folded) or once symlinks are resolved.
+def is_inside(image: str | Path, folder: str | Path) -> bool:
+    """True when image lies under folder once both are resolved (symlinks followed, `..` folded).
 
-    The first keeps a folder of symlinks to a data store usable; the second accepts absolute
-    rows that spell the folder through another link (e.g. /tmp vs /private/tmp).
+    The file that would be read is what counts, not how the path is spelled: a symlink inside
+    the folder that points elsewhere (to a folder or a file) leads outside, and a path that
+    spells the folder through another link (/tmp vs /private/tmp) stays inside. A data folder
+    made of symlinks into a data store is therefore outside too; that setup works with
+    data.allow_outside_paths=true (trusting the listing), or with the listing kept in the store.
     """
-    return image.is_relative_to(folder) or image.resolve().is_relative_to(folder.resolve())
+    return Path(image).expanduser().resolve().is_relative_to(Path(folder).expanduser().resolve())
+
+
+def source_folder(source: str, root: str | Path) -> Path:
+    """The folder a source's images lie in, resolved: its root, or for a manifest (whose root is
+    the CSV file) the CSV's folder. Split files are held to these folders (config/checks.py)."""
+    path = Path(root).expanduser()
+    return (path.parent if source == "manifest" else path).resolve()
 
 
 def scan_manifest(
@@ -208,9 +218,10 @@ def scan_manifest(
     """A CSV with `path,label` and optional `patient_id,source` columns.
 
     Relative paths are relative to the CSV's folder; a missing patient_id means one image per
-    patient, a missing source means `source`. Rows must point inside the CSV's folder unless
-    `allow_outside_paths` (a manifest from elsewhere must not read arbitrary files), and each
-    image may be listed once (a repeated row would be trained on twice, or leak across the split).
+    patient, a missing source means `source`. Rows must point inside the CSV's folder, symlinks
+    followed (is_inside), unless `allow_outside_paths` (a manifest from elsewhere must not read
+    arbitrary files), and each image may be listed once (a repeated row would be trained on
+    twice, or leak across the split).
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -245,8 +256,8 @@ def scan_manifest(
         if not allow_outside_paths and not is_inside(image, folder):
             raise DataError(
                 f"Manifest {path} line {line} lists {row['path']!r}, which is outside the "
-                f"manifest's folder {folder}; move the image under that folder or set "
-                "data.allow_outside_paths=true."
+                f"manifest's folder {folder} (symlinks followed: {image.resolve()}); move the "
+                "image under that folder or set data.allow_outside_paths=true."
             )
         if not image.is_file():
             raise DataError(

@@ -10,7 +10,7 @@ from pathlib import Path
 from tb_lightning.core.atomic import atomic_write_csv
 from tb_lightning.core.errors import ConfigError, DataError
 from tb_lightning.core.labels import CLASS_NAMES
-from tb_lightning.data.sources import Sample
+from tb_lightning.data.sources import Sample, is_inside
 
 SPLIT_COLUMNS = (
     "path",
@@ -117,17 +117,39 @@ def read_split_csv(path: str | Path) -> tuple[list[Sample], list[Sample]]:
     return sides["train"], sides["val"]
 
 
-def read_split_sides(path: str | Path) -> dict[str, list[Sample]]:
+# What `<key>=null` does, for the fix of each key's messages.
+NULL_MEANS = {
+    "data.split_file": "make a new split with data.split_file=null",
+    "eval.split_file": "use the checkpoint's own split.csv with eval.split_file=null",
+}
+
+
+def read_split_sides(
+    path: str | Path,
+    key: str = "data.split_file",
+    roots: Sequence[Path] | None = None,
+    roots_name: str = "data.root",
+    outside_fix: str = (
+        "pass data.root=<the folder that holds the images>, remove the row, or set "
+        "data.allow_outside_paths=true if the file is trusted"
+    ),
+) -> dict[str, list[Sample]]:
     """Read a `split.csv` into {"train": [...], "val": [...], "test": [...] (maybe empty)}.
+
+    `key` is the setting that named the file (data.split_file for training, eval.split_file for
+    eval), for the messages. With `roots`, every row must lie inside one of those folders once
+    symlinks are resolved (sources.is_inside), checked before any listed file is touched; the
+    message names them as `roots_name` and ends with `outside_fix` (which names the setting
+    that lifts the rule).
 
     The sha256/phash columns are not needed here (older runs' files lack them): setup hashes
     every image again when it checks it.
     """
     path = Path(path).expanduser()
+    fix_null = NULL_MEANS.get(key, f"set {key}=null")
     if not path.is_file():
         raise DataError(
-            f"data.split_file={path} does not exist; pass the split.csv of an earlier run, or "
-            "data.split_file=null to make a new split."
+            f"{key}={path} does not exist; pass the split.csv of an earlier run, or {fix_null}."
         )
     sides: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
     with path.open(newline="") as f:
@@ -135,17 +157,24 @@ def read_split_sides(path: str | Path) -> dict[str, list[Sample]]:
         missing_columns = {"path", "label", "split"} - set(reader.fieldnames or [])
         if missing_columns:
             raise DataError(
-                f"data.split_file={path} lacks the column(s) {sorted(missing_columns)}; use a "
+                f"{key}={path} lacks the column(s) {sorted(missing_columns)}; use a "
                 "split.csv written by tb_lightning.train."
             )
-        for row in reader:
+        for line, row in enumerate(reader, start=2):
             if row["split"] not in sides or row["label"] not in ("0", "1"):
                 raise DataError(
-                    f"data.split_file={path} has a row with split={row['split']!r} "
+                    f"{key}={path} has a row with split={row['split']!r} "
                     f"label={row['label']!r} (allowed: split train/val/test, label 0/1); fix or "
                     "regenerate the file."
                 )
             image = Path(row["path"])
+            if roots is not None and not any(is_inside(image, root) for root in roots):
+                where = " or ".join(str(root) for root in roots)
+                raise DataError(
+                    f"{key}={path} line {line} lists {row['path']!r} ({row['split']} row), which "
+                    f"is outside {roots_name} {where} (symlinks followed: "
+                    f"{image.expanduser().resolve()}); {outside_fix}."
+                )
             sample = Sample(
                 str(image),
                 int(row["label"]),
@@ -156,13 +185,34 @@ def read_split_sides(path: str | Path) -> dict[str, list[Sample]]:
     missing = [s.path for side in sides.values() for s in side if not Path(s.path).is_file()]
     if missing:
         raise DataError(
-            f"data.split_file={path} lists {len(missing)} file(s) that do not exist, e.g. "
-            f"{missing[0]}; restore the images or make a new split with data.split_file=null."
+            f"{key}={path} lists {len(missing)} file(s) that do not exist, e.g. "
+            f"{missing[0]}; restore the images or {fix_null}."
         )
     for side in ("train", "val"):
         if not sides[side]:
-            raise DataError(f"data.split_file={path} has no '{side}' rows; regenerate it.")
+            raise DataError(f"{key}={path} has no '{side}' rows; regenerate it.")
     return sides
+
+
+def split_class_problem(sides: Mapping[str, Sequence[Sample]]) -> str | None:
+    """Which split lacks a class, as a clause ("its val split has 1 image(s) (1 Normal, 0
+    Tuberculosis)"), or None when train, val and (when it has rows) test each hold both.
+
+    One image of each class per split is all the rest needs, and it needs that much: the loss
+    weights the classes by their train counts (#Normal / #TB), and the threshold choice, AUROC
+    and average precision compare the classes on val and test.
+    """
+    for side in ("train", "val", "test"):
+        samples = sides.get(side) or []
+        if side == "test" and not samples:
+            continue
+        counts = [sum(1 for s in samples if s.label == c) for c in range(len(CLASS_NAMES))]
+        if min(counts) == 0:
+            described = ", ".join(
+                f"{n} {name}" for name, n in zip(CLASS_NAMES, counts, strict=True)
+            )
+            return f"its {side} split has {len(samples)} image(s) ({described})"
+    return None
 
 
 # Patient-safe splits. scikit-learn's StratifiedGroupKFold only gives 1/k fractions and its

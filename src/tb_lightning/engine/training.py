@@ -16,10 +16,12 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
+from tb_lightning.config import compose_train_config
 from tb_lightning.config.checks import check_config, runs_dir
 from tb_lightning.core.atomic import check_writable, remove_temp_files
 from tb_lightning.core.errors import ConfigError
 from tb_lightning.core.run_dirs import describe_differences, plan_resume, refuse_differences
+from tb_lightning.core.run_lock import LOCK_NAME
 from tb_lightning.core.signals import (
     SIGNAL_NAMES,
     Stopped,
@@ -72,8 +74,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     check_config(cfg)  # wrong values fail here, before any data is read
     # Which checkpoint to resume, and whether this run may continue its run directory: a run
     # whose config differs is refused here, before anything is read or written.
-    plan = plan_resume(cfg.get("ckpt_path"), runs_dir(cfg), cfg)
-    refuse_differences(plan, cfg.get("ckpt_path"))
+    plan = plan_resume(cfg.get("ckpt_path"), runs_dir(cfg), cfg, compose_train_config)
+    refuse_differences(plan, cfg.get("ckpt_path"), compose_train_config)
     if plan.checkpoint is None:
         refuse_foreign_run(output_dir)
     else:
@@ -173,7 +175,9 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     )
     log.info("Final figures of %s:\n%s", checkpoint or "the final weights", final.report)
     log_final_figures(trainer, cfg, final, epoch_end_step(chosen_step))
-    log.info("Wrote %s", ", ".join(sorted(p.name for p in output_dir.iterdir())))
+    # The run's lock (core/run_lock.py) is no output: it goes when the process ends.
+    written = sorted(p.name for p in output_dir.iterdir() if p.name != LOCK_NAME)
+    log.info("Wrote %s", ", ".join(written))
     return final.metrics
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -11,12 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
-from tb_lightning.core.atomic import atomic_write, atomic_write_csv
+from tb_lightning.core.atomic import atomic_write, atomic_write_csv, atomic_write_json
 from tb_lightning.core.errors import DataError
 from tb_lightning.data.integrity import apply_bad_file_policy
 from tb_lightning.data.preprocess import describe_preprocess
-from tb_lightning.data.sources import Sample
+from tb_lightning.data.sources import Sample, source_folder
 from tb_lightning.data.split import read_split_sides
 from tb_lightning.evaluation.calibration import describe_calibration
 from tb_lightning.evaluation.figures import evaluation_figures, write_figures
@@ -28,7 +30,11 @@ from tb_lightning.evaluation.report import (
 )
 from tb_lightning.evaluation.stats import CALIBRATION, RANKING, RATES
 from tb_lightning.inference.checkpoint import CHOSEN_ON_VAL, LoadedModel
-from tb_lightning.inference.ensemble_model import COMBINATION
+from tb_lightning.inference.ensemble_model import (
+    COMBINATION,
+    describe_members,
+    describe_missing,
+)
 from tb_lightning.inference.runner import (
     INFERENCE_BATCH_SIZE,
     Predictions,
@@ -63,10 +69,37 @@ def resolve_split(split: str | None, has_data: bool) -> str:
     return split
 
 
+def recorded_data_folders(run_dir: Path) -> list[Path] | None:
+    """The folders a training run read its images from (sources.source_folder of each source
+    recorded in its data_report.json, else its .hydra/config.yaml); None when neither says."""
+    entries = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        report = json.loads((run_dir / "data_report.json").read_text())
+        entries = report["settings"]["sources"]
+    if not entries:
+        with contextlib.suppress(Exception):  # unreadable, or an interpolation it cannot resolve
+            data = OmegaConf.to_container(
+                OmegaConf.load(run_dir / ".hydra" / "config.yaml").data, resolve=True
+            )
+            entries = data.get("sources") or [{"source": data["source"], "root": data["root"]}]
+    try:
+        return [source_folder(str(e["source"]), str(e["root"])) for e in entries or []] or None
+    except (KeyError, TypeError):
+        return None
+
+
 def split_samples(
-    run_dir: Path, split_file: str | Path | None, split: str = "val"
+    run_dir: Path,
+    split_file: str | Path | None,
+    split: str = "val",
+    allow_outside_paths: bool = False,
 ) -> tuple[list[Sample], Path]:
-    """The `split` rows (val or test) of the training run's split.csv (or of split_file)."""
+    """The `split` rows (val or test) of the training run's split.csv (or of split_file).
+
+    The rows of another split file must lie inside the folders the checkpoint was trained from
+    (recorded_data_folders; symlinks followed) unless `allow_outside_paths`
+    (eval.allow_outside_paths): a split file from elsewhere must not read arbitrary files.
+    """
     path = Path(split_file).expanduser() if split_file else run_dir / "split.csv"
     if not path.is_file():
         raise DataError(
@@ -74,7 +107,25 @@ def split_samples(
             "pass eval.split_file=<the run's split.csv>, or evaluate a folder with "
             "data=folder data.root=<folder>."
         )
-    samples = read_split_sides(path)[split]
+    roots = None
+    if split_file and not allow_outside_paths:
+        roots = recorded_data_folders(run_dir)
+        if roots is None:
+            raise DataError(
+                f"The checkpoint's run {run_dir} records no data folder (data_report.json or "
+                f".hydra/config.yaml), so the rows of eval.split_file={path} cannot be checked "
+                "to lie inside it; set eval.allow_outside_paths=true if the file is trusted."
+            )
+    samples = read_split_sides(
+        path,
+        key="eval.split_file",
+        roots=roots,
+        roots_name="the checkpoint's training data",
+        outside_fix=(
+            "evaluate images of that folder, remove the row, or set "
+            "eval.allow_outside_paths=true if the file is trusted"
+        ),
+    )[split]
     if not samples:
         raise DataError(
             f"{path} has no {split} rows; the run was trained without "
@@ -243,6 +294,8 @@ def evaluate_samples(
         "calibration": loaded.calibration,
         "preprocess": loaded.preprocess,
         "ensemble_members": [str(path) for path in loaded.member_checkpoints or []],
+        # The folds an allow_partial=true ensemble lacks: [{"fold": 1, "seed": 42}, ...].
+        "ensemble_missing_folds": (loaded.ensemble_folds or {}).get("missing_folds", []),
         "bootstrap": bootstrap_settings(n_bootstrap, seed),
         "skipped_files": len(skipped),
         # {"train", "val", "test", "unseen"} counts; None without the training split.csv.
@@ -256,6 +309,7 @@ def evaluate_samples(
         threshold_source,
         loaded.preprocess,
         loaded.member_checkpoints,
+        loaded.ensemble_folds,
     )
     seen_line = seen_warning(seen_counts, split)
     if seen_line:
@@ -271,7 +325,7 @@ def evaluate_samples(
     if any(s.source == "phantom" for s in samples):
         report += SYNTHETIC_BANNER
     report += "\n" + format_split_block(scores, split, n_bootstrap, note)
-    atomic_write(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(output_dir / "metrics.json", metrics)
     atomic_write(output_dir / "report.txt", report)
     write_eval_predictions(
         output_dir / "predictions.csv",
@@ -371,13 +425,20 @@ def format_threshold_header(
     source: str,
     preprocess: dict[str, Any] | None = None,
     members: Sequence[Path] | None = None,
+    folds: dict[str, Any] | None = None,
 ) -> str:
-    """The report's first lines: which model (an ensemble's members), its preprocessing when
-    there is one, and the operating threshold with where it came from."""
+    """The report's first lines: which model (an ensemble's members, and the folds it lacks:
+    `folds`, LoadedModel.ensemble_folds), its preprocessing when there is one, and the operating
+    threshold with where it came from."""
     header = f"Checkpoint: {checkpoint}\n"
     if members:
         listed = ", ".join(str(path) for path in members)
-        header += f"Ensemble: the {COMBINATION} of {len(members)} fold models ({listed})\n"
+        missing = describe_missing(folds)
+        partial = f"; {missing} (allow_partial=true)" if missing else ""
+        header += (
+            f"Ensemble: the {COMBINATION} of {describe_members(len(members), folds)} "
+            f"({listed}){partial}\n"
+        )
     if preprocess:
         header += f"Preprocessing: {describe_preprocess(preprocess)}, stored in the checkpoint\n"
     return header + f"Operating threshold: p_tb >= {threshold:.4f} ({source})\n"

@@ -10,7 +10,6 @@ backbone features in reduced precision (data.cache_features); the final figures 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from tb_lightning.core.atomic import atomic_write, atomic_write_csv
+from tb_lightning.core.atomic import atomic_write, atomic_write_csv, atomic_write_json
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.datamodule import TBDataModule
@@ -169,7 +168,7 @@ def final_report(
     if test:
         report += "\n" + format_split_block(scores, "test", BOOTSTRAP_RESAMPLES, TEST_NOTE)
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(output_dir / "metrics.json", metrics)
     atomic_write(output_dir / "report.txt", report)
     write_run_predictions(
         output_dir / "predictions.csv",

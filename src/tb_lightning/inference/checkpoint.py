@@ -46,6 +46,9 @@ class LoadedModel:
     preprocess: dict[str, Any] | None = None
     # An ensemble's members' checkpoints (evaluation/ensemble.py); None for one checkpoint.
     member_checkpoints: list[Path] | None = None
+    # An ensemble's folds: {"num_folds": k, "seeds": [...], "missing_folds": [{"fold", "seed"}]}
+    # (the folds left out with allow_partial=true); None for one checkpoint.
+    ensemble_folds: dict[str, Any] | None = None
 
     @property
     def run_dir(self) -> Path:

@@ -4,7 +4,6 @@ operating threshold; then check that the exported file reproduces the Lightning 
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -14,7 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from tb_lightning.core.atomic import atomic_target, atomic_write, atomic_write_with
+from tb_lightning.core.atomic import (
+    atomic_target,
+    atomic_write_json,
+    atomic_write_with,
+)
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.split import read_split_csv
 from tb_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_image
@@ -75,12 +78,17 @@ def clahe_steps(preprocess: dict[str, Any] | None) -> list[str]:
 
 
 def ensemble_record(loaded: LoadedModel) -> dict[str, Any] | None:
-    """model.json's `ensemble`: the member checkpoints inside the file and how they combine."""
+    """model.json's `ensemble`: the member checkpoints inside the file, how they combine, and
+    the k-fold run they are the folds of (with the folds an allow_partial=true export lacks)."""
     if not loaded.member_checkpoints:
         return None
+    folds = loaded.ensemble_folds or {}
     return {
         "members": [str(path) for path in loaded.member_checkpoints],
         "combination": f"{COMBINATION} (the members' logits averaged, then the sigmoid)",
+        "num_folds": folds.get("num_folds"),
+        "seeds": folds.get("seeds"),
+        "missing_folds": folds.get("missing_folds", []),
     }
 
 
@@ -204,7 +212,7 @@ def export_model(
             "tolerance": TOLERANCE,
         },
     }
-    atomic_write(output_dir / "model.json", json.dumps(sidecar, indent=2) + "\n")
+    atomic_write_json(output_dir / "model.json", sidecar)
     log.info(
         "Exported %s -> %s (+ model.json); matches the Lightning module on %d images "
         "(max |difference| %.2g)",

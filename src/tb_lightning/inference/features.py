@@ -14,8 +14,9 @@ The cache file name is a hash of everything that changes the features: the backb
 (their bytes, so random-init backbones are told apart too), the image size and preprocessing, the
 extraction precision, and the file list with sizes and modification times. Any change builds a new
 file; old files are left for other configurations to reuse. Writes are atomic and serialised by a
-lock file (the jobs of a sweep that start together extract once); a damaged cache is rebuilt
-with a warning (core/mapped_table.py).
+lock file (the jobs of a sweep that start together extract once). Every row is covered by a
+checksum written with it and checked when a run opens the cache; a damaged cache is rebuilt with
+a warning, never used (core/mapped_table.py).
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ def run_prediction(
 
     Every file gets the scan's checks (transforms.check_image_file, then a decode): a huge,
     tiny, truncated, unreadable or non-image file is listed in skipped.csv with the reason and
-    gets no prediction, and the run goes on with the rest.
+    gets no prediction, and the run goes on with the rest; when no file is left, DataError.
     """
     warn_if_upsampled(paths, loaded.image_size)
     predictions = predict_images(
@@ -153,6 +153,16 @@ def run_prediction(
         preprocess=loaded.preprocess,
     )
     readable = [p for p, ok in zip(paths, predictions.readable, strict=True) if ok]
+    if not readable:
+        # Nothing was predicted: a run that "succeeds" with an empty predictions.csv would be
+        # read as "no TB found". skipped.csv still says why each input was left out.
+        _, skipped_csv = write_predictions(
+            output_dir, paths, predictions, threshold, threshold_source
+        )
+        raise DataError(
+            f"No image could be predicted: all {len(paths)} input(s) are bad files, each listed "
+            f"with the reason in {skipped_csv}; fix or replace them, or pass input=<other images>."
+        )
     maps = None
     if saliency:
         maps = write_saliency_maps(
