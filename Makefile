@@ -9,14 +9,14 @@ ARGS ?=
 # Import this checkout's code even when .venv was installed editable from another checkout.
 export PYTHONPATH := $(CURDIR)/src
 
-.PHONY: install train test test-fast lint format tensorboard screenshots bench bench-scale chaos clean distclean
+.PHONY: install train test test-fast lint format tensorboard mlflow screenshots bench bench-scale chaos clean distclean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q $(TORCH_PINS)
-	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev,export,saliency,sweeps]"
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev,export,mlflow,saliency,sweeps]"
 	touch $(STAMP)
 
 ## The main job, offline: phantom data (generated on first use), ~2 minutes on 2 CPU cores.
@@ -42,6 +42,10 @@ format: $(STAMP)
 ## TensorBoard on every run; every epoch's confusion-matrix image kept (its default keeps 4).
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir outputs/ --samples_per_plugin images=100 $(ARGS)
+
+## MLflow's web UI on the runs of logger=mlflow (the embedded store in outputs/mlruns), port 5000.
+mlflow: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///outputs/mlruns/mlflow.db $(ARGS)
 
 ## A 6-job sweep, eval and Grad-CAM, TensorBoard's tabs captured in headless Chromium into
 ## docs/img/ (~4 minutes on 2 cores; needs `apt-get install chromium`; not part of make test).

@@ -5,7 +5,8 @@ experiment=nlm_scratch on ../shared/data/nlm-tb-128 at its native 128 px, on a s
 schedule), evaluates the best job, draws Grad-CAM figures of two synthetic
 phantom images (no real radiograph goes into docs/), opens TensorBoard on the sweep in headless
 Chromium and captures each tab: Time Series, Scalars, HParams (table and parallel
-coordinates), Custom Scalars, Images. Everything it runs writes into a new folder of its own,
+coordinates), Custom Scalars, Images; then MLflow's Compare page of the same runs (the sweep
+logs to both). Everything it runs writes into a new folder of its own,
 outputs/screenshots/<time>/, which stays for a look in TensorBoard afterwards.
 
 Not part of `make test`: it needs Debian's Chromium (`apt-get install chromium`) and the
@@ -46,7 +47,7 @@ def best_job(sweep_dir: Path) -> Path:
     best = [r for r in rows if r.get("verdict") == "best"]
     if not best:
         raise SystemExit(f"{sweep_dir}/sweep_summary.csv marks no best job")
-    return Path(best[0]["run_dir"])
+    return sweep_dir / best[0]["run_dir"]  # written relative to the multirun folder
 
 
 def phantom_examples(folder: Path) -> list[str]:
@@ -131,6 +132,52 @@ def capture_tensorboard(port: int, out: Path, chromium: str) -> list[Path]:
     return shots
 
 
+def start_mlflow_ui(store: Path, port: int) -> subprocess.Popen:
+    """`mlflow ui` on the sweep's embedded store (what `make mlflow` opens for outputs/)."""
+    mlflow = Path(sys.executable).with_name("mlflow")
+    uri = f"sqlite:///{store}"
+    process = subprocess.Popen(
+        [str(mlflow), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(90):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return process
+        except OSError:
+            time.sleep(1)
+    process.terminate()
+    raise SystemExit(f"mlflow ui did not answer on {uri} within 90 s")
+
+
+def capture_mlflow_compare(store: Path, port: int, out: Path, chromium: str) -> Path:
+    """MLflow's Compare page of the sweep's runs: their swept params and final figures."""
+    import json
+    import urllib.parse
+
+    from mlflow import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    experiments = [e for e in client.search_experiments() if e.name != "Default"]
+    ids = [e.experiment_id for e in experiments]
+    runs = client.search_runs(ids, order_by=["attributes.start_time ASC"])
+    query = urllib.parse.urlencode(
+        {"runs": json.dumps([r.info.run_id for r in runs]), "experiments": json.dumps(ids)}
+    )
+    path = out / "mlflow-compare.png"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={**VIEWPORT, "height": 1300})
+        page.goto(f"http://127.0.0.1:{port}/#/compare-runs?{query}", wait_until="networkidle")
+        page.get_by_text("Parameters").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(4000)
+        page.screenshot(path=str(path))
+        browser.close()
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
@@ -155,6 +202,9 @@ def main() -> None:
             "experiment=nlm_scratch",
             f"data.root={args.data_root}",
             f"trainer.max_epochs={args.epochs}",
+            # TensorBoard and MLflow (its embedded store in <work>/mlruns) side by side.
+            "logger=[tensorboard,mlflow]",
+            f"logger.mlflow.save_dir={work / 'mlruns'}",
             f"hydra.sweep.dir={sweep_dir}",
         )
     elif not (sweep_dir / "sweep_summary.csv").is_file():
@@ -191,6 +241,14 @@ def main() -> None:
         written += capture_tensorboard(port, args.out, chromium)
     finally:
         tensorboard.terminate()
+    store = work / "mlruns" / "mlflow.db"
+    if store.is_file():
+        port = free_port()
+        mlflow_ui = start_mlflow_ui(store, port)
+        try:
+            written.append(capture_mlflow_compare(store, port, args.out, chromium))
+        finally:
+            mlflow_ui.terminate()
     print(f"Runs in {work}; pictures:")
     for path in written:
         print(f"  {path.relative_to(PROJECT_ROOT)}")

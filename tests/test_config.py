@@ -70,9 +70,11 @@ def test_trainer_options_instantiate(option):
 
 @pytest.mark.parametrize("option", options("logger"))
 def test_logger_options_instantiate(option, tmp_path):
-    cfg = compose_train([f"logger={option}"], output_dir=tmp_path)
+    # paths.log_dir: MLflow's embedded store lives there (<log_dir>/mlruns), beside the runs.
+    cfg = compose_train([f"logger={option}", f"paths.log_dir={tmp_path}"], output_dir=tmp_path)
     loggers = instantiate_group(cfg.logger)
-    assert loggers and all(tmp_path in Path(lg.log_dir).parents for lg in loggers)
+    folders = [getattr(lg, "log_dir", None) or lg.save_dir for lg in loggers]
+    assert loggers and all(tmp_path in Path(folder).parents for folder in folders)
 
 
 def test_callbacks_instantiate(tmp_path):

@@ -118,7 +118,13 @@ def test_typo_in_an_override_key_is_refused_by_hydra():
         (["model.scheduler.name=step"], "model.scheduler.name='step' is not one of"),
         (
             ["model/scheduler=cosine", "model.scheduler.warmup_epochs=10"],
-            "model.scheduler.warmup_epochs=10 must be >= 0 and below trainer.max_epochs=10",
+            "model.scheduler.warmup_epochs=10 leaves no epoch for the cosine decay with "
+            "trainer.max_epochs=10; set trainer.max_epochs >= 11 or "
+            "model.scheduler.warmup_epochs <= 9.",
+        ),
+        (
+            ["model/scheduler=cosine", "model.scheduler.warmup_epochs=-1"],
+            "model.scheduler.warmup_epochs=-1 must be an integer >= 0 (0: no warm-up).",
         ),
         (
             ["model.optimizer._target_=torch.optim.RMSprop"],

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import PROJECT_ROOT, phantom_overrides, run_cli
+from tb_lightning.core.artefacts import read_data_root
 from tb_lightning.data.split import read_split_csv
 from tb_lightning.data.transforms import build_transform, load_image
 from tb_lightning.evaluation.thresholds import choose_threshold
@@ -48,13 +49,16 @@ def logits_of(model, paths, image_size) -> np.ndarray:
 
 
 def predict_rows(ckpt_path, input_path, out) -> list[dict[str, str]]:
-    """`python -m tb_lightning.predict ckpt_path=... input=...` as a user runs it: its CSV rows."""
+    """`python -m tb_lightning.predict ckpt_path=... input=...` as a user runs it: its CSV rows,
+    each path joined to the data root predictions.json names."""
     result = run_cli(
         "tb_lightning.predict", f"ckpt_path={ckpt_path}", f"input={input_path}",
         f"hydra.run.dir={out}",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return list(csv.DictReader((out / "predictions.csv").open()))
+    root = read_data_root(out)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    return [{**r, "path": str(root / r["path"])} for r in rows]
 
 
 @pytest.mark.slow
@@ -74,7 +78,8 @@ def test_predict_with_a_kfold_directory_uses_every_fold_model(kfold_dir, phantom
         oof_labels += [s.label for s in val]
     threshold = choose_threshold(np.concatenate(oof_probs), np.array(oof_labels), "youden")
     assert float(rows[0]["threshold"]) == pytest.approx(threshold, abs=1e-6)
-    assert rows[0]["threshold_source"] == (
+    sidecar = json.loads((tmp_path / "predict" / "predictions.json").read_text())
+    assert sidecar["threshold_source"] == (
         f"chosen on the out-of-fold predictions of the {FOLDS} fold models "
         f"({len(oof_labels)} images) by threshold.policy=youden"
     )
@@ -100,7 +105,8 @@ def test_eval_of_a_kfold_directory_scores_the_shared_test_split(kfold_dir, tmp_p
     )
     assert "out-of-fold predictions" in metrics["threshold"]["source"]
     report = (out / "report.txt").read_text()
-    assert f"Ensemble: the mean logit of {FOLDS} fold models ({kfold_dir.resolve()}/0/" in report
+    # The multirun folder relative to the eval run, the members relative to it.
+    assert f"Ensemble: the mean logit of {FOLDS} fold models (0/checkpoints/" in report
     assert len(metrics["ensemble_members"]) == FOLDS
     # docs/experiments.md's table: the folds' own test rows and this ensemble row.
     table = subprocess.run(
@@ -193,11 +199,12 @@ def test_a_calibrated_ensemble_fits_its_temperature_out_of_fold_and_exports_as_o
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sidecar = json.loads((exported / "model.json").read_text())
     assert sorted(p.name for p in exported.iterdir() if p.suffix != ".log") == [
-        ".hydra", "model.json", "model.onnx"
+        ".hydra", "config_resolved.yaml", "model.json", "model.onnx", "provenance.json"
     ]  # fmt: skip
-    assert sidecar["ensemble"]["members"] == [
-        str(folder.resolve() / str(k) / "checkpoints" / "last.ckpt") for k in range(FOLDS)
+    assert sidecar["ensemble"]["members"] == [  # relative to the multirun folder
+        f"{k}/checkpoints/last.ckpt" for k in range(FOLDS)
     ]
+    assert (exported / sidecar["checkpoint"]).resolve() == folder.resolve()
     assert sidecar["threshold"] == pytest.approx(threshold, abs=1e-6)
     assert sidecar["calibration"]["temperature"] == pytest.approx(temperature, rel=1e-6)
     assert "out-of-fold" in sidecar["threshold_source"]

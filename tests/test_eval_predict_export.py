@@ -21,6 +21,7 @@ from conftest import PHANTOM_SIZE, eval_config, run_cli
 from data_builders import write_bad
 from tb_lightning.config import CONF_DIR
 from tb_lightning.config.checks import check_eval_config
+from tb_lightning.core.artefacts import read_data_root, threshold_text
 from tb_lightning.core.errors import ConfigError, DataError, UserError
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.split import read_split_csv, read_split_sides, write_split_csv
@@ -35,6 +36,14 @@ from tb_lightning.models.torch_file import load_checkpoint
 from test_integrity import corrupt_png, png_with_header
 
 FIGURES = {"confusion_matrix", "roc_curve", "pr_curve", "p_tb_distribution", "calibration_curve"}
+
+
+def image_paths(folder: Path, rows: list[dict]) -> list[str]:
+    """The images of predictions.csv rows: their paths joined to the data root that
+    predictions.json names."""
+    root = read_data_root(folder)
+    assert root is not None and root.is_absolute()
+    return [str(root / r["path"]) for r in rows]
 
 
 def assert_ok(result):
@@ -108,7 +117,7 @@ def test_train_report_and_eval_print_the_same_numbers(trained_run, eval_run):
     eval_report = (tmp_path / "report.txt").read_text()
     assert val_block(eval_report) == val_block(train_report)
     # Every threshold-dependent figure names its threshold; the val figures carry the warning.
-    value = f"{trained['threshold']['value']:.4f}"
+    value = threshold_text(trained["threshold"]["value"])
     assert f"Operating threshold: p_tb >= {value} (chosen on the validation split" in eval_report
     assert val_block(train_report).count(f"p_tb >= {value}") >= 4
     assert "optimistic" in val_block(train_report)
@@ -165,8 +174,12 @@ def test_eval_cli_on_the_val_split(trained_run, loaded, eval_run):
     events.Reload()
     assert {f"eval/{name}" for name in FIGURES} <= set(events.Tags()["images"])
     assert "val/auroc" in events.Tags()["scalars"]
+    # The threshold and its source are said once, in predictions.json, not on every row.
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
-    assert {r["threshold_source"] for r in rows} == {metrics["threshold"]["source"]}
+    assert "threshold_source" not in rows[0]
+    sidecar = json.loads((tmp_path / "predictions.json").read_text())
+    assert sidecar["threshold_source"] == metrics["threshold"]["source"]
+    assert sidecar["threshold"] == metrics["threshold"]["value"]
 
 
 def test_eval_per_source_with_threshold_override(loaded, phantom_root, tmp_path):
@@ -189,7 +202,7 @@ def test_eval_per_source_with_threshold_override(loaded, phantom_root, tmp_path)
     )
     assert set(metrics["all"]["per_source"]) == {"montgomery", "shenzhen"}
     assert metrics["all"]["per_source"]["shenzhen"]["images"] == 6
-    assert "Per source (sensitivity and specificity at p_tb >= 0.3000)" in report
+    assert "Per source (sensitivity and specificity at p_tb >= 0.300000)" in report
     assert "shenzhen" in report
     rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
     assert {r["source"] for r in rows} == {"montgomery", "shenzhen"}
@@ -235,16 +248,17 @@ def test_predict_cli_with_saliency_skips_unreadable_files(
     assert "Skipped 3 bad file(s)" in output and "broken.png" in output
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in good)
-    expected = model_probs(loaded, [r["path"] for r in rows])
+    expected = model_probs(loaded, image_paths(out, rows))
     stored = load_checkpoint(trained_run / "checkpoints" / "best.ckpt")["operating_threshold"]
+    sidecar = json.loads((out / "predictions.json").read_text())
+    assert sidecar["threshold_source"].startswith("chosen on the validation split")
     for row, p in zip(rows, expected, strict=True):
         assert float(row["p_tb"]) == pytest.approx(p, abs=1e-5)
         assert float(row["threshold"]) == pytest.approx(stored["value"])
-        assert row["threshold_source"].startswith("chosen on the validation split")
         assert row["predicted_label"] == str(int(p >= stored["value"]))
         assert row["predicted_class"] in ("Normal", "Tuberculosis")
         # The image and its overlay side by side, each at least 512 px, with a colour bar.
-        figure = Image.open(row["saliency"])
+        figure = Image.open(out / row["saliency"])  # relative to the run directory
         assert figure.size[0] >= 2 * 512 and figure.size[1] >= 512
         assert row["saliency_flag"] in ("", "empty", "border")
         if row["saliency_flag"] == "empty":
@@ -339,7 +353,9 @@ def test_flagged_gradcam_maps_are_marked(loaded, phantom_root, tmp_path, monkeyp
         caplog.text
     )
     assert "saliency_flag=empty/border" in caplog.text
-    assert all(Path(r["saliency"]).is_file() for r in rows)
+    # Named relative to the run directory.
+    assert all(not Path(r["saliency"]).is_absolute() for r in rows)
+    assert all((tmp_path / r["saliency"]).is_file() for r in rows)
 
 
 def test_predict_and_eval_say_when_the_checkpoint_upsamples_the_inputs(
@@ -418,7 +434,7 @@ def test_predict_keeps_going_past_every_kind_of_bad_file(loaded, phantom_root, t
     assert int(predictions.readable.sum()) == len(good)
     rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
     assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in good)
-    probs = model_probs(loaded, [r["path"] for r in rows])
+    probs = model_probs(loaded, image_paths(tmp_path / "out", rows))
     assert [float(r["p_tb"]) for r in rows] == pytest.approx(probs.tolist(), abs=1e-5)
     skipped = list(csv.DictReader((tmp_path / "out" / "skipped.csv").open()))
     reasons = {Path(r["path"]).name: r["reason"] for r in skipped}
@@ -454,7 +470,7 @@ def test_eval_of_a_folder_follows_data_on_bad_file(trained_run, loaded, phantom_
         assert words in reasons[name], (name, reasons[name])
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert len(rows) == 12 and not {Path(r["path"]).name for r in rows} & expected.keys()
-    probs = model_probs(loaded, [r["path"] for r in rows])
+    probs = model_probs(loaded, image_paths(out, rows))
     assert [float(r["p_tb"]) for r in rows] == pytest.approx(probs.tolist(), abs=1e-5)
     assert "Left out: 6 bad file(s)" in (out / "report.txt").read_text()
 

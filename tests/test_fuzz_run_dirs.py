@@ -328,7 +328,8 @@ READ_ONLY_CASES = [
     ("train", ["paths.log_dir={ro}/logs"], "{ro}/logs/train/runs/"),
     ("train", ["hydra.run.dir={ro}"], None),
     ("train", ["-m", "paths.log_dir={ro}", "seed=1,2"], "{ro}/train/multiruns/"),
-    ("eval", ["ckpt_path=/no/such.ckpt", "paths.log_dir={ro}"], "{ro}/eval/runs/"),
+    # The checkpoint exists (checked before the folder), and is never read: the folder is refused.
+    ("eval", ["ckpt_path={ckpt}", "paths.log_dir={ro}"], "{ro}/eval/runs/"),
 ]
 
 
@@ -342,8 +343,10 @@ def test_a_read_only_parent_is_one_sentence_before_any_work(
     ro = tmp_path / "read-only"
     ro.mkdir()
     ro.chmod(0o555)
+    ckpt = tmp_path / "unread.ckpt"
+    ckpt.write_bytes(b"not read")
     try:
-        args = [o.format(ro=ro) for o in overrides]
+        args = [o.format(ro=ro, ckpt=ckpt) for o in overrides]
         flags = [a for a in args if a.startswith("-")]  # Hydra's -m comes before the overrides
         data = phantom_overrides(phantom_root) if task == "train" else []
         command = [

@@ -114,7 +114,7 @@ def test_the_table_says_which_interval_and_drops_the_count_intervals():
         "95% CI: rates Wilson score; AUROC, AP, Brier, ECE 200 bootstrap resamples (stratified)"
         in table.splitlines()[0]
     )
-    assert "at p_tb >= 0.5000:" in table
+    assert "at p_tb >= 0.500000:" in table
     lines = {line.split("  ")[0]: line for line in table.splitlines()}
     assert "0.000   [0.000, 0.242]  0/12" in lines["Sensitivity"]
     assert "1.000   [0.785, 1.000]  14/14" in lines["Specificity"]
@@ -196,7 +196,7 @@ def test_eval_calling_every_image_normal_gives_sensitivity_an_upper_bound(traine
     sensitivity = next(line for line in report.splitlines() if line.startswith("Sensitivity"))
     assert sensitivity.split()[:4] == ["Sensitivity", "0.000", "[0.000,", f"{high:.3f}]"]
     assert f"{high:.3f}" != "0.000"
-    assert "at p_tb >= 0.9999:" in report
+    assert "at p_tb >= 0.999900:" in report
     assert "95% CI: rates Wilson score; AUROC, AP, Brier, ECE 2000 bootstrap resamples" in report
     assert "Too few images to say much: 8 Normal, 4 Tuberculosis < 10" in report
     assert "Confusion counts" not in report

@@ -289,6 +289,8 @@ def test_parallel_generation_matches_serial(tmp_path):
         assert np.array_equal(_read(pa), _read(pb))
 
 
-def test_progress_bar(tmp_path, capsys):
+def test_progress_bar(tmp_path, capsys, monkeypatch):
+    # At a terminal, tqdm's bar; elsewhere log lines (tests/test_progress.py).
+    monkeypatch.setattr("tb_lightning.core.progress.interactive", lambda: True)
     ensure_phantom_dataset(tmp_path, 2, 1, image_size=SIZE, progress=True)
     assert "Generating phantom CXR images" in capsys.readouterr().err

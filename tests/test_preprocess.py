@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import compose_train, phantom_overrides, run_cli
 from tb_lightning.config.checks import check_config
+from tb_lightning.core.artefacts import read_data_root
 from tb_lightning.core.errors import ConfigError
 from tb_lightning.data.preprocess import CLAHE, preprocess_spec
 from tb_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_image
@@ -120,7 +121,7 @@ def test_the_checkpoint_carries_clahe_to_predict_and_export(clahe_run, phantom_r
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "predict" / "predictions.csv").open()))[:6]
-    paths = [r["path"] for r in rows]
+    paths = [str(read_data_root(tmp_path / "predict") / r["path"]) for r in rows]
     with torch.no_grad():
         inputs = torch.stack([independent_input(p, 64, clahe=True) for p in paths])
         expected = torch.sigmoid(loaded.model(inputs)).numpy()

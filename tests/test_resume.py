@@ -263,7 +263,8 @@ def test_init_from_starts_a_new_run_from_the_weights(finished_run, phantom_root,
         tmp_path / "new",
     )
     assert f"Initialised the network from {ckpt}" in caplog.text
-    assert metrics["init_from"] == str(ckpt)
+    # Relative to the new run's directory, as every path in its files.
+    assert (tmp_path / "new" / metrics["init_from"]).resolve() == ckpt.resolve()
     assert fingerprint(finished_run) == before
 
 

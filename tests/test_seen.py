@@ -242,13 +242,14 @@ def test_eval_on_its_training_folder_says_so(trained_run, phantom_root, tmp_path
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["seen_in_training"] == metrics["seen_in_training"]
     lines = (out / "report.txt").read_text().splitlines()
-    assert lines[0].startswith("Checkpoint: ") and lines[1].startswith("Operating threshold: ")
+    assert lines[0].startswith("Checkpoint: ") and lines[1].startswith("Checkpoint epoch: ")
+    assert lines[2].startswith("Operating threshold: ")
     sentence = (
         f"{expected['train']} of {len(roles)} evaluated images are images or patients this "
         f"model trained on (its train split) and {expected['val']} more are of its validation "
         "split"
     )
-    assert lines[2].startswith(f"SEEN IN TRAINING: {sentence}")
+    assert lines[3].startswith(f"SEEN IN TRAINING: {sentence}")
     assert sentence in caplog.text
     rows = predicted_rows(out)
     assert {r["seen_in_training"] for r in rows.values()} == {"train", "val"}

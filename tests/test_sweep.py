@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -294,28 +295,35 @@ def test_multirun_summary_tensorboard_and_a_failed_job(phantom_root, tmp_path):
         "-m",
         *phantom_overrides(phantom_root),
         "trainer.max_epochs=1",
-        "model.optimizer.lr=1e-3,3e-3,-1",
+        # lr=1e30 passes the config checks (a mistake there stops the multirun before any job:
+        # test_fail_fast.py) and diverges in its job's first steps.
+        "model.optimizer.lr=1e-3,3e-3,1e30",
         f"hydra.sweep.dir={sweep_dir}",
     )
     output = result.stdout + result.stderr
     # The failed jobs are recorded by Hydra (exit code 1), after every job has run.
     assert result.returncode == 1, output[-3000:]
-    assert "model.optimizer.lr=-1 must be a number > 0" in output
+    assert "Training stopped: the loss became" in output
     rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))
     assert [(r["overrides"], r["status"]) for r in rows] == [
         ("model.optimizer.lr=0.001", "ok"),
         ("model.optimizer.lr=0.003", "ok"),
-        ("model.optimizer.lr=-1", "failed"),
+        ("model.optimizer.lr=1e+30", "failed"),
     ]
-    # The user's mistake is its one sentence, in the summary and at the end: no traceback.
-    assert rows[2]["error"] == "model.optimizer.lr=-1 must be a number > 0, e.g. 1e-4."
+    # The job's error is its one sentence, in the summary and at the end: no traceback.
+    assert re.match(r"Training stopped: the loss became (nan|inf) at epoch 0", rows[2]["error"])
+    assert rows[2]["error"].endswith("Lower model.optimizer.lr (now 1e+30) or check the input "
+                                     "images, then train again.")  # fmt: skip
     assert "Traceback" not in output
     assert "HYDRA_FULL_ERROR" not in output
     assert "1 of 3 jobs failed (job 2)" in result.stdout.rstrip().splitlines()[-1]
+    # Piped: each job's epoch line names the job and the sweep's size.
+    assert re.search(r"Epoch 1/1: train loss .*; job #1 of 3\n", result.stdout)
     assert [r["verdict"] for r in rows].count("best") == 1
     assert (sweep_dir / "sweep_configurations.csv").is_file()
     for row in rows[:2]:
-        stored = json.loads((Path(row["run_dir"]) / "metrics.json").read_text())
+        assert row["run_dir"] == row["job"]  # relative to the multirun folder
+        stored = json.loads((sweep_dir / row["run_dir"] / "metrics.json").read_text())
         assert float(row["val/auroc"]) == pytest.approx(stored["val/auroc"], abs=1e-4)
         # The threshold-dependent columns are at the job's own stored threshold, named beside.
         assert float(row["threshold"]) == pytest.approx(stored["threshold"]["value"], abs=1e-4)

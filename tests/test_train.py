@@ -73,8 +73,10 @@ def test_run_dir_holds_every_artefact(two_epoch_run):
     assert load_checkpoint(two_epoch_run / "checkpoints" / "last.ckpt")["epoch"] == 1
     report = (two_epoch_run / "report.txt").read_text()
     threshold = json.loads((two_epoch_run / "metrics.json").read_text())["threshold"]["value"]
-    assert report.startswith(f"Checkpoint: {two_epoch_run / 'checkpoints' / 'best.ckpt'}\n")
-    assert f"Operating threshold: p_tb >= {threshold:.4f}" in report
+    # The checkpoint relative to the run directory; the threshold exactly, at 6 decimals.
+    assert report.startswith("Checkpoint: checkpoints/best.ckpt\n")
+    assert f"Operating threshold: p_tb >= {threshold:.6f}" in report
+    assert float(f"{threshold:.6f}") == threshold
     assert "== Validation split: 12 images (8 Normal, 4 Tuberculosis) ==" in report
     assert "Validation loss: " in report and "for class Tuberculosis:" in report
 

@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
+from tb_lightning.config.printing import print_config
 from tb_lightning.core.tasks import instantiate_config, quiet_known_warnings, run_task
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def evaluated_on(cfg: DictConfig) -> str:
+    """What eval scores, in words, before anything is loaded (its first line)."""
+    split = cfg.eval.get("split") or ("all" if cfg.get("data") is not None else "val")
+    if split == "all":
+        return f"every image of {cfg.data.get('root') or 'data.sources'}"
+    return f"the {split} split of {cfg.eval.get('split_file') or 'its run (split.csv)'}"
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
+    # At once, before torch is imported (seconds): the config was checked (config/callback.py).
+    log.info("Evaluating %s on %s", cfg.ckpt_path, evaluated_on(cfg))
+    print_config(cfg, cfg.paths.output_dir)
     quiet_known_warnings()
     run_task(evaluate, cfg)
 

@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
+from tb_lightning.config.printing import print_config
 from tb_lightning.core.tasks import quiet_known_warnings, run_task
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def main(cfg: DictConfig) -> None:
+    # At once, before torch is imported (seconds): the config was checked (config/callback.py).
+    log.info("Exporting %s as %s", cfg.ckpt_path, cfg.format)
+    print_config(cfg, cfg.paths.output_dir)
     quiet_known_warnings()
     run_task(export, cfg)
 

@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
+from tb_lightning.config.printing import print_config
 from tb_lightning.core.tasks import quiet_known_warnings, run_task
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ def predict(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
+    # At once, before torch is imported (seconds): the config was checked (config/callback.py).
+    log.info("Predicting %s with %s", cfg.input, cfg.ckpt_path)
+    print_config(cfg, cfg.paths.output_dir)
     quiet_known_warnings()
     run_task(predict, cfg)
 

@@ -3,8 +3,9 @@
 Overrides are Hydra's: `python -m tb_lightning.train data.root=/data/TB trainer=gpu`.
 
 This module imports only Hydra at the top: torch and Lightning (several seconds) are imported
-once the config is composed and the run directory announced, so that `--help`, config errors and
-the first log line come at once. The work itself is tb_lightning/engine/training.py.
+once the config is composed and checked (config/callback.py), the run directory announced and
+the config printed, so that `--help`, config errors and the first log line come at once. The work
+itself is tb_lightning/engine/training.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
+from tb_lightning.config.printing import print_config
 from tb_lightning.core.tasks import quiet_known_warnings, run_task
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     log.info("Run directory: %s", Path(cfg.paths.output_dir))
+    print_config(cfg, cfg.paths.output_dir)
     quiet_known_warnings()
     from tb_lightning.core.allocator import keep_large_blocks_in_heap
 

@@ -1,15 +1,21 @@
 """Every config value a user sets, checked in one place before any data is read.
 
+Two stages. The checks of values (`VALUE_CHECKS`: `check_train_values`, `check_eval_values`,
+...) need no torch: a Hydra callback runs them on the composed config before torch is imported
+and before the run's folder exists, once for every job of a multirun (config/callback.py).
 `check_config` (train), `check_eval_config`, `check_predict_config` and `check_export_config`
-run first in their entry points. Each failure is one sentence naming the key, the value and
-what is allowed. The classes and functions that take these values trust them: they are built
-from a checked config, or from code that knows what it passes. Checks that need the data (a
-val_size larger than the data, fewer patients than folds, a file that is not an image) are made
-where the data is read (data/split.py, data/sources.py, data/integrity.py), once each; the one
-file read here is a data.split_file (its rows, not its images: check_split_file), which says as
-much about the run as any value. No float setting may be NaN or infinite (check_finite, and
-_is_number in every range check). Typos in override keys are refused by Hydra's struct mode
-("Key 'dropuot' is not in struct"), and keys added with `+` by `check_known_keys`.
+run them again first in their entry points (for callers that skip the command line), then the
+checks that import what they check: a CUDA GPU for trainer.accelerator, the arguments of the
+classes for keys added with `+`, the optimizer's `fused` option. Each failure is one sentence
+naming the key, the value and what is allowed, or the fix. The classes and functions that take
+these values trust them: they are built from a checked config, or from code that knows what it
+passes. Checks that need the data (a val_size larger than the data, fewer patients than folds, a
+file that is not an image) are made where the data is read (data/split.py, data/sources.py,
+data/integrity.py), once each; the one file read here is a data.split_file (its rows, not its
+images: check_split_file), which says as much about the run as any value. No float setting may
+be NaN or infinite (check_finite, and _is_number in every range check). Typos in override keys
+are refused by Hydra's struct mode ("Key 'dropuot' is not in struct"), and keys added with `+`
+by `check_known_keys`.
 """
 
 from __future__ import annotations
@@ -24,13 +30,28 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+# No torch, Lightning or torchvision here, directly or through these modules: the checks of
+# values run in a Hydra callback before those are imported (config/callback.py; checked by
+# tests/test_fail_fast.py). The checks that need them import them where they run.
+from tb_lightning.core.choices import (
+    ARCHS,
+    AUGMENT_KEYS,
+    BAD_FILE_POLICIES,
+    CACHE_MODES,
+    FORMATS,
+    LEAK_POLICIES,
+    LESION_MIXES,
+    MIN_IMAGE_SIZE,
+    PHASH_BITS,
+    POLICIES,
+    PREPROCESS_NAMES,
+    SCHEDULERS,
+    SPLITS,
+    preprocess_spec,
+)
 from tb_lightning.core.errors import ConfigError, WeightsError
 from tb_lightning.core.extras import require as require_extra
 from tb_lightning.core.run_dirs import LAST, check_ckpt_path
-from tb_lightning.data.augment import AUGMENT_KEYS
-from tb_lightning.data.integrity import BAD_FILE_POLICIES, LEAK_POLICIES, PHASH_BITS
-from tb_lightning.data.phantom import LESION_MIXES
-from tb_lightning.data.preprocess import PREPROCESS_NAMES, preprocess_spec
 from tb_lightning.data.sources import SOURCE_KEYS, SOURCES, source_folder
 from tb_lightning.data.split import (
     read_split_sides,
@@ -38,13 +59,6 @@ from tb_lightning.data.split import (
     split_class_problem,
     stratified_split,
 )
-from tb_lightning.evaluation.calibration import calibration_refusal
-from tb_lightning.evaluation.evaluate import SPLITS
-from tb_lightning.evaluation.thresholds import POLICIES
-from tb_lightning.inference.deploy import FORMATS
-from tb_lightning.inference.features import CACHE_MODES
-from tb_lightning.models.backbones import ARCHS, MIN_IMAGE_SIZE
-from tb_lightning.models.schedules import SCHEDULERS
 
 # Lightning 2.x precision names (the short aliases "32", "16", "bf16" included).
 PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
@@ -126,10 +140,14 @@ def check_image_size(image_size: Any, arch: str) -> None:
 # --- sections ---------------------------------------------------------------------------------
 
 
-def check_accelerator(accelerator: Any, key: str = "trainer.accelerator") -> None:
-    """Fail before any work when the accelerator cannot run here."""
+def check_accelerator_name(accelerator: Any, key: str = "trainer.accelerator") -> None:
     _one_of(key, accelerator, ACCELERATORS, "; use e.g. trainer=cpu or trainer=gpu")
-    import torch  # here, not at the top: entry points import this module before torch
+
+
+def check_accelerator(accelerator: Any, key: str = "trainer.accelerator") -> None:
+    """Fail before any work when the accelerator cannot run here (imports torch)."""
+    check_accelerator_name(accelerator, key)
+    import torch  # here, not at the top: the checks of values run before torch is imported
 
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
@@ -159,7 +177,8 @@ def check_policy(policy: Any, target: Any = None) -> None:
 
 
 def check_model(model: Mapping[str, Any], max_epochs: Any = None) -> None:
-    """model.optimizer.*, model.net.*, model.scheduler.*, model.threshold."""
+    """model.optimizer.*, model.net.*, model.scheduler.*, model.threshold (the optimizer's
+    `fused` option: check_fused_option, which imports the optimizer)."""
     optimizer, net = model.get("optimizer") or {}, model.get("net") or {}
     lr = optimizer.get("lr")
     if not _is_number(lr) or lr <= 0:
@@ -172,7 +191,6 @@ def check_model(model: Mapping[str, Any], max_epochs: Any = None) -> None:
     scale = optimizer.get("backbone_lr_scale", 1.0)
     if not _is_number(scale) or scale < 0:
         raise ConfigError(f"model.optimizer.backbone_lr_scale={scale!r} must be a number >= 0.")
-    check_fused_option(optimizer)
     arch = net.get("arch", "alexnet")
     _one_of("model.net.arch", arch, ARCHS, " (torchvision backbones)")
     dropout = net.get("dropout", 0.5)
@@ -220,14 +238,19 @@ def check_scheduler(scheduler: Mapping[str, Any] | None, max_epochs: Any) -> Non
         "; pick a preset with model/scheduler=cosine|plateau|none",
     )
     warmup = scheduler.get("warmup_epochs", 0) or 0
-    if scheduler.get("name") == "cosine" and (
-        not _is_int(warmup)
-        or warmup < 0
-        or (_is_int(max_epochs) and max_epochs > 0 and warmup >= max_epochs)
-    ):
+    if scheduler.get("name") != "cosine":
+        return
+    if not _is_int(warmup) or warmup < 0:
         raise ConfigError(
-            f"model.scheduler.warmup_epochs={warmup} must be >= 0 and below "
-            f"trainer.max_epochs={max_epochs}."
+            f"model.scheduler.warmup_epochs={warmup!r} must be an integer >= 0 (0: no warm-up)."
+        )
+    if _is_int(max_epochs) and max_epochs > 0 and warmup >= max_epochs:
+        # The cosine decay runs over the epochs after the warm-up: at least one is needed.
+        shorter = "=0" if max_epochs == 1 else f" <= {max_epochs - 1}"
+        raise ConfigError(
+            f"model.scheduler.warmup_epochs={warmup} leaves no epoch for the cosine decay with "
+            f"trainer.max_epochs={max_epochs}; set trainer.max_epochs >= {warmup + 1} or "
+            f"model.scheduler.warmup_epochs{shorter}."
         )
 
 
@@ -431,6 +454,8 @@ def check_split_file(data: Mapping[str, Any], calibration: Any = "none") -> None
             "class to that split, or make a new split with data.split_file=null."
         )
     if calibration == "temperature":
+        from tb_lightning.evaluation.calibration import calibration_refusal  # numpy: only here
+
         val = sides["val"]
         refusal = calibration_refusal(
             len(val),
@@ -449,6 +474,8 @@ def check_calibration_split(data: Mapping[str, Any]) -> None:
     val_size = data.get("val_size")
     if data.get("split_file") or data.get("num_folds") is not None or not _is_int(val_size):
         return
+    from tb_lightning.evaluation.calibration import calibration_refusal  # numpy: only here
+
     # Both classes are assumed here: the split, stratified, is checked for them once made.
     refusal = calibration_refusal(val_size, 2, f"data.val_size={val_size}", "raise data.val_size")
     if refusal:
@@ -461,8 +488,9 @@ def check_num_workers(key: str, value: Any) -> None:
 
 
 def check_trainer(trainer: Mapping[str, Any]) -> None:
-    """trainer.accelerator, devices, max_epochs, precision."""
-    check_accelerator(trainer.get("accelerator", "auto"))
+    """trainer.accelerator (its name; a GPU for it: check_accelerator), devices, max_epochs,
+    precision."""
+    check_accelerator_name(trainer.get("accelerator", "auto"))
     devices = trainer.get("devices", "auto")
     allowed = (
         devices == "auto"
@@ -522,11 +550,18 @@ def _refuse_unknown(section: str, keys: Any, allowed: set[str] | Sequence[str] |
             )
 
 
-def check_known_keys(cfg: DictConfig) -> None:
-    """Keys added with `+key=value` (Hydra's advice for a typo) that nothing would read: one
-    sentence with the closest real key, instead of a TypeError from the class later."""
+def check_top_level_keys(cfg: DictConfig) -> None:
+    """Keys added with `+key=value` at the top level or under threshold (check_known_keys
+    covers the classes' sections)."""
     _refuse_unknown("", cfg.keys(), TOP_LEVEL_KEYS)
     _refuse_unknown("threshold", (cfg.get("threshold") or {}).keys(), THRESHOLD_KEYS)
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Keys added with `+key=value` (Hydra's advice for a typo) that nothing would read: one
+    sentence with the closest real key, instead of a TypeError from the class later. Imports
+    the classes (data module, model, Trainer) to read their arguments."""
+    check_top_level_keys(cfg)
     for section in ("data", "model", "trainer"):
         node = cfg.get(section) or {}
         _refuse_unknown(section, node.keys(), _parameters(node.get("_target_", "")))
@@ -541,7 +576,16 @@ def check_known_keys(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Check every value train() uses before anything is read or written."""
+    check_train_values(cfg)
+    # Then what needs the classes and torch imported.
     check_known_keys(cfg)
+    check_fused_option(cfg.model.get("optimizer") or {})
+    check_accelerator(cfg.trainer.get("accelerator", "auto"))
+
+
+def check_train_values(cfg: DictConfig) -> None:
+    """train's checks that need no torch (config/callback.py runs them before it is imported)."""
+    check_top_level_keys(cfg)
     check_finite(cfg)
     seed = cfg.get("seed")
     if seed is not None and not _is_int(seed):
@@ -584,12 +628,30 @@ def _check_allow_partial(cfg: DictConfig) -> None:
         )
 
 
+def check_ckpt_exists(cfg: DictConfig) -> None:
+    """ckpt_path (eval, predict, export) names a file or a multirun directory that exists; what
+    is in it is checked when it is loaded (models/torch_file.py, evaluation/ensemble.py)."""
+    ckpt_path = cfg.get("ckpt_path")
+    if not Path(str(ckpt_path)).expanduser().exists():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} does not exist; pass a checkpoint written by "
+            "tb_lightning.train, e.g. outputs/train/runs/<run>/checkpoints/best.ckpt, or a k-fold "
+            "multirun directory."
+        )
+
+
 def check_eval_config(cfg: DictConfig) -> None:
     """python -m tb_lightning.eval: eval.*, threshold.value, the accelerator, a data source."""
+    check_eval_values(cfg)
+    check_accelerator(cfg.trainer.get("accelerator", "auto"))
+
+
+def check_eval_values(cfg: DictConfig) -> None:
+    """eval's checks that need no torch (config/callback.py runs them before it is imported)."""
     _check_ckpt_path_set(cfg)
     check_finite(cfg)
     _check_allow_partial(cfg)
-    check_accelerator(cfg.trainer.get("accelerator", "auto"))
+    check_accelerator_name(cfg.trainer.get("accelerator", "auto"))
     check_threshold_value(cfg.threshold.get("value"))
     if not isinstance(cfg.eval.get("allow_outside_paths", False), bool):
         raise ConfigError(
@@ -612,25 +674,39 @@ def check_eval_config(cfg: DictConfig) -> None:
     if cfg.get("data") is not None:
         _one_of("data.source", cfg.data.get("source"), SOURCES)
         _one_of("data.on_bad_file", cfg.data.get("on_bad_file", "error"), BAD_FILE_POLICIES)
+    check_ckpt_exists(cfg)
 
 
 def check_predict_config(cfg: DictConfig) -> None:
     """python -m tb_lightning.predict: input, batch_size, workers, threshold.value."""
+    check_predict_values(cfg)
+    check_accelerator(cfg.trainer.get("accelerator", "auto"))
+
+
+def check_predict_values(cfg: DictConfig) -> None:
+    """predict's checks that need no torch (config/callback.py runs them before it is
+    imported)."""
     _check_ckpt_path_set(cfg)
     check_finite(cfg)
     _check_allow_partial(cfg)
     if not cfg.get("input"):
         raise ConfigError("input is not set; pass input=<image file, folder or CSV of paths>.")
-    check_accelerator(cfg.trainer.get("accelerator", "auto"))
+    check_accelerator_name(cfg.trainer.get("accelerator", "auto"))
     check_threshold_value(cfg.threshold.get("value"))
     _positive_int("batch_size", cfg.get("batch_size"))
     check_num_workers("num_workers", cfg.get("num_workers", 0))
     if cfg.get("saliency"):
         require_extra("saliency", "predict saliency=true (Grad-CAM)")
+    check_ckpt_exists(cfg)
+    if not Path(str(cfg.input)).expanduser().exists():
+        raise ConfigError(
+            f"input={cfg.input} does not exist; pass an image file, a folder of images or a CSV "
+            "with a `path` column."
+        )
 
 
 def check_export_config(cfg: DictConfig) -> None:
-    """python -m tb_lightning.export: format, check_images, threshold.value."""
+    """python -m tb_lightning.export: format, check_images, threshold.value (no torch needed)."""
     _check_ckpt_path_set(cfg)
     check_finite(cfg)
     _check_allow_partial(cfg)
@@ -639,6 +715,17 @@ def check_export_config(cfg: DictConfig) -> None:
         require_extra("export", "export format=onnx")
     _positive_int("check_images", cfg.get("check_images"))
     check_threshold_value(cfg.threshold.get("value"))
+    check_ckpt_exists(cfg)
+
+
+# The checks of values of each task (its config's name), which need no torch: config/callback.py
+# runs them on the composed config before torch is imported and any folder is made.
+VALUE_CHECKS = {
+    "train": check_train_values,
+    "eval": check_eval_values,
+    "predict": check_predict_values,
+    "export": check_export_config,
+}
 
 
 def runs_dir(cfg: DictConfig) -> Path:

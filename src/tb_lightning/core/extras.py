@@ -1,11 +1,13 @@
-"""Optional extras: export (ONNX), saliency (captum) and sweeps (Optuna, submitit/SLURM) are
-installed on demand (`pip install -e '.[export]'`; `make install` installs all of them). A
-feature whose extra is missing says so in one sentence with the command, instead of an
-ImportError."""
+"""Optional extras: export (ONNX), saliency (captum), sweeps (Optuna, submitit/SLURM) and
+mlflow (logger=mlflow) are installed on demand (`pip install -e '.[export]'`; `make install`
+installs all of them). A feature whose extra is missing says so in one sentence with the
+command, instead of an ImportError."""
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
+from typing import Any
 
 from tb_lightning.core.errors import ConfigError
 
@@ -14,6 +16,7 @@ EXTRAS = {
     "export": ("onnx", "onnxscript", "onnxruntime"),
     "saliency": ("captum",),
     "sweeps": ("hydra_plugins.hydra_optuna_sweeper", "hydra_plugins.hydra_submitit_launcher"),
+    "mlflow": ("mlflow",),
 }
 
 
@@ -38,3 +41,12 @@ def require(extra: str, feature: str) -> None:
             f"({', '.join(absent)}); install them with: pip install -e '.[{extra}]' in the "
             "checkout (make install installs every extra)."
         )
+
+
+def require_logger_extras(loggers: Mapping[str, Any] | None) -> None:
+    """logger=mlflow without the 'mlflow' extra: its sentence before any data is read (the
+    logger itself is made after the data scan)."""
+    for entry in (loggers or {}).values():
+        target = str((entry or {}).get("_target_", ""))
+        if "mlflow" in target.lower():
+            require("mlflow", "logger=mlflow")

@@ -42,6 +42,7 @@ IGNORED_KEYS = (
     "paths.log_dir",
     "paths.output_dir",
     "callbacks.progress_bar",
+    "callbacks.progress_log",
     "callbacks.model_summary",
     # Caches change how fast images are served, not the images.
     "data.cache_images",

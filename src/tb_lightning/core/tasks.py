@@ -29,6 +29,14 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The image decoding and encoding capabilities")
     # Under DDP the logged epoch values are torchmetrics results, already synced across processes.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist")
+    # Small data sets have fewer batches per epoch than trainer.log_every_n_steps: the per-step
+    # loss curve is then thinner, while every figure this project reads is logged per epoch.
+    warnings.filterwarnings(
+        "ignore", message=r"The number of training batches \(\d+\) is smaller than the logging"
+    )
+    # The DataLoaders' workers are chosen here (data.num_workers=auto: one per spare core), and
+    # on cached features (data.cache_features) none, on purpose: rows come from a memory map.
+    warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
     # An advert for a cloud service printed at every Trainer start.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage()

@@ -20,16 +20,6 @@ from torchvision.transforms import v2
 from tb_lightning.data.preprocess import preprocess_steps
 from tb_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-AUGMENT_KEYS = {
-    "crop_scale",
-    "crop_ratio",
-    "rotation_degrees",
-    "translate",
-    "brightness",
-    "contrast",
-    "horizontal_flip",
-}
-
 
 def is_random(augment: Mapping[str, Any]) -> bool:
     """True when any random transform is on (then cached frozen features would be wrong)."""

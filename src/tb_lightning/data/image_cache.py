@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from tb_lightning.core.mapped_table import MappedTable, RowWriter, files_digest
+from tb_lightning.core.progress import report_progress
 from tb_lightning.core.signals import raise_if_stopped
 from tb_lightning.data.dataset import ImageDataset
 from tb_lightning.data.sources import Sample
@@ -116,8 +117,6 @@ class ImageCache:
 
     def _decode(self, write: RowWriter) -> None:
         """Decode and resize every image (in DataLoader workers), streaming them into the table."""
-        from rich.progress import Progress
-
         resize = v2.Resize((self.image_size, self.image_size), antialias=True)
         loader = DataLoader(
             ImageDataset([s.path for s in self.samples], None, resize),
@@ -127,13 +126,18 @@ class ImageCache:
         start = 0
         # The DataLoader draws a seed from the global RNG: fork it, so that a run that builds
         # the cache draws what one that reads it does.
-        with torch.random.fork_rng(devices=[]), Progress() as bar:
-            task = bar.add_task("Caching decoded images", total=len(self.samples))
+        # A rich bar at a terminal, a log line every 10 % elsewhere (core/progress.py).
+        with (
+            torch.random.fork_rng(devices=[]),
+            report_progress(
+                "Caching decoded images", len(self.samples), bar="rich", logger=log
+            ) as bar,
+        ):
             for images, _ in loader:
                 raise_if_stopped()  # a safe point for Ctrl-C / SIGTERM (core/signals.py)
                 write(start, images.numpy())
                 start += len(images)
-                bar.advance(task, len(images))
+                bar.update(len(images))
 
 
 def build_image_cache(datamodule: object) -> ImageCache:

@@ -25,20 +25,15 @@ import numpy as np
 from PIL import Image
 
 from tb_lightning.core.atomic import atomic_write_json
+from tb_lightning.core.choices import PHASH_BITS, PHASH_SIZE
 from tb_lightning.core.errors import DataError
+from tb_lightning.core.progress import report_progress
 from tb_lightning.core.signals import cancel_pending_on_stop, raise_if_stopped
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.transforms import IMAGE_FORMATS, check_image_file, pil_to_rgb_array
 
 log = logging.getLogger(__name__)
 
-BAD_FILE_POLICIES = ("error", "skip")
-LEAK_POLICIES = ("warn", "error", "drop")
-# pHash on a 16x16 DCT block: 256 bits. Chest X-rays all look alike, and imagehash's default
-# 64-bit pHash puts different patients 2-4 bits apart; at 256 bits, different patients of the NLM
-# set are >= 48 bits apart while resized/recompressed/brightened copies stay <= 10 apart.
-PHASH_SIZE = 16
-PHASH_BITS = PHASH_SIZE * PHASH_SIZE
 # Bump when inspect_file changes what it stores, so old cache entries are not trusted.
 # 2: the file-size limit and `bytes`; no hash of a file the check refuses.
 CACHE_VERSION = 2
@@ -139,24 +134,24 @@ def inspect_files(
         else:
             todo.append(path)
     if todo:
-        from tqdm import tqdm
-
-        with scan_pool(num_workers) as pool, cancel_pending_on_stop(pool):
+        with (
+            scan_pool(num_workers) as pool,
+            cancel_pending_on_stop(pool),
+            # A tqdm bar at a terminal, a log line every 10 % elsewhere (core/progress.py).
+            report_progress(
+                "Checking images", len(todo), enabled=progress and len(todo) >= 200, logger=log
+            ) as bar,
+        ):
             # Chunks: a process pool pays a round trip per task, and the files are small jobs.
             chunk = max(1, min(64, len(todo) // (4 * max(num_workers, 1))))
             results = pool.map(inspect_file, todo, chunksize=chunk)
-            bar = tqdm(
-                zip(todo, results, strict=True),
-                total=len(todo),
-                desc="Checking images",
-                disable=not progress or len(todo) < 200,
-            )
-            for path, info in bar:
+            for path, info in zip(todo, results, strict=True):
                 raise_if_stopped()  # a safe point for Ctrl-C / SIGTERM (tb_lightning/signals.py)
                 infos[path] = info
                 key = file_key(path)
                 if key is not None:
                     entries[path] = {"key": list(key), "info": info}
+                bar.update(1)
         save_cache(cache_path, entries)
     stats = {
         "files": len(paths),

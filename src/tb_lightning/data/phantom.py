@@ -34,8 +34,10 @@ import numpy as np
 from PIL import Image
 
 from tb_lightning.core.atomic import atomic_write_json, atomic_write_with
+from tb_lightning.core.choices import LESION_MIXES
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
+from tb_lightning.core.progress import report_progress
 from tb_lightning.core.signals import cancel_pending_on_stop, raise_if_stopped
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,7 @@ _NOTE = "synthetic phantom images, not medical data"
 _FILE_RE = {name: re.compile(rf"^{name}-(\d+)\.png$") for name in CLASS_NAMES}
 _TMP_RE = re.compile(r"^\.(Normal|Tuberculosis)-\d+\.png\..*\.tmp$")
 _STALE_TMP_S = 3600.0  # temp files older than this are leftovers of killed runs
-_PARALLEL_MIN = 200
-# data.phantom.lesions: how conspicuous the TB findings are (see _sample_lesions).
-LESION_MIXES = (
-    "mixed",
-    "conspicuous",
-)  # below this many missing images a process pool is not worth its start-up
+_PARALLEL_MIN = 200  # below this many missing images a process pool is not worth its start-up
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,13 +665,13 @@ def _remove_stale_tmp(paths: Iterable[Path]) -> None:
 
 
 def _generate(jobs: list[tuple[str, int, int, int, int]], progress: bool, workers: int | None):
-    from tqdm import tqdm
-
     if workers is None:
         workers = min(os.cpu_count() or 1, 16) if len(jobs) > _PARALLEL_MIN else 1
     workers = min(workers, -(-len(jobs) // 8))  # at least one chunk of 8 per process
-    bar = tqdm(total=len(jobs), desc="Generating phantom CXR images", disable=not progress)
-    with bar:
+    # A tqdm bar at a terminal, a log line every 10 % elsewhere (core/progress.py).
+    with report_progress(
+        "Generating phantom CXR images", len(jobs), enabled=progress, logger=log
+    ) as bar:
         if workers > 1:
             try:
                 with (

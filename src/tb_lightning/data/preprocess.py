@@ -24,22 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-PREPROCESS_NAMES = ("none", "clahe")
-
-
-def preprocess_spec(preprocess: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """{"name": "clahe", "clip_limit": float, "tile_grid": int}, or None for no preprocessing.
-
-    `preprocess` as the classifier stores it ({name, clip_limit, tile_grid}); None or
-    name=none (and checkpoints written before the option existed) mean none.
-    """
-    if not preprocess or preprocess.get("name", "none") == "none":
-        return None
-    return {
-        "name": "clahe",
-        "clip_limit": float(preprocess["clip_limit"]),
-        "tile_grid": int(preprocess["tile_grid"]),
-    }
+# Defined beside the config checks, which run before torch is imported; used from here too.
+from tb_lightning.core.choices import preprocess_spec  # noqa: F401
 
 
 def describe_preprocess(spec: Mapping[str, Any] | None) -> str:

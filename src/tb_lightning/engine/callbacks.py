@@ -1,6 +1,6 @@
 """Lightning callbacks of this project: exact resume, a guard against NaN, and what the terminal
-shows (progress bar, model summary). TensorBoard's own callbacks are in engine/dashboard.py; stops
-by signal in core/signals.py.
+or the log shows (progress bar or one line per epoch, model summary). TensorBoard's own callbacks
+are in engine/dashboard.py; stops by signal in core/signals.py.
 
 Configured in conf/callbacks/default.yaml.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary, RichProgressBar
 
 from tb_lightning.core.errors import UserError
+from tb_lightning.core.progress import format_duration, interactive
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,81 @@ class ProgressBar(RichProgressBar):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
         return items
+
+
+class EpochProgressLog(Callback):
+    """Away from a terminal (`make train > log`, nohup, SLURM, CI): one log line per epoch, and
+    no progress bar, whose redrawn frames would fill the file with `\\r`.
+
+        Epoch 3/10: train loss 0.5120, val loss 0.4981, val AUROC 0.8712; 12.3 s/epoch,
+        ETA 1 min 26 s; job #2 of 8
+
+    The line goes through logging, so it reaches stdout and the run's train.log. It is written
+    when the epoch has ended completely, at the start of the next one (or at the end of
+    training): Lightning calls callbacks' `on_train_epoch_end` before the module logs the
+    epoch's train loss there. The seconds per epoch are the mean over the epochs of this
+    process (checkpoint writing included), the ETA that mean times the epochs left to
+    trainer.max_epochs (an early stop ends sooner). In a multirun the job's number and the
+    sweep's size (sweep/naming.py job_label). At a terminal it does nothing: the bar is there.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.job: str | None = None
+        self.durations: list[float] = []
+        self.epoch: int | None = None  # the epoch running, not yet reported
+        self.started = 0.0
+        self.validated = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.active = trainer.is_global_zero and not interactive()
+        if not interactive() and trainer.progress_bar_callback is not None:
+            # Ours (RichProgressBar) or Lightning's default TQDM bar when callbacks.progress_bar
+            # is null: drawn frames are no use in a file.
+            trainer.progress_bar_callback.disable()
+        if self.active:
+            from tb_lightning.sweep.naming import job_label
+
+            self.job = job_label()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.report(trainer)
+        self.epoch, self.started, self.validated = trainer.current_epoch, time.monotonic(), False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validated = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.report(trainer)
+
+    def report(self, trainer: L.Trainer) -> None:
+        """Log the line of the epoch that has just ended, if any."""
+        if not self.active or self.epoch is None:
+            return
+        self.durations.append(time.monotonic() - self.started)
+        log.info("%s", self.line(trainer, self.epoch))
+        self.epoch = None
+
+    def line(self, trainer: L.Trainer, epoch: int) -> str:
+        """The epoch's line (its number counted from 1), from trainer.callback_metrics."""
+        metrics = trainer.callback_metrics
+        max_epochs = trainer.max_epochs if (trainer.max_epochs or -1) > 0 else None
+        head = f"Epoch {epoch + 1}/{max_epochs}" if max_epochs else f"Epoch {epoch + 1}"
+        shown = [("train loss", "train/loss")]
+        if self.validated:  # else the val figures are an earlier epoch's
+            shown += [("val loss", "val/loss"), ("val AUROC", "val/auroc")]
+        figures = ", ".join(
+            f"{name} {float(metrics[key]):.4f}" for name, key in shown if key in metrics
+        )
+        per_epoch = sum(self.durations) / len(self.durations)
+        timing = f"{per_epoch:.1f} s/epoch"
+        if max_epochs:
+            timing += f", ETA {format_duration(per_epoch * max(0, max_epochs - epoch - 1))}"
+        parts = [f"{head}: {figures}" if figures else head, timing]
+        return "; ".join(parts + ([self.job] if self.job else []))
 
 
 class OneLineModelSummary(ModelSummary):

@@ -18,8 +18,10 @@ from omegaconf import DictConfig
 
 from tb_lightning.config import compose_train_config
 from tb_lightning.config.checks import check_config, runs_dir
+from tb_lightning.core.artefacts import relative_path
 from tb_lightning.core.atomic import check_writable, remove_temp_files
 from tb_lightning.core.errors import ConfigError
+from tb_lightning.core.extras import require_logger_extras
 from tb_lightning.core.run_dirs import describe_differences, plan_resume, refuse_differences
 from tb_lightning.core.run_lock import LOCK_NAME
 from tb_lightning.core.signals import (
@@ -42,8 +44,10 @@ from tb_lightning.engine.dashboard import (
     epoch_end_step,
     write_final_figures,
 )
+from tb_lightning.engine.tracking import MLFlowLogger, log_final_run, log_run_params
 from tb_lightning.evaluation.calibration import calibration_refusal
 from tb_lightning.evaluation.final_report import FinalReport, final_report
+from tb_lightning.inference.checkpoint import checkpoint_int
 from tb_lightning.inference.features import build_feature_cache
 from tb_lightning.inference.runner import pick_device
 from tb_lightning.models.classifier import TBClassifier, to_plain_dict
@@ -72,6 +76,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     log_lightning_through_hydra()
     set_phase("the config checks")
     check_config(cfg)  # wrong values fail here, before any data is read
+    require_logger_extras(cfg.get("logger"))  # logger=mlflow without its extra
     # Which checkpoint to resume, and whether this run may continue its run directory: a run
     # whose config differs is refused here, before anything is read or written.
     plan = plan_resume(cfg.get("ckpt_path"), runs_dir(cfg), cfg, compose_train_config)
@@ -144,6 +149,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         callbacks=instantiate_group(cfg.get("callbacks")),
         logger=instantiate_group(cfg.get("logger")) or False,
     )
+    # MLflow shows a run's params while it trains: the HParams columns, logged now.
+    log_run_params(trainer, dashboard_hparams(cfg, current_swept_keys()))
     with lightning_fit():
         fit(trainer, model, datamodule, plan.checkpoint)
     if trainer.world_size > 1:
@@ -157,11 +164,12 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     set_phase("the final scoring")
     checkpoint = chosen_checkpoint(trainer)
     # The step of the chosen checkpoint's epoch: the final figures are drawn on the curves there.
-    chosen_step = trainer.global_step
+    chosen_step, chosen_epoch = trainer.global_step, None
     if checkpoint:
         state = load_checkpoint(checkpoint)
         model.load_state_dict(state["state_dict"])
         chosen_step = int(state.get("global_step", chosen_step))
+        chosen_epoch = checkpoint_int(state, "epoch")
     final = final_report(
         model,
         checkpoint,
@@ -170,8 +178,13 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         target,
         output_dir,
         device=pick_device(cfg.trainer.get("accelerator", "auto")),
-        extra={"init_from": str(cfg.init_from)} if cfg.get("init_from") else None,
+        # Relative to the run directory, as every path in its files (core/artefacts.py).
+        extra={"init_from": relative_path(cfg.init_from, output_dir)}
+        if cfg.get("init_from")
+        else None,
         calibration=cfg.get("calibration") or "none",
+        epoch=chosen_epoch,
+        step=chosen_step if checkpoint else None,
     )
     log.info("Final figures of %s:\n%s", checkpoint or "the final weights", final.report)
     log_final_figures(trainer, cfg, final, epoch_end_step(chosen_step))
@@ -305,7 +318,8 @@ def chosen_checkpoint(trainer: L.Trainer) -> str | None:
 
 def log_final_figures(trainer: L.Trainer, cfg: DictConfig, final: FinalReport, step: int) -> None:
     """The run's HParams row, final figures and images in its own TensorBoard run
-    (engine/dashboard.py); the other loggers get the same hyperparameters."""
+    (engine/dashboard.py); in MLflow the final figures, report and images (engine/tracking.py);
+    the other loggers get the same hyperparameters."""
     params = dashboard_hparams(cfg, current_swept_keys())
     for logger in trainer.loggers:
         if isinstance(logger, DashboardLogger):
@@ -319,6 +333,8 @@ def log_final_figures(trainer: L.Trainer, cfg: DictConfig, final: FinalReport, s
                 final.figures,
                 step,
             )
+        elif isinstance(logger, MLFlowLogger):  # params logged at the start
+            log_final_run(logger, Path(cfg.paths.output_dir), final.figures, step)
         else:
             logger.log_hyperparams(params)
         logger.finalize("success")

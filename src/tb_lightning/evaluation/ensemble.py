@@ -40,7 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from tb_lightning.core.artefacts import threshold_text
 from tb_lightning.core.errors import ConfigError, UserError
+from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.core.run_dirs import SAVED_CONFIG, comparable, saved_config
 from tb_lightning.data.preprocess import describe_preprocess
 from tb_lightning.data.split import read_split_sides
@@ -52,6 +54,7 @@ from tb_lightning.evaluation.calibration import (
     warnings_of,
 )
 from tb_lightning.evaluation.evaluate import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from tb_lightning.evaluation.stats import weighted_metrics
 from tb_lightning.evaluation.thresholds import choose_threshold
 from tb_lightning.inference.checkpoint import LoadedModel, load_model
 from tb_lightning.inference.ensemble_model import (
@@ -362,11 +365,11 @@ def load_ensemble(folder: str | Path, allow_partial: bool = False) -> LoadedMode
         "chosen_on": chosen_on,
     }
     log.info(
-        "Ensemble of %s (%s%s), threshold p_tb >= %.4f chosen on %d out-of-fold predictions",
+        "Ensemble of %s (%s%s), threshold p_tb >= %s chosen on %d out-of-fold predictions",
         describe_members(len(members), folds),
         COMBINATION,
         f", temperature {calibration['temperature']:.3f}" if calibration else "",
-        choice["value"],
+        threshold_text(choice["value"]),
         len(labels),
     )
     temperature = calibration["temperature"] if calibration else 1.0
@@ -383,7 +386,31 @@ def load_ensemble(folder: str | Path, allow_partial: bool = False) -> LoadedMode
         preprocess=members[0].preprocess,
         member_checkpoints=checkpoints,
         ensemble_folds=folds,
+        net=members[0].net,
+        members=members,
+        out_of_fold=out_of_fold_figures(probabilities(logits), labels, choice),
     )
+
+
+def out_of_fold_figures(
+    probs: np.ndarray, labels: np.ndarray, choice: dict[str, Any]
+) -> dict[str, Any]:
+    """The figures of the pooled out-of-fold predictions at the threshold chosen on them (for
+    model.json: what the ensemble was chosen on). Those at the threshold are optimistic, as a
+    threshold chosen on a validation split makes them."""
+    figures = weighted_metrics(probs, labels, choice["value"])
+    names = ("auroc", "average_precision", "sensitivity", "specificity", "ppv", "npv", "accuracy")
+    return {
+        "split": "out-of-fold",
+        "description": choice["chosen_on"],
+        "images": int(len(labels)),
+        "counts": {
+            CLASS_NAMES[0]: int((labels == 0).sum()),
+            CLASS_NAMES[1]: int((labels == 1).sum()),
+        },
+        "threshold": choice["value"],
+        **{name: float(figures[name]) for name in names},
+    }
 
 
 def load_checkpoint_or_ensemble(

@@ -20,6 +20,13 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from tb_lightning.core.artefacts import (
+    data_root,
+    image_path,
+    probability_text,
+    relative_path,
+    write_predictions_sidecar,
+)
 from tb_lightning.core.atomic import atomic_write, atomic_write_csv, atomic_write_json
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
@@ -35,6 +42,7 @@ from tb_lightning.evaluation.evaluate import (
     BOOTSTRAP_SEED,
     SYNTHETIC_BANNER,
     bootstrap_settings,
+    describe_trained,
     format_threshold_header,
     optimism_note,
     score_split,
@@ -68,6 +76,8 @@ def final_report(
     device: torch.device | None = None,
     extra: dict[str, Any] | None = None,
     calibration: str = "none",
+    epoch: int | None = None,
+    step: int | None = None,
 ) -> FinalReport:
     """Score `model` (holding the checkpoint's weights) on the val and test splits, choose and
     store the operating threshold, write metrics.json, report.txt and predictions.csv; return
@@ -77,6 +87,7 @@ def final_report(
     model; the threshold is then chosen on, and every figure computed from, the calibrated
     probabilities, which eval, predict and export reproduce from the stored temperature. The
     temperature is stored with its warnings (calibration_warnings: [] when it may be trusted).
+    `epoch` (from 0) and `step`: the checkpoint's, named in the report and metrics.json.
     """
     val, test = list(datamodule.val_samples or []), list(datamodule.test_samples)
     predictions = predict_images(
@@ -133,8 +144,13 @@ def final_report(
         f"{split}_counts": dict(zip(CLASS_NAMES, datamodule.class_counts(split), strict=True))
         for split in ("train", "val", "test")
     }
+    # The run's files name the checkpoint relative to the run directory (core/artefacts.py).
+    written_checkpoint = relative_path(checkpoint, output_dir) if checkpoint else None
     metrics: dict[str, Any] = {
-        "checkpoint": checkpoint,
+        "checkpoint": written_checkpoint,
+        # The epoch (Lightning's count, from 0) and global step the checkpoint was saved at.
+        "epoch": epoch,
+        "step": step,
         "threshold": {**choice, "source": source},
         "calibration": fitted,
         "preprocess": datamodule.preprocess,
@@ -149,10 +165,11 @@ def final_report(
         **(extra or {}),
     }
     report = format_threshold_header(
-        checkpoint or "final weights (no checkpoint saved)",
+        written_checkpoint or "final weights (no checkpoint saved)",
         threshold,
         source,
         datamodule.preprocess,
+        trained=describe_trained([epoch], [step]),
     )
     if fitted:
         raw = np.concatenate([val_logits, test_logits]) * fitted["temperature"]
@@ -174,6 +191,7 @@ def final_report(
         output_dir / "predictions.csv",
         [("val", val, val_logits), ("test", test, test_logits)],
         threshold,
+        source,
     )
     figures = {
         split: operating_figures(samples, logits, scores[split]["overall"], split)
@@ -194,27 +212,33 @@ class FinalReport:
 
 
 def write_run_predictions(
-    path: Path, splits: Sequence[tuple[str, Sequence[Sample], np.ndarray]], threshold: float
+    path: Path,
+    splits: Sequence[tuple[str, Sequence[Sample], np.ndarray]],
+    threshold: float,
+    threshold_source: str,
 ) -> None:
     """predictions.csv of a training run: the chosen checkpoint's logit and p_tb for every val
-    and test image. The logit is written exactly (float32 round-trips in 9 digits), so that the
+    and test image, paths relative to the data root that predictions.json names with the
+    threshold. The logit is written exactly (float32 round-trips in 9 digits), so that the
     sweep summary recomputes the run's figures bit for bit and compares runs image by image."""
+    root = data_root(s.path for _, samples, _ in splits for s in samples)
     header = ["path", "split", "label", "source", "logit", "p_tb", "predicted_label"]
     rows = []
     for split, samples, logits in splits:
         for sample, logit, p in zip(samples, logits, probabilities(logits), strict=True):
             rows.append(
                 [
-                    sample.path,
+                    image_path(sample.path, root),
                     split,
                     sample.label,
                     source_of(sample),
                     f"{float(logit):.9g}",
-                    f"{p:.6f}",
+                    probability_text(p, threshold),
                     int(p >= threshold),
                 ]
             )
     atomic_write_csv(path, header, rows)
+    write_predictions_sidecar(path.parent, root, threshold, threshold_source)
 
 
 def operating_figures(

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from tb_lightning.core.artefacts import threshold_text
 from tb_lightning.core.atomic import atomic_torch_save
 from tb_lightning.evaluation.thresholds import choose_threshold
 from tb_lightning.inference.checkpoint import CALIBRATION_KEY, THRESHOLD_KEY
@@ -47,8 +48,8 @@ def store_operating_threshold(
         checkpoint[CALIBRATION_KEY] = calibration
     atomic_torch_save(checkpoint, checkpoint_path)
     log.info(
-        "Operating threshold p_tb >= %.4f (threshold.policy=%s on %d val images), stored in %s",
-        choice["value"],
+        "Operating threshold p_tb >= %s (threshold.policy=%s on %d val images), stored in %s",
+        threshold_text(choice["value"]),
         choice["policy"],
         choice["val_images"],
         checkpoint_path,

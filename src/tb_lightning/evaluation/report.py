@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
+from tb_lightning.core.artefacts import threshold_text
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.evaluation.bootstrap import bootstrap_ci
 from tb_lightning.evaluation.stats import CALIBRATION, COUNTS, RANKING, RATES, weighted_metrics
@@ -216,7 +217,7 @@ def format_screening_table(summary: Mapping[str, Any], n_bootstrap: int) -> str:
     lines.append("calibration (lower is better):")
     for name in CALIBRATION:
         lines.append(_bootstrap_row(summary, name))
-    lines.append(f"at p_tb >= {summary['threshold']:.4f}:")
+    lines.append(f"at p_tb >= {threshold_text(summary['threshold'])}:")
     for name in RATES:
         lines.append(
             f"{LABELS[name]:<19}{_fmt(summary[name]):>7}   {_interval(summary['ci'][name]):<16}"
@@ -227,7 +228,7 @@ def format_screening_table(summary: Mapping[str, Any], n_bootstrap: int) -> str:
     strict = "met" if who["met_by_lower_ci"] else "not met"
     lines.append(
         f"WHO screening minimum (sensitivity >= {who['sensitivity']:.2f}, specificity >= "
-        f"{who['specificity']:.2f}) at p_tb >= {summary['threshold']:.4f}: {verdict} "
+        f"{who['specificity']:.2f}) at p_tb >= {threshold_text(summary['threshold'])}: {verdict} "
         f"(by the lower Wilson 95% bounds: {strict})"
     )
     return "\n".join(lines) + "\n"
@@ -247,8 +248,8 @@ def format_per_source(per_source: Mapping[str, Mapping[str, Any]], threshold: fl
     """One row per source: images, TB count, AUROC, sensitivity and specificity with their Wilson
     95% CIs, and the too-few-images note of a source that has one."""
     lines = [
-        f"Per source (sensitivity and specificity at p_tb >= {threshold:.4f}) with 95% Wilson "
-        "score intervals:",
+        f"Per source (sensitivity and specificity at p_tb >= {threshold_text(threshold)}) with "
+        "95% Wilson score intervals:",
         f"{'source':<14}{'images':>7}{'TB':>6}{'AUROC':>8}   {'sensitivity [95% CI]':<25}"
         "specificity [95% CI]",
     ]
@@ -275,7 +276,7 @@ def format_reference_report(metrics: Mapping[str, Any], prefix: str, threshold: 
     word = SPLIT_WORDS.get(prefix, prefix.capitalize())
     lower = word.lower()
     lines = [
-        f"At p_tb >= {threshold:.4f} (the loss is threshold-free):",
+        f"At p_tb >= {threshold_text(threshold)} (the loss is threshold-free):",
         f"{word} loss: {metrics[f'{prefix}/loss']:.6f}, "
         f"{word} acc: {100 * metrics[f'{prefix}/acc']:.6f},",
     ]
@@ -288,7 +289,9 @@ def format_reference_report(metrics: Mapping[str, Any], prefix: str, threshold: 
         )
     (tn, fp), (fn, tp) = metrics[f"{prefix}/confusion_matrix"]
     width = max(len(str(v)) for v in (tn, fp, fn, tp)) + 2
-    lines.append(f"Confusion matrix at p_tb >= {threshold:.4f} (rows: true, columns: predicted):")
+    lines.append(
+        f"Confusion matrix at p_tb >= {threshold_text(threshold)} (rows: true, columns: predicted):"
+    )
     lines.append(f"{'':>14}{'Normal':>{width + 6}}{'Tuberculosis':>{width + 12}}")
     lines.append(f"{'Normal':>14}{tn:>{width + 6}}{fp:>{width + 12}}")
     lines.append(f"{'Tuberculosis':>14}{fn:>{width + 6}}{tp:>{width + 12}}")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tb_lightning.core.artefacts import DECIMALS
 from tb_lightning.evaluation.stats import curve_points
-
-POLICIES = ("youden", "max_f1", "sensitivity")
 
 
 def choose_threshold(
@@ -18,7 +17,8 @@ def choose_threshold(
     threshold returned sits halfway between the chosen point's probability and the next lower
     one: it reproduces that point exactly on the validation images, and a last-bit difference
     in a probability (another device, float32 vs float64) cannot flip an image that lay exactly
-    on the threshold.
+    on the threshold. The halfway point is rounded to 6 decimals (core/artefacts.py) when that
+    stays strictly between the two, so that every file writes the threshold exactly as used.
     - youden: maximises sensitivity + specificity - 1;
     - max_f1: maximises the F1 score of the Tuberculosis class;
     - sensitivity: the highest threshold whose sensitivity is >= `sensitivity` (so the best
@@ -40,7 +40,18 @@ def choose_threshold(
     else:
         best = int(np.flatnonzero(tpr >= sensitivity - 1e-12)[0])
     lower = thresholds[best + 1] if best + 1 < len(thresholds) else 0.0
-    return clip_threshold(float((thresholds[best] + lower) / 2))
+    return clip_threshold(between(float(lower), float(thresholds[best])))
+
+
+def between(low: float, high: float) -> float:
+    """The point halfway between low and high, rounded to 6 decimals, or to as few more as keep
+    it strictly between them (unrounded when none does: two probabilities a last bit apart)."""
+    halfway = (low + high) / 2
+    for decimals in range(DECIMALS, 16):
+        value = round(halfway, decimals)
+        if low < value < high:
+            return value
+    return halfway
 
 
 def clip_threshold(value: float) -> float:

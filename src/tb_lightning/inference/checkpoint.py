@@ -49,6 +49,17 @@ class LoadedModel:
     # An ensemble's folds: {"num_folds": k, "seeds": [...], "missing_folds": [{"fold", "seed"}]}
     # (the folds left out with allow_partial=true); None for one checkpoint.
     ensemble_folds: dict[str, Any] | None = None
+    # The checkpoint's epoch (Lightning's count, from 0) and global step; None for an ensemble,
+    # whose members (`members`) each have theirs.
+    epoch: int | None = None
+    global_step: int | None = None
+    # The network's settings (hyper_parameters["net"]: arch, weights, freeze_features, ...).
+    net: dict[str, Any] | None = None
+    # An ensemble's members, loaded; None for one checkpoint.
+    members: list[LoadedModel] | None = None
+    # An ensemble's figures on the out-of-fold predictions its threshold was chosen on
+    # (evaluation/ensemble.py); None for one checkpoint (its run's metrics.json has them).
+    out_of_fold: dict[str, Any] | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -112,7 +123,16 @@ def load_model(ckpt_path: str | Path | None) -> LoadedModel:
         calibration=calibration,
         # Checkpoints written before data.preprocess existed have none: no preprocessing.
         preprocess=preprocess_spec(hparams.get("preprocess")),
+        epoch=checkpoint_int(checkpoint, "epoch"),
+        global_step=checkpoint_int(checkpoint, "global_step"),
+        net=dict(hparams["net"]),
     )
+
+
+def checkpoint_int(checkpoint: dict[str, Any], key: str) -> int | None:
+    """An integer entry of a Lightning checkpoint (epoch, global_step), None when absent."""
+    value = checkpoint.get(key)
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def resolve_threshold(loaded: LoadedModel, override: float | None) -> tuple[float, str]:

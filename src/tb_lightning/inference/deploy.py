@@ -4,8 +4,11 @@ operating threshold; then check that the exported file reproduces the Lightning 
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from tb_lightning.core.artefacts import data_root, image_path, relative_path
 from tb_lightning.core.atomic import (
     atomic_target,
     atomic_write_json,
     atomic_write_with,
 )
+from tb_lightning.core.choices import FORMATS
 from tb_lightning.core.labels import CLASS_NAMES
+from tb_lightning.core.provenance import split_fingerprint
+from tb_lightning.data.preprocess import describe_preprocess
 from tb_lightning.data.split import read_split_csv
 from tb_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_image
 from tb_lightning.inference.checkpoint import LoadedModel
@@ -26,7 +33,6 @@ from tb_lightning.inference.ensemble_model import COMBINATION, EnsembleModel
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 # float32 on CPU: the exported graph and the module differ only by operator rounding.
 TOLERANCE = 1e-5
 
@@ -78,13 +84,14 @@ def clahe_steps(preprocess: dict[str, Any] | None) -> list[str]:
 
 
 def ensemble_record(loaded: LoadedModel) -> dict[str, Any] | None:
-    """model.json's `ensemble`: the member checkpoints inside the file, how they combine, and
-    the k-fold run they are the folds of (with the folds an allow_partial=true export lacks)."""
+    """model.json's `ensemble`: the member checkpoints inside the file (relative to the
+    multirun folder that `checkpoint` names), how they combine, and the k-fold run they are the
+    folds of (with the folds an allow_partial=true export lacks)."""
     if not loaded.member_checkpoints:
         return None
     folds = loaded.ensemble_folds or {}
     return {
-        "members": [str(path) for path in loaded.member_checkpoints],
+        "members": [relative_path(m, loaded.checkpoint_path) for m in loaded.member_checkpoints],
         "combination": f"{COMBINATION} (the members' logits averaged, then the sigmoid)",
         "num_folds": folds.get("num_folds"),
         "seeds": folds.get("seeds"),
@@ -92,14 +99,125 @@ def ensemble_record(loaded: LoadedModel) -> dict[str, Any] | None:
     }
 
 
+# The figures model.json gives of each split it was chosen (and tested) on, as metrics.json has
+# them under <split>.overall; the loss is metrics.json's <split>/loss.
+SPLIT_FIGURES = (
+    "images",
+    "counts",
+    "threshold",
+    "auroc",
+    "average_precision",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "accuracy",
+    "brier",
+    "ece",
+)
+
+
+def weights_source(weights: Any) -> str:
+    """model.net.weights in words: where the backbone's weights came from before training."""
+    if weights is None:
+        return "random (model.net.weights=null: no pretrained features)"
+    if str(weights) == "imagenet":
+        return "imagenet (torchvision's ImageNet weights)"
+    return f"file {Path(str(weights)).name}"  # the file's name only: no path of this machine
+
+
+def run_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """A training run's metrics.json, or None."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
+def model_record(loaded: LoadedModel) -> dict[str, Any]:
+    """model.json's `model`: what the network is, what it started from, and the epoch and step
+    (Lightning's counts, the epoch from 0) of the checkpoint, or of each ensemble member."""
+    net = loaded.net or {}
+    models = loaded.members or [loaded]
+    metrics = run_metrics(loaded.run_dir) or {}
+    init_from = metrics.get("init_from")
+    return {
+        "architecture": net.get("arch", "alexnet"),
+        "weights": weights_source(net.get("weights", "imagenet")),
+        # A run started from another run's weights (init_from): that checkpoint's run and name.
+        "init_from": "/".join(Path(str(init_from)).parts[-3:]) if init_from else None,
+        "features_frozen": bool(net.get("freeze_features", True)),
+        "head": {k: net.get(k) for k in ("hidden_dim", "dropout", "pool_size")},
+        "image_size": loaded.image_size,
+        "preprocess": describe_preprocess(loaded.preprocess),
+        "epoch": [m.epoch for m in models] if loaded.members else loaded.epoch,
+        "step": [m.global_step for m in models] if loaded.members else loaded.global_step,
+    }
+
+
+def training_data(loaded: LoadedModel) -> dict[str, Any] | None:
+    """model.json's `training_data`: the fingerprint of the training run's split.csv
+    (core/provenance.py); an ensemble's members share their images, each with its own split."""
+    runs = [m.run_dir for m in loaded.members] if loaded.members else [loaded.run_dir]
+    prints = [split_fingerprint(run / "split.csv") for run in runs]
+    if any(p is None for p in prints):
+        return None
+    if len(prints) == 1:
+        return prints[0]
+    images = {p["sha256"] for p in prints}  # type: ignore[index]
+    return {
+        **prints[0],  # type: ignore[dict-item]
+        "source": f"split.csv of each of the {len(prints)} members",
+        "splits": [p["splits"] for p in prints],  # type: ignore[index]
+        "sha256": images.pop() if len(images) == 1 else None,
+        "split_sha256": [p["split_sha256"] for p in prints],  # type: ignore[index]
+    }
+
+
+def split_figures(metrics: dict[str, Any], split: str) -> dict[str, Any] | None:
+    """The figures of one split of a training run's metrics.json (SPLIT_FIGURES), or None."""
+    overall = (metrics.get(split) or {}).get("overall")
+    if not overall:
+        return None
+    figures = {name: overall.get(name) for name in SPLIT_FIGURES}
+    figures["auroc_ci"] = (overall.get("ci") or {}).get("auroc")
+    figures["loss"] = metrics.get(f"{split}/loss")
+    return figures
+
+
+def chosen_on(loaded: LoadedModel) -> dict[str, Any]:
+    """model.json's `chosen_on` (the validation figures the checkpoint was chosen on, or an
+    ensemble's out-of-fold ones) and `test` (the held-out test split's, when the run kept one)."""
+    if loaded.out_of_fold:
+        return {"chosen_on": loaded.out_of_fold, "test": None}
+    metrics = run_metrics(loaded.run_dir)
+    # The run's figures are those of the checkpoint it reported (best.ckpt); another one
+    # (last.ckpt of a run that kept a better epoch) has none.
+    if (
+        metrics is None
+        or Path(str(metrics.get("checkpoint"))).name != loaded.checkpoint_path.name
+        or metrics.get("step", loaded.global_step) != loaded.global_step
+    ):
+        return {"chosen_on": None, "test": None}
+    val = split_figures(metrics, "val")
+    if val is not None:
+        threshold_source = (metrics.get("threshold") or {}).get("source")
+        val = {"split": "validation", "description": threshold_source, **val}
+    return {"chosen_on": val, "test": split_figures(metrics, "test")}
+
+
 def check_images(loaded: LoadedModel, count: int) -> tuple[torch.Tensor, list[str]]:
-    """A few preprocessed val images of the training run, or seeded noise when none is found."""
+    """A few preprocessed val images of the training run, named relative to their common
+    folder (no path of the training machine), or seeded noise when none is found."""
     split_csv = loaded.run_dir / "split.csv"
     if split_csv.is_file():
         _, val = read_split_csv(split_csv)
         paths = [s.path for s in val[:count]]
         transform = build_transform(loaded.image_size, loaded.preprocess)
-        return torch.stack([transform(load_image(p)) for p in paths]), paths
+        root = data_root(paths)
+        names = [image_path(p, root) for p in paths]
+        return torch.stack([transform(load_image(p)) for p in paths]), names
     log.warning("No split.csv beside the checkpoint; checking the export on random inputs.")
     generator = torch.Generator().manual_seed(0)
     size = loaded.image_size
@@ -107,30 +225,52 @@ def check_images(loaded: LoadedModel, count: int) -> tuple[torch.Tensor, list[st
 
 
 def export_file(model: nn.Module, example: torch.Tensor, fmt: str, path: Path) -> None:
-    """Write the model to path; the batch dimension stays dynamic."""
+    """Write the model to path; the batch dimension stays dynamic.
+
+    Both exporters record where each operation's Python source lies (ONNX: a stack trace per
+    node; TorchScript: a debug_pkl beside each module's code), absolute paths of this machine
+    that are no part of the model: they are left out (nothing written for deployment holds one).
+    """
     if fmt == "onnx":
         # The exporter logs every optimisation pass at INFO; only its warnings matter here.
         for name in ("torch.onnx", "onnxscript", "onnx_ir"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=["image"],
+            output_names=["p_tb"],
+            dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+            dynamo=True,
+            verbose=False,
+        )
+        import onnx_ir  # installed with torch's ONNX exporter
+
+        for node in onnx_ir.traversal.RecursiveGraphIterator(program.model.graph):
+            node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
         with atomic_target(path) as target:
-            torch.onnx.export(
-                model,
-                (example,),
-                str(target),
-                input_names=["image"],
-                output_names=["p_tb"],
-                dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
-                external_data=False,  # one file: the weights inside the .onnx
-                dynamo=True,
-                verbose=False,
-            )
+            # external_data=False: one file, the weights inside the .onnx.
+            program.save(str(target), external_data=False)
     else:
         # torch 2.14 marks TorchScript deprecated in favour of torch.export, but it is still the
         # format C++ (libtorch) deployments load; ONNX is the forward-looking choice.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated")
             traced = torch.jit.trace(model, example)
-            atomic_write_with(path, lambda f: torch.jit.save(traced, f))
+            saved = io.BytesIO()
+            torch.jit.save(traced, saved)
+        atomic_write_with(path, lambda f: f.write(without_debug_info(saved.getvalue())))
+
+
+def without_debug_info(archive: bytes) -> bytes:
+    """A TorchScript archive without its `.debug_pkl` entries (the source ranges, with the
+    files' absolute paths, that only error messages use); every other entry as it was."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(archive)) as source, zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            if not info.filename.endswith(".debug_pkl"):
+                target.writestr(info, source.read(info))
+    return out.getvalue()
 
 
 def run_exported(fmt: str, path: Path, images: torch.Tensor) -> np.ndarray:
@@ -177,7 +317,12 @@ def export_model(
     sidecar = {
         "format": fmt,
         "model_file": path.name,
-        "checkpoint": str(loaded.checkpoint_path),
+        # Relative to this folder (an ensemble's: its multirun folder); core/artefacts.py.
+        "checkpoint": relative_path(loaded.checkpoint_path, output_dir),
+        # What the model is and what it was trained and chosen on (see model_record etc.).
+        "model": model_record(loaded),
+        "training_data": training_data(loaded),
+        **chosen_on(loaded),
         "input": {
             "name": "image",
             "shape": ["batch", 3, size, size],
@@ -207,6 +352,7 @@ def export_model(
         "threshold_source": threshold_source,
         "decision_rule": f"{CLASS_NAMES[1]} when p_tb >= threshold, else {CLASS_NAMES[0]}",
         "check": {
+            # Relative to the training run's data root, which is not named here.
             "images": image_paths,
             "max_abs_difference": max_diff,
             "tolerance": TOLERANCE,

@@ -47,7 +47,6 @@ from tb_lightning.inference.runner import run_over_images
 
 log = logging.getLogger(__name__)
 
-CACHE_MODES = ("auto", True, False)
 # Bump when the file layout or the extraction changes meaning; old files are then ignored.
 # 1: one torch.save file, loaded whole; 2: a memory-mapped .npy table and a JSON sidecar.
 CACHE_FORMAT = 2
@@ -67,10 +66,16 @@ DETERMINISTIC_TRANSFORMS = (
 __all__ = ["STALE_TMP_SECONDS", "FeatureCache", "build_feature_cache", "extract_features"]
 
 
+def random_steps(transform: Callable) -> list[str]:
+    """Class names of the steps of `transform` (a Compose or one transform) that are not known
+    to be deterministic: `['RandomResizedCrop', 'RandomAffine', 'ColorJitter']`."""
+    steps = transform.transforms if isinstance(transform, v2.Compose) else [transform]
+    return [type(s).__name__ for s in steps if not isinstance(s, DETERMINISTIC_TRANSFORMS)]
+
+
 def is_deterministic(transform: Callable) -> bool:
     """True when `transform` has no random step (a Compose of known deterministic transforms)."""
-    steps = transform.transforms if isinstance(transform, v2.Compose) else [transform]
-    return all(isinstance(step, DETERMINISTIC_TRANSFORMS) for step in steps)
+    return not random_steps(transform)
 
 
 def cache_blockers(net: nn.Module, train_transform: Callable) -> list[str]:
@@ -78,8 +83,12 @@ def cache_blockers(net: nn.Module, train_transform: Callable) -> list[str]:
     reasons = []
     if not getattr(net, "freeze_features", False):
         reasons.append("the backbone is trainable (model.net.freeze_features=false)")
-    if not is_deterministic(train_transform):
-        reasons.append(f"the train transform has random augmentation ({train_transform})")
+    randomised = random_steps(train_transform)
+    if randomised:
+        # The steps by name: the transform's repr is a multi-line dump of every argument.
+        reasons.append(
+            f"the train transform has random augmentation ({', '.join(randomised)}; data.augment)"
+        )
     return reasons
 
 

@@ -8,6 +8,14 @@ from pathlib import Path
 
 import torch
 
+from tb_lightning.core.artefacts import (
+    data_root,
+    image_path,
+    probability_text,
+    relative_path,
+    threshold_text,
+    write_predictions_sidecar,
+)
 from tb_lightning.core.atomic import atomic_write_csv
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
@@ -25,7 +33,6 @@ PREDICTION_COLUMNS = (
     "predicted_label",
     "predicted_class",
     "threshold",
-    "threshold_source",
     # The input's role in the model's training (train/val/test, empty: none) and how it matched
     # (sha256, path, patient, phash:<bits>): inference/seen.py.
     "seen_in_training",
@@ -79,7 +86,10 @@ def write_predictions(
     saliency: list[SaliencyMap] | None = None,
     seen: list[Seen] | None = None,
 ) -> tuple[Path, Path | None]:
-    """predictions.csv for the usable images and skipped.csv (path, reason) for the rest.
+    """predictions.csv for the usable images and skipped.csv (path, reason) for the rest, with
+    predictions.json naming once the data root their image paths are relative to (the inputs'
+    deepest common folder) and the threshold's source; saliency figures are named relative to
+    output_dir, numbers written as core/artefacts.py says.
 
     `seen` (one per path) fills seen_in_training and seen_by; without it they stay empty.
 
@@ -90,6 +100,8 @@ def write_predictions(
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     predictions_csv = output_dir / "predictions.csv"
+    root = data_root(paths)
+    write_predictions_sidecar(output_dir, root, threshold, threshold_source)
     columns = list(PREDICTION_COLUMNS)
     if saliency is not None:
         columns += ["saliency", "saliency_border_share", "saliency_flag"]
@@ -102,16 +114,17 @@ def write_predictions(
         if not ok:
             continue
         label = int(p >= threshold)
-        row = [path, f"{p:.6f}", label, CLASS_NAMES[label], threshold, threshold_source]
+        row = [image_path(path, root), probability_text(p, threshold), label, CLASS_NAMES[label]]
+        row.append(threshold_text(threshold))
         row += [mark.role, mark.by]
         if saliency is not None:
             figure = next(readable_saliency)
             share = "" if figure.border_share is None else f"{figure.border_share:.3f}"
-            row += [str(figure.path), share, figure.flag]
+            row += [relative_path(figure.path, output_dir), share, figure.flag]
         rows.append(row)
     atomic_write_csv(predictions_csv, columns, rows)
     skipped = [
-        (p, r)
+        (image_path(p, root), r)
         for p, r, ok in zip(paths, predictions.reasons, predictions.readable, strict=True)
         if not ok
     ]
@@ -182,11 +195,11 @@ def run_prediction(
     )
     n_tb = int((predictions.probs[predictions.readable] >= threshold).sum())
     log.info(
-        "Predicted %d image(s): %d Tuberculosis, %d Normal at p_tb >= %.4f -> %s",
+        "Predicted %d image(s): %d Tuberculosis, %d Normal at p_tb >= %s -> %s",
         len(readable),
         n_tb,
         len(readable) - n_tb,
-        threshold,
+        threshold_text(threshold),
         predictions_csv,
     )
     if seen is not None:

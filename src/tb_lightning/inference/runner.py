@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import Progress
 from torch.utils.data import DataLoader
 
+from tb_lightning.core.progress import report_progress
 from tb_lightning.core.signals import raise_if_stopped
 from tb_lightning.data.dataset import BAD_FILE, ImageDataset
 from tb_lightning.data.inventory import describe_upsampling, header_sizes, upsampling
@@ -78,11 +78,11 @@ def run_over_images(
     )
     chunks, readable, start = [], [], 0
     with (
-        Progress(disable=not progress, transient=False) as bar,
+        # A rich bar at a terminal, a log line every 10 % elsewhere (core/progress.py).
+        report_progress(description, len(paths), enabled=progress, bar="rich", logger=log) as bar,
         torch.inference_mode(),
         autocast,
     ):
-        task = bar.add_task(description, total=len(paths))
         for images, labels in loader:
             raise_if_stopped()  # a safe point for Ctrl-C / SIGTERM (core/signals.py)
             out = forward(images.to(device, non_blocking=True)).float().cpu()
@@ -94,7 +94,7 @@ def run_over_images(
                 chunks.append(out)
             start += len(labels)
             readable.append(ok.numpy())
-            bar.advance(task, len(labels))
+            bar.update(len(labels))
     if not paths:
         return ImageRun(torch.zeros(0), np.zeros(0, bool), [])
     ok = np.concatenate(readable).astype(bool)

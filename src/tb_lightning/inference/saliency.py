@@ -18,12 +18,12 @@ matplotlib.use("Agg")  # no display on servers
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from rich.progress import Progress
 from torch import nn
 from torchvision.transforms import v2
 
 from tb_lightning.core.atomic import atomic_write_with
 from tb_lightning.core.labels import CLASS_NAMES
+from tb_lightning.core.progress import report_progress
 from tb_lightning.data.transforms import build_transform, load_image
 
 log = logging.getLogger(__name__)
@@ -208,8 +208,8 @@ def write_saliency_maps(
     transform = build_transform(image_size, preprocess)
     used: set[str] = set()
     written: list[SaliencyMap] = []
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task("Grad-CAM", total=len(paths))
+    # A rich bar at a terminal, a log line every 10 % elsewhere (core/progress.py).
+    with report_progress("Grad-CAM", len(paths), enabled=progress, bar="rich", logger=log) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             decoded = [load_image(p) for p in chunk]
@@ -234,7 +234,7 @@ def write_saliency_maps(
                 atomic_write_with(target, lambda f, fig=fig: fig.savefig(f, format="png"))
                 plt.close(fig)
                 written.append(SaliencyMap(target, share, flag))
-            bar.advance(task, len(chunk))
+            bar.update(len(chunk))
     warn_flagged(written)
     return written
 

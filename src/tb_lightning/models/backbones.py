@@ -7,13 +7,7 @@ from collections import OrderedDict
 from torch import nn
 from torchvision import models
 
-# model.net.arch values. Published TB-on-CXR results favour DenseNet and ResNet over AlexNet;
-# AlexNet stays the default because it is the reference experiment's.
-ARCHS = ("alexnet", "resnet18", "resnet50", "densenet121", "efficientnet_b0")
-# Smallest square input each trunk accepts (AlexNet's last maxpool needs 63 px; the others reduce
-# by 32 with padding, so any size from 32 gives a non-empty map).
-MIN_IMAGE_SIZE = {"alexnet": 63, "resnet18": 32, "resnet50": 32, "densenet121": 32,
-                  "efficientnet_b0": 32}  # fmt: skip
+from tb_lightning.core.choices import ARCHS
 
 
 def torchvision_model(arch: str) -> nn.Module:

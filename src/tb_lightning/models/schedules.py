@@ -8,8 +8,6 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, ReduceLROnPlateau, SequentialLR
 
-SCHEDULERS = ("none", "cosine", "plateau")
-
 
 def scheduler_name(scheduler: Mapping[str, Any] | None) -> str:
     """The schedule's name: none, cosine or plateau (checked with the config)."""

@@ -19,6 +19,7 @@ from torchvision import models
 from torchvision.models import WeightsEnum
 
 from tb_lightning.core.errors import WeightsError
+from tb_lightning.core.progress import interactive
 from tb_lightning.models.torch_file import load_torch_file
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,10 @@ def load_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights, from its cache or downloaded into it."""
     cache_file = imagenet_cache_file(arch)
     try:
-        # Reads the cache when the file is there, downloads into it otherwise.
+        # Reads the cache when the file is there, downloads into it otherwise; the download's
+        # tqdm bar only at a terminal (its frames would fill a log file with `\r`).
         with network_timeout(DOWNLOAD_TIMEOUT_S):
-            return imagenet_weights(arch).get_state_dict(progress=True, weights_only=True)
+            return imagenet_weights(arch).get_state_dict(progress=interactive(), weights_only=True)
     except Exception as err:  # network errors come as URLError, OSError, HTTPError, ...
         raise WeightsError(
             f"model.net.weights=imagenet needs {cache_file}, which is not there and could not "

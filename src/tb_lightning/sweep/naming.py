@@ -59,7 +59,7 @@ NOT_IN_NAMES = (
     "hydra.",
     "paths.",
     "callbacks.",
-    "logger.",
+    "logger",  # logger=mlflow, 'logger=[tensorboard,mlflow]', logger.mlflow.tags=...
     "ckpt_path",
     "trainer.accelerator",
     "trainer.devices",
@@ -140,3 +140,38 @@ def trial_id(name: str, run_dir: Path) -> str:
         configuration = run_name(hydra_cfg.overrides.task, keys) or "all jobs"
         return f"{configuration} [{run_dir.parent.name}]"
     return f"{name} [{run_dir.parent.name}/{run_dir.name}]"
+
+
+def sweep_size(hydra_cfg) -> int | None:
+    """How many jobs the current multirun launches: Optuna's `n_trials`, or the basic sweeper's
+    grid (its `params` and the command-line sweeps, read from multirun.yaml as the sweeper
+    combined them); None where it cannot be known (another sweeper, a glob over config groups)."""
+    n_trials = OmegaConf.select(hydra_cfg, "sweeper.n_trials")
+    if n_trials is not None:
+        return int(n_trials)
+    if not str(OmegaConf.select(hydra_cfg, "sweeper._target_") or "").endswith("BasicSweeper"):
+        return None
+    multirun_yaml = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        saved = OmegaConf.load(multirun_yaml)
+        params = OmegaConf.select(saved, "hydra.sweeper.params")
+        params = OmegaConf.to_container(params, resolve=True) if params else {}
+        task = list(OmegaConf.select(saved, "hydra.overrides.task") or [])
+        parsed = OverridesParser.create().parse_overrides(
+            [f"{key}={value}" for key, value in params.items()] + task
+        )
+        return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+    except Exception:  # an unreadable or unusual sweep: its size stays unknown, nothing fails
+        return None
+
+
+def job_label() -> str | None:
+    """`job #2 of 8` in a multirun (Hydra's job number, as in its `#2 : ...` launch line and
+    the job's folder), `job #2` where the sweep's size is unknown; None outside a multirun."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hydra_cfg = HydraConfig.get()
+    size = sweep_size(hydra_cfg)
+    return f"job #{hydra_cfg.job.num}" + (f" of {size}" if size else "")

@@ -5,7 +5,8 @@ Read from the multirun directory itself (each job's `.hydra/overrides.yaml`, `me
 rewritten after each job. Writes:
 
 - `sweep_summary.csv`: one row per job; `configuration` names what it is apart from its repeat
-  keys (`seed`, `data.fold`), so that repeats of one configuration share it.
+  keys (`seed`, `data.fold`), so that repeats of one configuration share it; `run_dir` is
+  relative to the multirun folder (core/artefacts.py), so the folder can move.
 - `sweep_configurations.csv`: one row per configuration: `n_runs`, the mean and sd of each
   figure over its runs, and for k-fold the pooled out-of-fold AUROC with its interval.
 - `sweep_summary.md`: both tables and, first, the conclusion in words.
@@ -28,6 +29,7 @@ import csv
 import io
 import json
 import math
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from tb_lightning.core.artefacts import read_data_root, relative_path
 from tb_lightning.core.atomic import atomic_write
 from tb_lightning.core.tasks import ERROR_FILE
 from tb_lightning.evaluation import compare
@@ -137,6 +140,7 @@ class Summary:
     requested_metric: str  # optimized_metric, when it cannot be compared (then val/auroc)
     top: Configuration | None = None
     tie_note: str = ""
+    sweep_dir: Path = Path(".")  # the multirun folder: run_dir columns are relative to it
 
     @property
     def has_repeats(self) -> bool:
@@ -211,8 +215,11 @@ def val_predictions(job: JobResult) -> Scored | None:
     if not rows or "logit" not in rows[0]:
         return None
     logits = np.array([float(r["logit"]) for r in rows], dtype=np.float32)
+    # Images are paired by their full path: the relative ones joined to the data root that
+    # predictions.json names (a run written before it has full paths in the file).
+    root = read_data_root(job.run_dir)
     return Scored(
-        tuple(r["path"] for r in rows),
+        tuple(os.path.join(root, r["path"]) if root else r["path"] for r in rows),
         np.array([int(r["label"]) for r in rows]),
         logits,
         probabilities(logits),
@@ -261,7 +268,7 @@ def summarise(sweep_dir: str | Path, metric: str = "val/auroc") -> Summary:
         job.configuration = configuration_name(job, keys)
         groups.setdefault(job.configuration, []).append(job)
     configurations = [Configuration(name, members) for name, members in groups.items()]
-    summary = Summary(jobs, keys, configurations, compared, metric)
+    summary = Summary(jobs, keys, configurations, compared, metric, sweep_dir=Path(sweep_dir))
     for configuration in configurations:
         if not configuration.ok:
             continue
@@ -364,6 +371,11 @@ def compared_on(difference: Difference | None, kfold: bool) -> str:
     return images + (f", {difference.units} seeds" if difference.units > 1 else "")
 
 
+def job_folder(job: JobResult, summary: Summary) -> str:
+    """The job's run directory relative to the multirun folder (core/artefacts.py)."""
+    return relative_path(job.run_dir, summary.sweep_dir)
+
+
 def metric_columns(jobs: Sequence[JobResult]) -> tuple[tuple[str, str], ...]:
     """The val columns, and the test columns when some job has a held-out test split."""
     has_test = any("test/auroc" in j.metrics for j in jobs)
@@ -401,7 +413,7 @@ def summary_csv(summary: Summary) -> str:
         d = job.difference
         row += [job.threshold_policy, job.verdict]
         row += [_fmt(d.value), _fmt(d.low), _fmt(d.high)] if d else ["", "", ""]
-        row += [compared_on(d, False), str(job.run_dir), job.error.strip()]
+        row += [compared_on(d, False), job_folder(job, summary), job.error.strip()]
         writer.writerow(row)
     return out.getvalue()
 
@@ -598,7 +610,7 @@ def summary_markdown(summary: Summary) -> str:
         lines.append(
             f"| {job.job} | {status} | {_overrides_text(job, summary.keys)} | "
             + " | ".join(cells)
-            + f" | {job.run_dir} |"
+            + f" | {job_folder(job, summary)} |"
         )
     if summary.has_repeats:
         lines += configurations_markdown(summary, columns)

@@ -1,0 +1,66 @@
+"""The values config keys may take, importable without torch.
+
+config/checks.py checks a composed config against these in a Hydra callback before torch is
+imported (config/callback.py); the modules that use a value (data/augment.py, models/backbones.py,
+...) import it from here, so that there is one list of each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# model.net.arch values. Published TB-on-CXR results favour DenseNet and ResNet over AlexNet;
+# AlexNet stays the default because it is the reference experiment's.
+ARCHS = ("alexnet", "resnet18", "resnet50", "densenet121", "efficientnet_b0")
+# Smallest square input each trunk accepts (AlexNet's last maxpool needs 63 px; the others reduce
+# by 32 with padding, so any size from 32 gives a non-empty map).
+MIN_IMAGE_SIZE = {"alexnet": 63, "resnet18": 32, "resnet50": 32, "densenet121": 32,
+                  "efficientnet_b0": 32}  # fmt: skip
+# model.scheduler.name (models/schedules.py).
+SCHEDULERS = ("none", "cosine", "plateau")
+# data.augment keys (data/augment.py).
+AUGMENT_KEYS = {
+    "crop_scale",
+    "crop_ratio",
+    "rotation_degrees",
+    "translate",
+    "brightness",
+    "contrast",
+    "horizontal_flip",
+}
+# data.preprocess (data/preprocess.py).
+PREPROCESS_NAMES = ("none", "clahe")
+# data.on_bad_file and data.on_leak (data/integrity.py).
+BAD_FILE_POLICIES = ("error", "skip")
+LEAK_POLICIES = ("warn", "error", "drop")
+# pHash on a 16x16 DCT block: 256 bits. Chest X-rays all look alike, and imagehash's default
+# 64-bit pHash puts different patients 2-4 bits apart; at 256 bits, different patients of the NLM
+# set are >= 48 bits apart while resized/recompressed/brightened copies stay <= 10 apart.
+PHASH_SIZE = 16
+PHASH_BITS = PHASH_SIZE * PHASH_SIZE
+# data.phantom.lesions: how conspicuous the TB findings are (data/phantom.py _sample_lesions).
+LESION_MIXES = ("mixed", "conspicuous")
+# threshold.policy (evaluation/thresholds.py).
+POLICIES = ("youden", "max_f1", "sensitivity")
+# data.cache_features (inference/features.py).
+CACHE_MODES = ("auto", True, False)
+# eval.split (evaluation/evaluate.py).
+SPLITS = ("val", "test", "all")
+# export's format and the file each writes (inference/deploy.py).
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+
+
+def preprocess_spec(preprocess: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """{"name": "clahe", "clip_limit": float, "tile_grid": int}, or None for no preprocessing.
+
+    `preprocess` as the classifier stores it ({name, clip_limit, tile_grid}); None or
+    name=none (and checkpoints written before the option existed) mean none.
+    """
+    if not preprocess or preprocess.get("name", "none") == "none":
+        return None
+    return {
+        "name": "clahe",
+        "clip_limit": float(preprocess["clip_limit"]),
+        "tile_grid": int(preprocess["tile_grid"]),
+    }
