@@ -93,3 +93,11 @@ def test_a_sweep_plugin_choice_without_the_extra_stops_before_hydra(monkeypatch,
         train.cli()
     assert stop.value.code == 1
     assert "sweep=optuna needs the optional 'sweeps' packages" in capsys.readouterr().err
+
+
+def test_the_last_log_line_lists_the_outputs_not_the_runs_lock(tmp_path):
+    from tb_lightning.core.tasks import written_files
+
+    for name in (".run.lock", "predictions.csv", ".hydra"):
+        (tmp_path / name).touch()
+    assert written_files(tmp_path) == ".hydra, predictions.csv"

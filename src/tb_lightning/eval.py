@@ -18,7 +18,12 @@ from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
 from tb_lightning.config.printing import print_config
-from tb_lightning.core.tasks import instantiate_config, quiet_known_warnings, run_task
+from tb_lightning.core.tasks import (
+    instantiate_config,
+    quiet_known_warnings,
+    run_task,
+    written_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +88,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         split_file=split_path,
     )
     log.info("Evaluation of %s:\n%s", loaded.checkpoint_path, report)
-    log.info("Wrote %s in %s", ", ".join(sorted(p.name for p in output_dir.iterdir())), output_dir)
+    log.info("Wrote %s in %s", written_files(output_dir), output_dir)
     return metrics
 
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
 from tb_lightning.config.printing import print_config
-from tb_lightning.core.tasks import quiet_known_warnings, run_task
+from tb_lightning.core.tasks import quiet_known_warnings, run_task, written_files
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     sidecar = export_model(
         loaded, cfg.format, output_dir, threshold, threshold_source, cfg.check_images
     )
-    log.info("Wrote %s in %s", ", ".join(sorted(p.name for p in output_dir.iterdir())), output_dir)
+    log.info("Wrote %s in %s", written_files(output_dir), output_dir)
     return sidecar
 
 

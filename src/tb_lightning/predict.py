@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
 from tb_lightning.config.printing import print_config
-from tb_lightning.core.tasks import quiet_known_warnings, run_task
+from tb_lightning.core.tasks import quiet_known_warnings, run_task, written_files
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def predict(cfg: DictConfig) -> Path:
         saliency=bool(cfg.saliency),
         device=pick_device(cfg.trainer.accelerator),
     )
-    log.info("Wrote %s in %s", ", ".join(sorted(p.name for p in output_dir.iterdir())), output_dir)
+    log.info("Wrote %s in %s", written_files(output_dir), output_dir)
     return output_dir
 
 

@@ -141,3 +141,11 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate_config(entry) for entry in group.values() if entry and "_target_" in entry]
+
+
+def written_files(output_dir: Path) -> str:
+    """What a run folder holds, for its last log line: the run's lock (`.run.lock`, removed as
+    the process ends) is no output of the run."""
+    from tb_lightning.core.run_lock import LOCK_NAME
+
+    return ", ".join(sorted(p.name for p in output_dir.iterdir() if p.name != LOCK_NAME))
