@@ -47,8 +47,9 @@ tensorboard: $(STAMP)
 mlflow: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///outputs/mlruns/mlflow.db $(ARGS)
 
-## A 6-job sweep, eval and Grad-CAM, TensorBoard's tabs captured in headless Chromium into
-## docs/img/ (~4 minutes on 2 cores; needs `apt-get install chromium`; not part of make test).
+## A 6-job sweep (6 epochs each, logged to TensorBoard and MLflow), eval and Grad-CAM, TensorBoard's
+## tabs and MLflow's Compare page captured in headless Chromium into docs/img/ (34 minutes on 2
+## shared AMD EPYC cores; needs `apt-get install chromium` and ../shared/data; not part of make test).
 screenshots: $(STAMP)
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[screenshots]"
 	$(BIN)/python scripts/screenshots.py $(ARGS)

@@ -169,11 +169,19 @@ def capture_mlflow_compare(store: Path, port: int, out: Path, chromium: str) -> 
     path = out / "mlflow-compare.png"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={**VIEWPORT, "height": 1300})
+        # Wide enough for six runs' columns beside the row names.
+        page = browser.new_page(viewport={"width": 1800, "height": 1100})
         page.goto(f"http://127.0.0.1:{port}/#/compare-runs?{query}", wait_until="networkidle")
         page.get_by_text("Parameters").first.wait_for(timeout=60_000)
-        page.wait_for_timeout(4000)
-        page.screenshot(path=str(path))
+        page.wait_for_timeout(2000)
+        # The assistant's side pane (MLflow 3) and the plot of an arbitrary metric hide the
+        # table of params and final figures: closed and folded first.
+        assistant = page.locator("button[aria-label='Close']")
+        if assistant.count():
+            assistant.first.click()
+        page.get_by_text("Visualizations").first.click()
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(path), full_page=True)
         browser.close()
     return path
 
@@ -181,7 +189,7 @@ def capture_mlflow_compare(store: Path, port: int, out: Path, chromium: str) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "img")
     parser.add_argument(
         "--sweep-dir", type=Path, help="capture this finished multirun instead of running one"

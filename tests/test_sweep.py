@@ -159,7 +159,8 @@ def test_summary_verdicts_are_paired_comparisons_with_the_top_job(tmp_path):
     assert [c["n_runs"] for c in configurations] == ["1", "1", "1", "0"]
     assert [c["verdict"] for c in configurations[:3]] == [r["verdict"] for r in rows[:3]]
     markdown = (tmp_path / "sweep_summary.md").read_text()
-    assert f"**Best: job {top} (model.optimizer.lr=0.00{top + 1})**" in markdown
+    headline = "Best" if "tied" not in {r["verdict"] for r in rows[:3]} else "Top"
+    assert f"**{headline}: job {top} (model.optimizer.lr=0.00{top + 1})**" in markdown
     assert "Worse beyond the noise (`worse`): job 2" in markdown
     assert "failed: DataError: x" in markdown
 

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from tb_lightning.core.artefacts import threshold_text  # noqa: E402
 from tb_lightning.core.atomic import atomic_write_with
 from tb_lightning.core.labels import CLASS_NAMES  # noqa: E402
 from tb_lightning.evaluation.stats import (  # noqa: E402
@@ -36,7 +37,7 @@ def confusion_figure(
     ax.set_yticks([0, 1], CLASS_NAMES)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title or f"Confusion matrix at p_tb >= {threshold:.4g}")
+    ax.set_title(title or f"Confusion matrix at p_tb >= {threshold_text(threshold)}")
     fig.tight_layout()
     return fig
 
@@ -77,7 +78,7 @@ def roc_figure(probs: np.ndarray, target: np.ndarray, metrics: dict[str, Any]) -
         metrics["sensitivity"],
         "o",
         color="red",
-        label=f"operating point (p_tb >= {metrics['threshold']:.3g})",
+        label=f"operating point (p_tb >= {threshold_text(metrics['threshold'])})",
     )
     # The WHO minimum for CXR screening: sensitivity >= 0.90 with specificity >= 0.70.
     ax.fill_between([0, 0.3], 0.9, 1, color="green", alpha=0.1, label="WHO screening minimum")
@@ -110,7 +111,7 @@ def distribution_figure(probs: np.ndarray, target: np.ndarray, threshold: float)
     bins = np.linspace(0, 1, 26)
     for label, name in enumerate(CLASS_NAMES):
         ax.hist(probs[target == label], bins=bins, alpha=0.6, label=f"true {name}")
-    ax.axvline(threshold, color="red", ls="--", label=f"threshold {threshold:.3g}")
+    ax.axvline(threshold, color="red", ls="--", label=f"threshold {threshold_text(threshold)}")
     ax.set_xlabel("predicted TB probability (p_tb)")
     ax.set_ylabel("images")
     ax.legend()

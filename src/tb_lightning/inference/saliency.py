@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from torchvision.transforms import v2
 
+from tb_lightning.core.artefacts import threshold_text
 from tb_lightning.core.atomic import atomic_write_with
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.core.progress import report_progress
@@ -226,7 +227,8 @@ def write_saliency_maps(
                 fig = saliency_figure(
                     image,
                     heatmap,
-                    f"{Path(path).name}: p_tb {p_tb:.3f} -> {call} (threshold {threshold:.4g})",
+                    f"{Path(path).name}: p_tb {p_tb:.3f} -> {call} "
+                    f"(threshold {threshold_text(threshold)})",
                     flag_note(share, flag),
                     BORDER_FRACTION if flag == BORDER_FLAG else None,
                 )

@@ -497,7 +497,19 @@ def conclusion(summary: Summary) -> list[str]:
             "(e.g. sweep=kfold) or repeats (seed=0,1,2)."
         )
     else:
-        lines.append(f"**Best: {_label(top, summary)}**, {metric} {top.value:.3f}.")
+        if tied:
+            # A "best" only where it beats the noise: with ties, the top one is only the
+            # highest of a group the data cannot order.
+            lines.append(
+                f"**Top: {_label(top, summary)}**, {metric} {top.value:.3f}, but not "
+                f"distinguishable from {_count(len(tied), 'other ' + noun)} (`tied`, below): the "
+                f"best of this sweep is one of these {len(tied) + 1}, not shown to be this one."
+            )
+        else:
+            lines.append(
+                f"**Best: {_label(top, summary)}**, {metric} {top.value:.3f}, ahead of every "
+                f"other {noun} beyond the noise."
+            )
         if tied:
             lines.append(
                 f"Within the noise of it (`tied`, the 95% interval of the paired difference "
