@@ -153,7 +153,10 @@ def test_export_model_json_says_what_the_model_is_and_was_trained_on(trained_run
     assert (model["epoch"], model["step"]) == (checkpoint["epoch"], checkpoint["global_step"])
     # Trained on: the run's split.csv fingerprint.
     rows = csv_rows(trained_run / "split.csv")
-    assert sidecar["training_data"] == split_fingerprint(trained_run / "split.csv")
+    training = sidecar["training_data"]
+    assert "synthetic phantom images" in training.pop("synthetic")
+    assert set(training.pop("images_per_source")) == {"phantom"}
+    assert training == split_fingerprint(trained_run / "split.csv")
     assert sidecar["training_data"]["images"] == len(rows)
     assert sidecar["training_data"]["sha256"] == sorted_digest([r["sha256"] for r in rows])
     # Chosen on: the run's validation figures, as its metrics.json has them.
@@ -365,3 +368,17 @@ def test_model_json_names_the_weights_source_without_a_path():
     assert weights_source(None).startswith("random")
     assert weights_source("imagenet").startswith("imagenet")
     assert weights_source("/home/someone/weights/tbnet.pth") == "file tbnet.pth"
+
+
+def test_model_json_says_when_a_model_was_trained_on_phantoms(tmp_path):
+    from tb_lightning.inference.deploy import data_sources
+
+    report = {"counts": {"per_source": {"phantom": {"Normal": 4, "Tuberculosis": 2}}}}
+    (tmp_path / "data_report.json").write_text(json.dumps(report))
+    what = data_sources(tmp_path)
+    assert what["images_per_source"] == {"phantom": {"Normal": 4, "Tuberculosis": 2}}
+    assert "synthetic phantom images (not medical data)" in what["synthetic"]
+    report["counts"]["per_source"] = {"shenzhen": {"Normal": 3, "Tuberculosis": 3}}
+    (tmp_path / "data_report.json").write_text(json.dumps(report))
+    assert "synthetic" not in data_sources(tmp_path)
+    assert data_sources(tmp_path / "no-such-run") == {}

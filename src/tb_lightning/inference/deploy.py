@@ -163,16 +163,36 @@ def training_data(loaded: LoadedModel) -> dict[str, Any] | None:
     prints = [split_fingerprint(run / "split.csv") for run in runs]
     if any(p is None for p in prints):
         return None
+    what = data_sources(runs[0])
     if len(prints) == 1:
-        return prints[0]
+        return {**what, **prints[0]}  # type: ignore[dict-item]
     images = {p["sha256"] for p in prints}  # type: ignore[index]
     return {
+        **what,
         **prints[0],  # type: ignore[dict-item]
         "source": f"split.csv of each of the {len(prints)} members",
         "splits": [p["splits"] for p in prints],  # type: ignore[index]
         "sha256": images.pop() if len(images) == 1 else None,
         "split_sha256": [p["split_sha256"] for p in prints],  # type: ignore[index]
     }
+
+
+def data_sources(run: Path) -> dict[str, Any]:
+    """What the images were, from the run's data_report.json: images per source (names, never
+    the folders), and a plain warning when they were the synthetic phantoms, so that a deployed
+    file cannot pass for a TB detector it is not."""
+    try:
+        report = json.loads((run / "data_report.json").read_text())
+        per_source = dict(report["counts"]["per_source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    what: dict[str, Any] = {"images_per_source": per_source}
+    if "phantom" in per_source:
+        what["synthetic"] = (
+            "trained on synthetic phantom images (not medical data): it shows the pipeline "
+            "works, and is no evidence of detecting TB on radiographs"
+        )
+    return what
 
 
 def split_figures(metrics: dict[str, Any], split: str) -> dict[str, Any] | None:
