@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from tb_lightning.core import PROJECT_ROOT
 from tb_lightning.core.run_dirs import claim_new_dir, invocation_subdir, resume_run_dir
 
-# The package is installed editable from the checkout (`make install`), so the project root is
-# three levels above src/tb_lightning/config/.
-PROJECT_ROOT = Path(__file__).resolve().parents[3]
 CONF_DIR = PROJECT_ROOT / "conf"
 
 

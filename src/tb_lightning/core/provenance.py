@@ -48,6 +48,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from tb_lightning.core import PROJECT_ROOT
 from tb_lightning.core.atomic import atomic_write_json
 from tb_lightning.core.run_dirs import launched_rank
 
@@ -287,12 +288,6 @@ def data_fingerprint(output_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def project_root() -> Path:
-    """The checkout this code runs from (installed editable: src/tb_lightning/core/ is three
-    levels below it), as config.PROJECT_ROOT, which core must not import."""
-    return Path(__file__).resolve().parents[3]
-
-
 def invocation_record(config: DictConfig) -> dict[str, Any]:
     """What is known when a job (or multirun) starts."""
     hydra_cfg = config.hydra
@@ -313,7 +308,7 @@ def invocation_record(config: DictConfig) -> dict[str, Any]:
         # The config groups chosen (data=phantom, model=alexnet, ...), Hydra's own left out.
         "choices": {k: v for k, v in choices.items() if not str(k).startswith("hydra")},
         "packages": package_versions(),
-        "git": git_state(project_root()),
+        "git": git_state(PROJECT_ROOT),
         "machine": machine(),
         "accelerators": accelerators(),
         "data": None,
