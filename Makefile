@@ -9,32 +9,45 @@ ARGS ?=
 # Import this checkout's code even when .venv was installed editable from another checkout.
 export PYTHONPATH := $(CURDIR)/src
 
-.PHONY: install train test test-fast lint format tensorboard mlflow screenshots bench bench-scale chaos clean distclean
+.PHONY: help install train test test-slow test-all lint format tensorboard mlflow screenshots bench bench-scale chaos clean distclean
 
+## This list: every target with what it does (the `##` lines above it).
+help:
+	@awk '/^## /{doc = doc (doc ? " " : "") substr($$0, 4); next} /^[a-z-]+:/{if (doc) printf "  make %-12s %s\n", substr($$1, 1, length($$1) - 1), doc; doc = ""; next} {doc = ""}' $(MAKEFILE_LIST)
+
+## Build .venv (torch pins, then this package editable with its dev tools and every extra).
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q $(TORCH_PINS)
-	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev,export,mlflow,saliency,sweeps]"
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev,export,mlflow,saliency,sweeps,timm]"
 	touch $(STAMP)
 
-## The main job, offline: phantom data (generated on first use), ~2 minutes on 2 CPU cores.
+## The main job, offline: phantom data (generated on first use), ~4.5 minutes on 2 idle CPU cores.
 train: $(STAMP)
 	$(BIN)/python -m tb_lightning.train experiment=quickstart $(ARGS)
 
-## The whole test suite (slow end-to-end tests included, as in CI), on every core (pytest-xdist).
+## The default test suite, on every core (pytest-xdist): every feature end to end, ~3 minutes on
+## 2 idle CPU cores; the tests marked slow are left out (make test-slow).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 $(ARGS)
-
-## Only the fast tests, for quick iteration.
-test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 -m "not slow" $(ARGS)
 
+## Only the tests marked slow (signals and resumes, races, DDP, launchers, full sweeps, real
+## images); CI runs them after make test.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 -m slow $(ARGS)
+
+## Every test, slow ones included: make test and make test-slow in one run.
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 $(ARGS)
+
+## ruff: lint and format check (CI runs it before the tests).
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/ruff format --check src tests benchmarks scripts
 
+## ruff: fix what it can and format.
 format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 	$(BIN)/ruff format src tests benchmarks scripts
@@ -70,6 +83,7 @@ bench-scale: $(STAMP)
 chaos: $(STAMP)
 	$(BIN)/python scripts/chaos.py $(ARGS)
 
+## Remove run outputs and caches (keeps .venv and the phantom data).
 clean:
 	rm -rf outputs/train outputs/eval outputs/predict outputs/export .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +

@@ -43,11 +43,12 @@ from tb_lightning.config import PROJECT_ROOT
 from tb_lightning.core.allocator import keep_large_blocks_in_heap
 from tb_lightning.core.tasks import quiet_known_warnings
 from tb_lightning.data.dataset import ImageDataset
+from tb_lightning.data.feature_cache import FeatureCache, bf16_supported
 from tb_lightning.data.phantom import ensure_phantom_dataset
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.transforms import build_transform
-from tb_lightning.inference.features import FeatureCache, bf16_supported
 from tb_lightning.models.classifier import TBClassifier
+from tb_lightning.trained.runner import run_over_images
 
 sys.path.insert(0, str(Path(__file__).parent))
 from page import cpu_name, write_section  # noqa: E402
@@ -139,7 +140,7 @@ def make_model(lr: float = 1e-4, dropout: float = 0.5, cls=TBClassifier) -> TBCl
     torch.manual_seed(0)
     net = {"weights": None, "image_size": IMAGE_SIZE, "dropout": dropout}
     optimizer = {"_target_": "torch.optim.Adam", "lr": lr, "fused": True}  # as conf/model
-    return cls(net=net, optimizer=optimizer)
+    return cls(net=net, optimizer=optimizer, threshold=0.5)
 
 
 def trainer(epochs: int, precision: str, callbacks=(), validate: bool = True) -> L.Trainer:
@@ -289,7 +290,14 @@ def main() -> int:
         reset_peak_memory()
         t = time.perf_counter()
         model = make_model()
-        cache = FeatureCache(cache_dir, model.net, [*train, *val], transform, device=device)
+        cache = FeatureCache(
+            cache_dir,
+            model.net,
+            [*train, *val],
+            transform,
+            run_over_images=run_over_images,
+            device=device,
+        )
         cache.load_or_build()
         extract_s = time.perf_counter() - t
         train_f, val_f = cache.dataset(train), cache.dataset(val)

@@ -103,7 +103,8 @@ def run_stage(stage: str, root: Path, work: Path, n: int) -> dict:
     from tb_lightning.config import CONF_DIR
     from tb_lightning.core.allocator import keep_large_blocks_in_heap
     from tb_lightning.core.tasks import instantiate_config
-    from tb_lightning.inference.features import build_feature_cache
+    from tb_lightning.data.feature_cache import build_feature_cache
+    from tb_lightning.trained.runner import run_over_images
 
     logging.basicConfig(level=logging.WARNING)
     keep_large_blocks_in_heap()  # as `python -m tb_lightning.train` does (core/allocator.py)
@@ -121,7 +122,7 @@ def run_stage(stage: str, root: Path, work: Path, n: int) -> dict:
         model = instantiate_config(cfg.model, _recursive_=False)
         cache_files = set(Path(cfg.data.cache_dir).glob("*.npy"))
         started = time.perf_counter()  # the extraction (or, warm, the cache's opening) alone
-        cache = build_feature_cache(datamodule, model.net)
+        cache = build_feature_cache(datamodule, model.net, run_over_images)
         if stage == "extract":
             elapsed = time.perf_counter() - started
         else:

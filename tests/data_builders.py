@@ -1,9 +1,13 @@
-"""Small image trees for the data tests: class folders, NLM names, manifests, bad files."""
+"""Small image trees for the data tests: class folders, NLM names, manifests, bad files; and
+tiny checkpoints in tb_lightning.train's layout, built in-process without training."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -102,3 +106,195 @@ def write_bad(folder: Path, kind: str, seed: int = 0) -> Path:
     else:
         raise ValueError(kind)
     return path
+
+
+# --- Tiny checkpoints ---------------------------------------------------------------------------
+
+# The smallest network the tests load: AlexNet's trunk (random, frozen) and an 8-unit head at
+# 64 px, the phantom images' size (AlexNet takes 63 px at least). 2.5M weights, a 10 MB file.
+TINY_NET = {
+    "arch": "alexnet",
+    "weights": None,
+    "freeze_features": True,
+    "hidden_dim": 8,
+    "dropout": 0.5,
+    "image_size": 64,
+}
+TINY_OPTIMIZER = {"_target_": "torch.optim.Adam", "lr": 1e-4}
+CLAHE = {"name": "clahe", "clip_limit": 2.0, "tile_grid": 4}
+
+
+@contextlib.contextmanager
+def skipped_init_of_discarded_layers(min_weights: int = 4_000_000) -> Iterator[None]:
+    """Linear layers of `min_weights` weights or more left uninitialised while building.
+
+    The network builder makes torchvision's whole AlexNet and keeps its conv features (models/
+    backbones.py): drawing the 58M random weights of its classifier, thrown away at once, is
+    most of the ~0.6 s that building (and so loading) a tiny checkpoint takes. No layer of
+    TINY_NET is that large; a checkpoint's weights replace every kept one anyway.
+    """
+    import torch
+
+    original = torch.nn.Linear.reset_parameters
+
+    def reset_parameters(self: torch.nn.Linear) -> None:
+        if self.in_features * self.out_features < min_weights:
+            original(self)
+
+    torch.nn.Linear.reset_parameters = reset_parameters
+    try:
+        yield
+    finally:
+        torch.nn.Linear.reset_parameters = original
+
+
+def tiny_classifier(
+    seed: int = 0,
+    preprocess: Mapping[str, Any] | None = None,
+    pos_weight: float = 2.0,
+    model_threshold: float = 0.5,
+    **net: Any,
+):
+    """A TBClassifier of TINY_NET (`net` overrides its keys) with weights drawn from `seed`, in
+    eval mode, as training leaves one (pos_weight set from the train split); model_threshold is
+    its model.threshold."""
+    import logging
+
+    import torch
+
+    from tb_lightning.models.classifier import TBClassifier
+
+    torch.manual_seed(seed)
+    # weights=None with frozen features: build_net's warning is for users, not for tests.
+    net_log = logging.getLogger("tb_lightning.models.net")
+    level = net_log.level
+    net_log.setLevel(logging.ERROR)
+    try:
+        model = TBClassifier(
+            net={**TINY_NET, **net},
+            optimizer=TINY_OPTIMIZER,
+            threshold=model_threshold,
+            preprocess=preprocess,
+        )
+    finally:
+        net_log.setLevel(level)
+    model.pos_weight.fill_(pos_weight)
+    return model.eval()
+
+
+def threshold_choice(value: float, policy: str = "youden", val_images: int = 12) -> dict:
+    """An operating threshold as train stores it in best.ckpt (trained/checkpoint.py)."""
+    return {"value": value, "policy": policy, "target": 0.9, "val_images": val_images}
+
+
+def write_checkpoint(
+    path: Path,
+    model=None,
+    *,
+    threshold: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | None = None,
+    epoch: int = 1,
+    global_step: int = 10,
+    **classifier: Any,
+) -> Path:
+    """`model` (else tiny_classifier(**classifier)) saved as Lightning saves a checkpoint
+    (state_dict, hyper_parameters, epoch, global_step), with the operating threshold and the
+    calibration that train adds to best.ckpt when given. With `model`, only a `preprocess`
+    of `classifier` is used: it replaces the model's (building a network takes ~0.5 s).
+
+    Loading one costs what building its network does (load_checkpoint_file builds it from the
+    hyper_parameters): share loaded models between tests where they are only read."""
+    import lightning
+    import torch
+
+    if model is None:
+        model = tiny_classifier(**classifier)
+    hparams = dict(model.hparams)
+    if "preprocess" in classifier:  # with `model`: one network saved with several
+        hparams["preprocess"] = classifier["preprocess"]
+    checkpoint: dict[str, Any] = {
+        "epoch": epoch,
+        "global_step": global_step,
+        "pytorch-lightning_version": lightning.__version__,
+        "state_dict": model.state_dict(),
+        "hyper_parameters": hparams,
+    }
+    if threshold is not None:
+        checkpoint["operating_threshold"] = dict(threshold)
+    if calibration is not None:
+        checkpoint["calibration"] = dict(calibration)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return path
+
+
+def image_set(root: Path, normal: int, tb: int, size: int = 64, seed0: int = 500) -> list:
+    """`normal` + `tb` distinct PNGs in <root>/Normal and <root>/Tuberculosis, as Samples."""
+    from tb_lightning.data.sources import Sample
+
+    samples = []
+    for label, (name, count) in enumerate((("Normal", normal), ("Tuberculosis", tb))):
+        for i in range(count):
+            path = write_png(root / name / f"{name}-{i}.png", seed0 + 100 * label + i, size)
+            samples.append(Sample(str(path), label, path.stem, "folder"))
+    return samples
+
+
+def kfold_folder(
+    folder: Path,
+    images: Path,
+    folds: int = 3,
+    seeds: tuple[int, ...] = (42,),
+    calibration: Mapping[str, Any] | None = None,
+    policy: str = "youden",
+) -> Path:
+    """A k-fold multirun folder as `-m sweep=kfold` leaves it, of tiny untrained models: job
+    `s * folds + k` (seed s, fold k) holds .hydra/config.yaml, split.csv (a shared 4-image test
+    split, fold k's val images) and checkpoints/best.ckpt with its stored threshold (and
+    `calibration`). What load_ensemble reads, without training; the images go under `images`."""
+    from omegaconf import OmegaConf
+
+    from tb_lightning.data.split import write_split_csv
+
+    samples = image_set(images, 4 + 4 * folds, 2 + 3 * folds)
+    normal = [s for s in samples if s.label == 0]
+    tb = [s for s in samples if s.label == 1]
+    test = normal[:2] + tb[:2]
+    pool = normal[2:] + tb[2:]  # each fold's val: every folds-th image of the rest
+    base = tiny_classifier()
+    for s_index, seed in enumerate(seeds):
+        for fold in range(folds):
+            job = folder / str(s_index * folds + fold)
+            val = pool[fold::folds]
+            train = [s for s in pool if s not in val]
+            write_split_csv(job / "split.csv", train, val, test)
+            config = {
+                "seed": seed,
+                "data": {"root": str(images), "num_folds": folds, "fold": fold, "test_size": 4},
+                "model": {"net": TINY_NET},
+                "threshold": {"policy": policy, "target": 0.9},
+            }
+            (job / ".hydra").mkdir(parents=True)
+            OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
+            write_checkpoint(
+                job / "checkpoints" / "best.ckpt",
+                member_of(base, 100 * s_index + fold),
+                threshold=threshold_choice(0.5, policy, len(val)),
+                calibration=calibration,
+            )
+    return folder
+
+
+def member_of(model, seed: int):
+    """A copy of `model` whose head is drawn anew from `seed`: another fold's model at the cost
+    of a copy, not of building a network."""
+    import copy
+
+    import torch
+
+    member = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    for module in member.net.head.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
+    return member

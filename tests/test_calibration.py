@@ -10,23 +10,37 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from conftest import compose_train, phantom_overrides, run_cli, train_in_process
+from conftest import (
+    TEST_DATA_DIR,
+    compose_task,
+    compose_train,
+    eval_config,
+    phantom_overrides,
+    run_cli,
+    train_in_process,
+)
 from tb_lightning.core.errors import ConfigError
 from tb_lightning.core.tasks import instantiate_config
 from tb_lightning.data.split import read_split_csv
 from tb_lightning.data.transforms import build_transform, load_image
-from tb_lightning.evaluation.calibration import (
+from tb_lightning.eval import evaluate
+from tb_lightning.evaluation.final_report import final_report
+from tb_lightning.inference.deploy import export_model
+from tb_lightning.models.torch_file import load_checkpoint
+from tb_lightning.predict import predict
+from tb_lightning.stats.calibration import (
     MIN_CALIBRATION_IMAGES,
     auroc_interval,
     calibration_warnings,
     fit_temperature,
     mean_nll,
 )
-from tb_lightning.evaluation.ensemble import load_checkpoint_or_ensemble
-from tb_lightning.evaluation.final_report import final_report
-from tb_lightning.inference.checkpoint import load_model
-from tb_lightning.inference.deploy import export_model
-from tb_lightning.models.torch_file import load_checkpoint
+from tb_lightning.trained.checkpoint import load_checkpoint_file
+from tb_lightning.trained.load import load_trained_model
+
+# Checkpoints loaded without the discarded init (conftest); the module's run (calibrated_run,
+# module-scoped) is trained before it applies, and the refused runs stop before any epoch.
+pytestmark = pytest.mark.usefixtures("quick_loads")
 
 
 def test_fitted_temperature_minimises_the_validation_loss():
@@ -54,6 +68,11 @@ def calibrated_run(phantom_root, tmp_path_factory):
     return run_dir, metrics
 
 
+def in_process_eval(ckpt, output_dir):
+    """`python -m tb_lightning.eval ckpt_path=<ckpt>` as composed, for evaluate(cfg) here."""
+    return eval_config(ckpt, output_dir, f"paths.data_dir={TEST_DATA_DIR}")
+
+
 def raw_logits(loaded, paths) -> np.ndarray:
     """The network's logits computed here, without the model's temperature."""
     transform = build_transform(loaded.image_size)
@@ -71,22 +90,24 @@ def test_one_temperature_for_train_eval_predict_and_export(calibrated_run, tmp_p
     report = (run_dir / "report.txt").read_text()
     assert f"temperature scaling: T = {stored['temperature']:.3f}" in report
     # The threshold was chosen on the calibrated probabilities: eval reproduces train's figures.
-    result = run_cli("tb_lightning.eval", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'e'}")
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    # (eval and predict run in-process: their command lines are tested in
+    # test_eval_predict_export.py; here the temperature is.)
+    evaluate(in_process_eval(best, tmp_path / "e"))
     evaluated = json.loads((tmp_path / "e" / "metrics.json").read_text())
     for key in ("val/auroc", "val/brier", "val/ece", "val/sensitivity", "val/loss"):
         assert evaluated[key] == metrics[key], key
     assert f"T = {stored['temperature']:.3f}" in (tmp_path / "e" / "report.txt").read_text()
     # predict's p_tb is sigmoid(raw logit / T), computed here independently.
-    loaded = load_model(best)
+    loaded = load_checkpoint_file(best)
     _, val = read_split_csv(run_dir / "split.csv")
     paths = [s.path for s in val]
     expected = 1 / (1 + np.exp(-raw_logits(loaded, paths) / stored["temperature"]))
-    result = run_cli(
-        "tb_lightning.predict", f"ckpt_path={best}", f"input={val[0].path}",
-        f"hydra.run.dir={tmp_path / 'p'}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
+    predict(
+        compose_task(
+            "predict",
+            [f"ckpt_path={best}", f"input={val[0].path}", f"paths.output_dir={tmp_path / 'p'}"],
+        )
+    )
     row = (tmp_path / "p" / "predictions.csv").read_text().splitlines()[1].split(",")
     assert float(row[1]) == pytest.approx(expected[0], abs=1e-5)
     # The export carries the temperature inside its graph (export_model checks it against the
@@ -202,7 +223,7 @@ def test_a_chance_level_model_is_calibrated_with_warnings_everywhere(
     ECE line and are stored with T; eval's report and predict's log repeat them."""
     run_dir, _ = calibrated_run
     best = copy_run(run_dir, tmp_path / "run")
-    loaded = load_model(best)
+    loaded = load_checkpoint_file(best)
     loaded.model.net = NoiseNet()
     datamodule = instantiate_config(compose_train(phantom_overrides(phantom_root)).data)
     datamodule.prepare_data()
@@ -226,13 +247,12 @@ def test_a_chance_level_model_is_calibrated_with_warnings_everywhere(
     ]
     # eval of that checkpoint repeats them in its report (its network is the real one now: the
     # warnings are the fit's, stored with T).
-    result = run_cli("tb_lightning.eval", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'e'}")
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    evaluate(in_process_eval(best, tmp_path / "e"))
     evaluated = (tmp_path / "e" / "report.txt").read_text()
     assert all(f"  WARNING (calibration): {w}" in evaluated for w in warnings)
     # predict (and export) load it through here: the warnings go to the log.
     with caplog.at_level("WARNING"):
-        load_checkpoint_or_ensemble(best)
+        load_trained_model(best)
     assert all(w in caplog.text for w in warnings)
 
 
@@ -245,8 +265,7 @@ def test_a_checkpoint_without_stored_warnings_still_evaluates(calibrated_run, tm
     checkpoint["calibration"].pop("warnings", None)
     checkpoint["calibration"]["temperature"] = 100.0
     torch.save(checkpoint, best)
-    result = run_cli("tb_lightning.eval", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'e'}")
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    evaluate(in_process_eval(best, tmp_path / "e"))
     report = (tmp_path / "e" / "report.txt").read_text()
     assert "temperature scaling: T = 100.000" in report
     assert "the fit did not converge inside its range" in report

@@ -68,7 +68,11 @@ def test_trainer_options_instantiate(option):
     assert trainer.max_epochs == 10
 
 
-@pytest.mark.parametrize("option", options("logger"))
+# mlflow's import alone takes ~8 s: that one runs with the slow tests (make test-slow).
+@pytest.mark.parametrize(
+    "option",
+    [pytest.param(o, marks=pytest.mark.slow) if o == "mlflow" else o for o in options("logger")],
+)
 def test_logger_options_instantiate(option, tmp_path):
     # paths.log_dir: MLflow's embedded store lives there (<log_dir>/mlruns), beside the runs.
     cfg = compose_train([f"logger={option}", f"paths.log_dir={tmp_path}"], output_dir=tmp_path)

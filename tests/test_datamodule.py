@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+from datamodules import make_datamodule
 from tb_lightning.core.errors import DataError
-from tb_lightning.data.datamodule import TBDataModule
 from tb_lightning.data.transforms import load_image
 
 
@@ -32,7 +32,7 @@ def make_tree(root: Path, n_normal: int = 8, n_tb: int = 4, names=("Normal", "Tu
 
 def test_folder_tree_split_and_class_weights(tmp_path):
     make_tree(tmp_path / "db", n_normal=30, n_tb=10)
-    dm = TBDataModule(
+    dm = make_datamodule(
         source="tb_cxr",
         root=str(tmp_path / "db"),
         image_size=64,
@@ -52,21 +52,21 @@ def test_folder_tree_split_and_class_weights(tmp_path):
 def test_split_file_reproduces_the_split(tmp_path):
     make_tree(tmp_path / "db", n_normal=20, n_tb=10)
     kwargs = dict(root=str(tmp_path / "db"), image_size=64, val_size=0.3, num_workers=0)
-    first = TBDataModule(split_seed=1, **kwargs)
+    first = make_datamodule(split_seed=1, **kwargs)
     first.setup()
     first.write_split(tmp_path / "split.csv")
-    again = TBDataModule(split_seed=999, split_file=str(tmp_path / "split.csv"), **kwargs)
+    again = make_datamodule(split_seed=999, split_file=str(tmp_path / "split.csv"), **kwargs)
     again.setup()
     assert again.train_samples == first.train_samples
     assert again.val_samples == first.val_samples
-    other = TBDataModule(split_seed=2, **kwargs)
+    other = make_datamodule(split_seed=2, **kwargs)
     other.setup()
     assert other.val_samples != first.val_samples
 
 
 def test_custom_class_names(tmp_path):
     make_tree(tmp_path / "db", names=("healthy", "tb"))
-    dm = TBDataModule(
+    dm = make_datamodule(
         source="folder",
         root=str(tmp_path / "db"),
         class_names=["healthy", "tb"],
@@ -86,7 +86,7 @@ def test_grayscale_and_rgb_decode_to_three_channels(tmp_path):
 
 
 def test_missing_root_names_path_and_fixes(tmp_path):
-    dm = TBDataModule(root=str(tmp_path / "nowhere"), num_workers=0)
+    dm = make_datamodule(root=str(tmp_path / "nowhere"), num_workers=0)
     with pytest.raises(DataError) as err:
         dm.setup()
     message = str(err.value)
@@ -97,7 +97,7 @@ def test_missing_root_names_path_and_fixes(tmp_path):
 def test_missing_class_folder(tmp_path):
     (tmp_path / "db" / "Normal").mkdir(parents=True)
     with pytest.raises(DataError, match="no class folder 'Tuberculosis/'"):
-        TBDataModule(root=str(tmp_path / "db"), num_workers=0).setup()
+        make_datamodule(root=str(tmp_path / "db"), num_workers=0).setup()
 
 
 def test_empty_class_folder(tmp_path):
@@ -105,7 +105,7 @@ def test_empty_class_folder(tmp_path):
     for f in (tmp_path / "db" / "Tuberculosis").iterdir():
         f.unlink()
     with pytest.raises(DataError, match="holds no .png/.jpg/.jpeg images"):
-        TBDataModule(root=str(tmp_path / "db"), num_workers=0).setup()
+        make_datamodule(root=str(tmp_path / "db"), num_workers=0).setup()
 
 
 def test_unreadable_image_is_named_at_scan_time(tmp_path):
@@ -113,13 +113,13 @@ def test_unreadable_image_is_named_at_scan_time(tmp_path):
     bad = tmp_path / "db" / "Normal" / "broken.png"
     bad.write_bytes(b"not a png at all")
     with pytest.raises(DataError, match="broken.png"):
-        TBDataModule(root=str(tmp_path / "db"), num_workers=0).setup()
+        make_datamodule(root=str(tmp_path / "db"), num_workers=0).setup()
 
 
 def test_phantom_source(phantom_root):
     from conftest import PHANTOM_NORMAL, PHANTOM_SIZE, PHANTOM_TB
 
-    dm = TBDataModule(
+    dm = make_datamodule(
         source="phantom",
         root=str(phantom_root),
         image_size=PHANTOM_SIZE,

@@ -1,5 +1,10 @@
 """`python -m tb_lightning.predict ckpt_path=<k-fold multirun dir>`: one p_tb per image from all
-the fold models (mean logit), at the threshold chosen on their out-of-fold predictions."""
+the fold models (mean logit), at the threshold chosen on their out-of-fold predictions.
+
+The session's 3-fold multirun (conftest.kfold_run, through the CLI) is the ensemble of the
+default tests, and its sweep summary theirs too; the calibrated CLAHE folds train 3 more (slow).
+The ensemble's arithmetic on tiny untrained folds, without training: test_trained_model.py.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +17,29 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT, phantom_overrides, run_cli
+from conftest import (
+    KFOLD_FOLDS,
+    KFOLD_TEST_SIZE,
+    PROJECT_ROOT,
+    TEST_DATA_DIR,
+    compose_task,
+    eval_config,
+    phantom_overrides,
+    run_cli,
+)
 from tb_lightning.core.artefacts import read_data_root
+from tb_lightning.core.tasks import run_task
 from tb_lightning.data.split import read_split_csv
 from tb_lightning.data.transforms import build_transform, load_image
-from tb_lightning.evaluation.thresholds import choose_threshold
-from tb_lightning.inference.checkpoint import load_model
+from tb_lightning.eval import evaluate
+from tb_lightning.predict import predict
+from tb_lightning.stats.thresholds import choose_threshold
+from tb_lightning.trained.checkpoint import load_checkpoint_file
 
-FOLDS = 3
+# Only checkpoints loaded here, nothing trained: loads without the discarded init (conftest).
+pytestmark = pytest.mark.usefixtures("quick_loads")
+
+FOLDS = KFOLD_FOLDS
 
 
 def train_folds(phantom_root, sweep, *overrides: str, test_size: int = 8):
@@ -33,11 +53,11 @@ def train_folds(phantom_root, sweep, *overrides: str, test_size: int = 8):
     return sweep
 
 
-@pytest.fixture(scope="module")
-def kfold_dir(phantom_root, tmp_path_factory):
-    return train_folds(
-        phantom_root, tmp_path_factory.mktemp("kfold") / "sweep", "trainer.max_epochs=1"
-    )
+@pytest.fixture
+def kfold_dir(kfold_run):
+    """The session's 3-fold run: 1 epoch each, a shared 8-image test split."""
+    assert KFOLD_TEST_SIZE == 8
+    return kfold_run
 
 
 def logits_of(model, paths, image_size) -> np.ndarray:
@@ -48,12 +68,12 @@ def logits_of(model, paths, image_size) -> np.ndarray:
         return model(images).double().numpy()
 
 
-def predict_rows(ckpt_path, input_path, out) -> list[dict[str, str]]:
+def predict_rows(ckpt_path, input_path, out, warm: bool = False) -> list[dict[str, str]]:
     """`python -m tb_lightning.predict ckpt_path=... input=...` as a user runs it: its CSV rows,
     each path joined to the data root predictions.json names."""
     result = run_cli(
         "tb_lightning.predict", f"ckpt_path={ckpt_path}", f"input={input_path}",
-        f"hydra.run.dir={out}",
+        f"hydra.run.dir={out}", warm=warm,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     root = read_data_root(out)
@@ -61,11 +81,19 @@ def predict_rows(ckpt_path, input_path, out) -> list[dict[str, str]]:
     return [{**r, "path": str(root / r["path"])} for r in rows]
 
 
-@pytest.mark.slow
-def test_predict_with_a_kfold_directory_uses_every_fold_model(kfold_dir, phantom_root, tmp_path):
-    rows = predict_rows(kfold_dir, phantom_root, tmp_path / "predict")
+@pytest.fixture(scope="module")
+def members(kfold_run):
+    """The session's fold models, each loaded from its best.ckpt (once: tests only read them)."""
+    return [
+        load_checkpoint_file(kfold_run / str(k) / "checkpoints" / "best.ckpt") for k in range(FOLDS)
+    ]
+
+
+def test_predict_with_a_kfold_directory_uses_every_fold_model(
+    kfold_dir, members, phantom_root, tmp_path
+):
+    rows = predict_rows(kfold_dir, phantom_root, tmp_path / "predict", warm=True)
     assert len(rows) == len(list(phantom_root.rglob("*.png")))  # one p_tb per image
-    members = [load_model(kfold_dir / str(k) / "checkpoints" / "best.ckpt") for k in range(FOLDS)]
     paths = [r["path"] for r in rows]
     mean_logit = np.mean([logits_of(m.model, paths, m.image_size) for m in members], axis=0)
     expected = 1 / (1 + np.exp(-mean_logit))
@@ -85,18 +113,17 @@ def test_predict_with_a_kfold_directory_uses_every_fold_model(kfold_dir, phantom
     )
 
 
-@pytest.mark.slow
-def test_eval_of_a_kfold_directory_scores_the_shared_test_split(kfold_dir, tmp_path):
+def test_eval_of_a_kfold_directory_scores_the_shared_test_split(
+    kfold_dir, members, tmp_path, caplog
+):
+    """eval's task in-process, as `python -m tb_lightning.eval ckpt_path=<folder>` composes it
+    (the ensemble through the command line: the predict test above)."""
     from sklearn import metrics as skm
 
     out = tmp_path / "eval"
-    result = run_cli(
-        "tb_lightning.eval", f"ckpt_path={kfold_dir}", "eval.split=test", f"hydra.run.dir={out}"
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    evaluate(eval_config(kfold_dir, out, "eval.split=test", f"paths.data_dir={TEST_DATA_DIR}"))
     metrics = json.loads((out / "metrics.json").read_text())
     _, test = read_split_sides_test(kfold_dir / "0" / "split.csv")
-    members = [load_model(kfold_dir / str(k) / "checkpoints" / "best.ckpt") for k in range(FOLDS)]
     paths = [s.path for s in test]
     mean_logit = np.mean([logits_of(m.model, paths, m.image_size) for m in members], axis=0)
     labels = [s.label for s in test]
@@ -116,12 +143,43 @@ def test_eval_of_a_kfold_directory_scores_the_shared_test_split(kfold_dir, tmp_p
     rows = [line for line in table.splitlines() if line.startswith("| plain |")]
     assert len(rows) == FOLDS + 2  # each fold, their mean ± std, the ensemble
     assert f"| **{FOLDS}-fold ensemble** | - | {metrics['test/auroc']:.3f} [" in rows[-1]
-    # Its val split would be scored by models that trained on it: refused.
-    refused = run_cli(
-        "tb_lightning.eval", f"ckpt_path={kfold_dir}", f"hydra.run.dir={tmp_path / 'v'}"
+    # Its val split would be scored by models that trained on it: refused, exit code 1 (the
+    # entry point's run_task, in-process: a second eval start-up would test nothing more).
+    cfg = eval_config(kfold_dir, tmp_path / "v", f"paths.data_dir={TEST_DATA_DIR}")
+    with pytest.raises(SystemExit) as refused:
+        run_task(evaluate, cfg)
+    assert refused.value.code == 1
+    assert "eval.split=val of the ensemble" in caplog.text
+    assert not (tmp_path / "v" / "metrics.json").exists()
+
+
+def test_the_kfold_multirun_summarises_its_folds_as_one_configuration(kfold_dir):
+    """The multirun's own sweep_summary files (sweep/callback.py, at the end of the CLI's
+    multirun): three ok folds, nothing ranked, one configuration with its pooled out-of-fold
+    AUROC recomputed here from the jobs' predictions.csv."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = list(csv.DictReader((kfold_dir / "sweep_summary.csv").open()))
+    assert [(r["job"], r["status"], r["verdict"]) for r in rows] == [
+        (str(k), "ok", "") for k in range(FOLDS)
+    ]
+    for row in rows:
+        stored = json.loads((kfold_dir / row["run_dir"] / "metrics.json").read_text())
+        assert float(row["val/auroc"]) == pytest.approx(stored["val/auroc"], abs=1e-4)
+    (configuration,) = csv.DictReader((kfold_dir / "sweep_configurations.csv").open())
+    assert configuration["n_runs"] == str(FOLDS)
+    labels, logits = [], []
+    for k in range(FOLDS):
+        for r in csv.DictReader((kfold_dir / str(k) / "predictions.csv").open()):
+            if r["split"] == "val":
+                labels.append(int(r["label"]))
+                logits.append(float(r["logit"]))
+    assert len(labels) == 36 - KFOLD_TEST_SIZE  # every image but the test split, once
+    assert float(configuration["oof_auroc"]) == pytest.approx(
+        roc_auc_score(labels, logits), abs=1e-4
     )
-    assert refused.returncode == 1
-    assert "eval.split=val of the ensemble" in refused.stdout + refused.stderr
+    markdown = (kfold_dir / "sweep_summary.md").read_text()
+    assert f"One configuration, {FOLDS} runs (folds 0,1,2): nothing is ranked." in markdown
 
 
 def read_split_sides_test(path):
@@ -131,17 +189,25 @@ def read_split_sides_test(path):
     return sides["val"], sides["test"]
 
 
-def test_a_folder_that_is_not_a_finished_multirun_is_refused(tmp_path, phantom_root):
+def test_a_folder_that_is_not_a_finished_multirun_is_refused(tmp_path, phantom_root, caplog):
+    """predict's task as its entry point runs it (run_task, in-process): exit code 1 and the
+    sentence."""
     (tmp_path / "runs" / "0").mkdir(parents=True)
-    result = run_cli(
-        "tb_lightning.predict", f"ckpt_path={tmp_path / 'runs'}", f"input={phantom_root}",
-        f"hydra.run.dir={tmp_path / 'out'}",
-    )  # fmt: skip
-    assert result.returncode == 1
+    cfg = compose_task(
+        "predict",
+        [
+            f"ckpt_path={tmp_path / 'runs'}",
+            f"input={phantom_root}",
+            f"paths.output_dir={tmp_path / 'out'}",
+        ],
+    )
+    with pytest.raises(SystemExit) as refused:
+        run_task(predict, cfg)
+    assert refused.value.code == 1
     assert (
         "is a folder but not a finished multirun: it has no best.ckpt or last.ckpt in "
         f"{(tmp_path / 'runs' / '0').resolve()}/checkpoints"
-    ) in result.stdout + result.stderr
+    ) in caplog.text
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +237,12 @@ def test_a_calibrated_ensemble_fits_its_temperature_out_of_fold_and_exports_as_o
 ):
     import onnxruntime
 
-    from tb_lightning.evaluation.calibration import fit_temperature
+    from tb_lightning.stats.calibration import fit_temperature
 
     folder = calibrated_clahe_kfold_dir
-    members = [load_model(folder / str(k) / "checkpoints" / "last.ckpt") for k in range(FOLDS)]
+    members = [
+        load_checkpoint_file(folder / str(k) / "checkpoints" / "last.ckpt") for k in range(FOLDS)
+    ]
     assert all(m.calibration and m.preprocess["name"] == "clahe" for m in members)
     # The temperature, computed here: one T on the pooled out-of-fold raw logits.
     oof_logits, oof_labels = [], []

@@ -18,7 +18,7 @@ from sklearn import metrics as skm
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import PHANTOM_SIZE, eval_config, run_cli
-from data_builders import write_bad
+from data_builders import CLAHE, image_set, threshold_choice, write_bad, write_checkpoint
 from tb_lightning.config import CONF_DIR
 from tb_lightning.config.checks import check_eval_config
 from tb_lightning.core.artefacts import read_data_root, threshold_text
@@ -28,12 +28,14 @@ from tb_lightning.data.split import read_split_csv, read_split_sides, write_spli
 from tb_lightning.data.transforms import build_transform, load_image
 from tb_lightning.eval import evaluate
 from tb_lightning.evaluation.evaluate import evaluate_samples
-from tb_lightning.export import export
-from tb_lightning.inference.checkpoint import load_model, resolve_threshold
 from tb_lightning.inference.deploy import export_model
 from tb_lightning.inference.predict_files import collect_inputs, run_prediction
 from tb_lightning.models.torch_file import load_checkpoint
+from tb_lightning.trained.checkpoint import load_checkpoint_file
 from test_integrity import corrupt_png, png_with_header
+
+# Only checkpoints loaded here, nothing trained: loads without the discarded init (conftest).
+pytestmark = pytest.mark.usefixtures("quick_loads")
 
 FIGURES = {"confusion_matrix", "roc_curve", "pr_curve", "p_tb_distribution", "calibration_curve"}
 
@@ -50,23 +52,16 @@ def assert_ok(result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def eval_run(trained_run, tmp_path_factory) -> tuple[Path, str]:
+@pytest.fixture
+def eval_run(evaluated_run) -> tuple[Path, str]:
     """`python -m tb_lightning.eval` of the session's best.ckpt on its val split, as a user
-    runs it (conftest.trained_run): its run directory and its output."""
-    out = tmp_path_factory.mktemp("eval")
-    result = run_cli(
-        "tb_lightning.eval",
-        f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
-        f"hydra.run.dir={out}",
-    )
-    assert_ok(result)
-    return out, result.stdout + result.stderr
+    runs it (conftest.evaluated_run): its run directory and its output."""
+    return evaluated_run
 
 
 @pytest.fixture(scope="module")
 def loaded(trained_run):
-    return load_model(trained_run / "checkpoints" / "best.ckpt")
+    return load_checkpoint_file(trained_run / "checkpoints" / "best.ckpt")
 
 
 def model_probs(loaded, paths) -> np.ndarray:
@@ -195,7 +190,7 @@ def test_eval_per_source_with_threshold_override(loaded, phantom_root, tmp_path)
         for label, folder in enumerate(("Normal", "Tuberculosis"))
         for p in sorted((data / folder).glob("*.png"))
     ]
-    threshold, source = resolve_threshold(loaded, 0.3)
+    threshold, source = loaded.threshold_for(0.3)
     assert (threshold, source) == (0.3, "threshold.value (command line)")
     metrics, report = evaluate_samples(
         loaded, samples, threshold, source, tmp_path / "out", "all", n_bootstrap=200
@@ -217,10 +212,9 @@ def test_eval_user_errors(loaded):
     with pytest.raises(ConfigError, match="threshold.value=1.5 must be in"):
         check_eval_config(cfg)
     with pytest.raises(UserError, match="does not exist; check ckpt_path"):
-        load_model("/no/such.ckpt")
+        load_checkpoint_file("/no/such.ckpt")
 
 
-@pytest.mark.slow
 def test_predict_cli_with_saliency_skips_unreadable_files(
     trained_run, loaded, phantom_root, tmp_path
 ):
@@ -242,6 +236,7 @@ def test_predict_cli_with_saliency_skips_unreadable_files(
         "saliency=true",
         "batch_size=2",
         f"hydra.run.dir={out}",
+        warm=True,
     )
     assert_ok(result)
     output = result.stdout + result.stderr
@@ -508,6 +503,7 @@ def test_eval_refuses_a_split_whose_val_images_were_trained_on(trained_run, tmp_
     assert not (tmp_path / "out").exists()  # refused before any image was predicted
 
 
+@pytest.mark.slow  # every real image decoded at 512 px and a Grad-CAM figure drawn for each
 @pytest.mark.parametrize("folder", ["tbx11k-512", "shenzhen-512"])
 def test_predict_on_real_images(shared_data, loaded, folder, tmp_path):
     """512 px RGB (TBX11K) and grayscale, mixed-size (Shenzhen) PNGs all read and predict."""
@@ -526,19 +522,18 @@ def test_predict_on_real_images(shared_data, loaded, folder, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-def test_export_entry_point_torchscript(trained_run, loaded, tmp_path):
-    # The entry point's task on conf/export.yaml, in this process: a third CLI start-up
-    # (~10 s of imports) would add nothing that the eval and predict CLI tests do not cover.
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "export",
-            [
-                f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
-                "format=torchscript",
-                f"paths.output_dir={tmp_path}",
-            ],
+def test_export_cli_torchscript(trained_run, loaded, tmp_path):
+    """`python -m tb_lightning.export format=torchscript` (ONNX, the default format, through the
+    CLI: test_provenance.py's model.json test)."""
+    assert_ok(
+        run_cli(
+            "tb_lightning.export",
+            f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+            "format=torchscript",
+            f"hydra.run.dir={tmp_path}",
+            warm=True,
         )
-    export(cfg)
+    )
     sidecar = json.loads((tmp_path / "model.json").read_text())
     assert sidecar["model_file"] == "model.pt"
     assert sidecar["class_names"] == ["Normal", "Tuberculosis"]
@@ -552,21 +547,75 @@ def test_export_entry_point_torchscript(trained_run, loaded, tmp_path):
     torch.testing.assert_close(module(images), expected)
 
 
-def test_export_onnx(trained_run, loaded, tmp_path):
-    sidecar = export_model(loaded, "onnx", tmp_path, 0.4, "test", num_check_images=2)
-    assert sidecar["model_file"] == "model.onnx" and sidecar["threshold"] == 0.4
-    assert {p.name for p in tmp_path.iterdir()} == {
+def test_export_onnx(trained_run, loaded, exported_run):
+    """The session's `python -m tb_lightning.export` (ONNX, its default format; its model.json
+    in full: test_provenance.py): one self-contained file that computes the module's p_tb."""
+    sidecar = json.loads((exported_run / "model.json").read_text())
+    assert sidecar["model_file"] == "model.onnx"
+    assert sidecar["threshold"] == loaded.stored_threshold["value"]
+    # Weights inside the .onnx: no external data file beside it.
+    assert {p.name for p in exported_run.iterdir() if p.is_file() and "model" in p.name} == {
         "model.onnx",
         "model.json",
-    }  # weights inside the .onnx: no external data file
+    }
+    assert not [p for p in exported_run.iterdir() if p.suffix in (".data", ".bin", ".pb")]
     # Run the file on images it was not checked on, preprocessing as model.json says.
     _, val = read_split_csv(trained_run / "split.csv")
     paths = [s.path for s in val[-3:]]
+    checked = {Path(name).name for name in sidecar["check"]["images"]}
+    assert checked and not checked & {Path(p).name for p in paths}
     transform = build_transform(sidecar["preprocessing"]["image_size"])
     images = torch.stack([transform(load_image(p)) for p in paths]).numpy()
-    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    session = onnxruntime.InferenceSession(str(exported_run / "model.onnx"))
     got = session.run(None, {"image": images})[0]
     np.testing.assert_allclose(got, model_probs(loaded, paths), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_a_checkpoints_clahe_reaches_eval_predict_and_export(tmp_path):
+    """A checkpoint trained with data.preprocess=clahe (a tiny one, built here): eval's report
+    and metrics.json name the preprocessing, predict applies it, the ONNX export takes the
+    CLAHE'd input and model.json says how to make it. (Training with CLAHE through the command
+    line, with an ONNX export: test_preprocess.py, slow.)"""
+    samples = image_set(tmp_path / "images", 4, 4)
+    run = tmp_path / "run"
+    ckpt = write_checkpoint(
+        run / "checkpoints" / "best.ckpt", preprocess=CLAHE, threshold=threshold_choice(0.5)
+    )
+    write_split_csv(run / "split.csv", samples[::2], samples[1::2])
+    loaded = load_checkpoint_file(ckpt)
+    spec = {"name": "clahe", "clip_limit": 2.0, "tile_grid": 4}
+    assert loaded.preprocess == spec
+    paths = [s.path for s in samples]
+    transform = build_transform(loaded.image_size, spec)
+    images = torch.stack([transform(load_image(p)) for p in paths])
+    plain = torch.stack([build_transform(loaded.image_size)(load_image(p)) for p in paths])
+    with torch.no_grad():
+        expected = torch.sigmoid(loaded.model(images)).numpy()
+        without = torch.sigmoid(loaded.model(plain)).numpy()
+    assert np.abs(expected - without).max() > 1e-4  # the CLAHE makes a difference
+
+    metrics, report = evaluate_samples(
+        loaded, samples, 0.5, "test", tmp_path / "eval", "all", n_bootstrap=20
+    )
+    assert "Preprocessing: clahe (clip limit 2, 4x4 tiles), stored in the checkpoint" in report
+    assert metrics["preprocess"] == spec
+    rows = list(csv.DictReader((tmp_path / "eval" / "predictions.csv").open()))
+    got = {Path(r["path"]).name: float(r["p_tb"]) for r in rows}
+    assert [got[Path(p).name] for p in paths] == pytest.approx(expected.tolist(), abs=1e-5)
+
+    predictions = run_prediction(loaded, paths, 0.5, "test", tmp_path / "predict")
+    np.testing.assert_allclose(predictions.probs, expected, atol=1e-5)
+
+    # TorchScript: the quicker export (the exporters take the same module and the same check).
+    sidecar = export_model(
+        loaded, "torchscript", tmp_path / "export", 0.5, "test", num_check_images=2
+    )
+    assert sidecar["preprocessing"]["preprocess"] == spec
+    assert any("cv2.createCLAHE(clipLimit=2.0" in s for s in sidecar["preprocessing"]["steps"])
+    scripted = torch.jit.load(str(tmp_path / "export" / "model.pt"))
+    with torch.no_grad():
+        np.testing.assert_allclose(scripted(images).numpy(), expected, atol=1e-5)
 
 
 def compose_config(name: str, overrides: list[str]):

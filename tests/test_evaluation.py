@@ -13,12 +13,12 @@ from sklearn import metrics as skm
 from tb_lightning.config.checks import check_policy
 from tb_lightning.core.errors import ConfigError
 from tb_lightning.data.sources import Sample
-from tb_lightning.evaluation.bootstrap import bootstrap_ci, bootstrap_weights
 from tb_lightning.evaluation.figures import calibration_bins
 from tb_lightning.evaluation.populations import source_groups, source_of
 from tb_lightning.evaluation.report import reference_report_metrics, screening_summary
-from tb_lightning.evaluation.stats import weighted_metrics
-from tb_lightning.evaluation.thresholds import choose_threshold
+from tb_lightning.stats.bootstrap import bootstrap_ci, bootstrap_weights
+from tb_lightning.stats.metrics import weighted_metrics
+from tb_lightning.stats.thresholds import choose_threshold
 
 
 @pytest.fixture

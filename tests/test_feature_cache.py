@@ -18,17 +18,18 @@ from torchvision.transforms import v2
 from conftest import PHANTOM_SIZE, compose_train, phantom_overrides, train_in_process
 from tb_lightning.config.checks import check_data
 from tb_lightning.core.errors import ConfigError
-from tb_lightning.data.sources import Sample
-from tb_lightning.data.transforms import build_transform
-from tb_lightning.inference import features as feature_cache
-from tb_lightning.inference.features import (
+from tb_lightning.data import feature_cache
+from tb_lightning.data.feature_cache import (
     FeatureCache,
     cache_blockers,
     extract_features,
     should_cache,
 )
+from tb_lightning.data.sources import Sample
+from tb_lightning.data.transforms import build_transform
 from tb_lightning.models.net import build_net
 from tb_lightning.train import train
+from tb_lightning.trained.runner import run_over_images
 
 
 @pytest.fixture
@@ -55,7 +56,14 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_cache(tmp_path, net, samples, size=PHANTOM_SIZE) -> FeatureCache:
-    return FeatureCache(tmp_path / "cache", net, samples, build_transform(size), precision="fp32")
+    return FeatureCache(
+        tmp_path / "cache",
+        net,
+        samples,
+        build_transform(size),
+        run_over_images=run_over_images,
+        precision="fp32",
+    )
 
 
 def test_cache_is_fp16_matches_recompute_and_serves_subsets(tmp_path, net, images):
@@ -63,7 +71,12 @@ def test_cache_is_fp16_matches_recompute_and_serves_subsets(tmp_path, net, image
     table = cache.load_or_build()
     assert cache.path.is_file() and table.dtype == torch.float16
     reference = extract_features(
-        net, cache.samples, build_transform(PHANTOM_SIZE), precision="fp32", progress=False
+        net,
+        cache.samples,
+        build_transform(PHANTOM_SIZE),
+        run_over_images=run_over_images,
+        precision="fp32",
+        progress=False,
     )
     # fp16 keeps ~3 significant digits: relative error of the whole table below 1e-3.
     assert relative_error(table, reference) < 1e-3
@@ -226,8 +239,12 @@ def test_bf16_features_match_fp32(net, images):
     # bf16 has an 8-bit mantissa (~0.4% per rounding); through AlexNet's five convolutions the
     # features stay within 3% relative (Frobenius norm) of fp32.
     transform = build_transform(PHANTOM_SIZE)
-    fp32 = extract_features(net, images, transform, precision="fp32", progress=False)
-    bf16 = extract_features(net, images, transform, precision="bf16", progress=False)
+    fp32, bf16 = (
+        extract_features(
+            net, images, transform, run_over_images=run_over_images, precision=p, progress=False
+        )
+        for p in ("fp32", "bf16")
+    )
     assert relative_error(bf16, fp32) < 3e-2
 
 
@@ -235,9 +252,9 @@ def test_cache_mode_validation(net):
     transform = build_transform(PHANTOM_SIZE)
     assert should_cache("auto", net, transform) and should_cache(True, net, transform)
     assert not should_cache(False, net, transform)
-    cfg = {"source": "tb_cxr", "class_names": ["N", "T"], "image_size": 128, "batch_size": 8}
+    data = compose_train(["data.cache_features=sometimes"]).data
     with pytest.raises(ConfigError, match="data.cache_features='sometimes'"):
-        check_data({**cfg, "val_size": 0.2, "cache_features": "sometimes"})
+        check_data(data)
     augmented = v2.Compose([v2.RandomHorizontalFlip(), *transform.transforms])
     assert cache_blockers(net, augmented) and not should_cache("auto", net, augmented)
     with pytest.raises(ConfigError, match="random augmentation"):

@@ -21,11 +21,15 @@ import torch
 from conftest import PHANTOM_SIZE, phantom_overrides, train_in_process
 from tb_lightning.core import mapped_table
 from tb_lightning.core.mapped_table import BlockChecksums, MappedTable
+from tb_lightning.data.feature_cache import FeatureCache
 from tb_lightning.data.image_cache import ImageCache
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.transforms import build_transform
-from tb_lightning.inference.features import FeatureCache
 from tb_lightning.models.net import build_net
+from tb_lightning.trained.runner import run_over_images
+
+# Attacks on what the project writes: with the slow tests (make test-slow, CI), not in make test.
+pytestmark = pytest.mark.slow
 
 # Small tables: 10 rows in blocks of 4, so blocks 0 and 1 are whole and block 2 (rows 8-9) is
 # partial. The attacked rows: the first row, a row of the middle block, the last row of the
@@ -231,7 +235,14 @@ def samples(phantom_root) -> list[Sample]:
 def feature_cache(folder: Path, samples: list[Sample]) -> FeatureCache:
     torch.manual_seed(0)
     net = build_net(weights=None, image_size=PHANTOM_SIZE)
-    return FeatureCache(folder, net, samples, build_transform(PHANTOM_SIZE), precision="fp32")
+    return FeatureCache(
+        folder,
+        net,
+        samples,
+        build_transform(PHANTOM_SIZE),
+        run_over_images=run_over_images,
+        precision="fp32",
+    )
 
 
 def read_features(folder: Path, samples: list[Sample]) -> np.ndarray:
@@ -269,7 +280,6 @@ def test_a_cache_written_without_block_checksums_is_rebuilt(tmp_path, samples, c
     assert np.array_equal(rebuilt, good)
 
 
-@pytest.mark.slow
 def test_training_re_verifies_the_feature_cache(phantom_root, tmp_path, monkeypatch, caplog):
     """The attack end to end: train, overwrite one row of the feature cache, train again. The
     second run finds the block, rebuilds the cache, and trains to the first run's figures."""

@@ -1,10 +1,11 @@
 """Fuzz replays (issue 24): `ckpt_path=<folder>` is an ensemble only when its jobs are the folds
 of one k-fold run (repeated over seeds at most), each once, all there.
 
-One 3-fold run is trained (1 epoch on the tiny phantom set); every attack is a copy of it with
-job folders deleted, copied or edited (their saved .hydra/config.yaml and metrics.json), as a
-user's folder would be. The CLI is run where it adds something (exit code 1, one sentence, the
-files written with allow_partial=true); the other refusals call load_ensemble directly.
+One 3-fold run is trained (the session's, conftest.kfold_run: 1 epoch on the tiny phantom set);
+every attack is a copy of it with job folders deleted, copied or edited (their saved
+.hydra/config.yaml and metrics.json), as a user's folder would be. The CLI is run where it
+adds something (exit code 1, one sentence, the files written with allow_partial=true); the
+other refusals call load_ensemble directly.
 """
 
 from __future__ import annotations
@@ -19,30 +20,25 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import phantom_overrides, run_cli
+from conftest import KFOLD_FOLDS, KFOLD_TEST_SIZE, run_cli
 from tb_lightning.core.errors import ConfigError, UserError
 from tb_lightning.data.split import read_split_sides
 from tb_lightning.data.transforms import build_transform, load_image
-from tb_lightning.evaluation.ensemble import load_ensemble
-from tb_lightning.evaluation.thresholds import choose_threshold
-from tb_lightning.inference.checkpoint import load_model
-from tb_lightning.inference.ensemble_model import describe_missing
+from tb_lightning.stats.thresholds import choose_threshold
+from tb_lightning.trained.checkpoint import load_checkpoint_file
+from tb_lightning.trained.ensemble import load_ensemble
+from tb_lightning.trained.ensemble_model import describe_missing
 
 FOLDS = 3
 SEED = 42  # conf/train.yaml's
 
 
-@pytest.fixture(scope="module")
-def kfold_dir(phantom_root, tmp_path_factory) -> Path:
-    """The one trained folder: a 3-fold multirun with a shared 8-image test split."""
-    sweep = tmp_path_factory.mktemp("fuzz_kfold") / "sweep"
-    result = run_cli(
-        "tb_lightning.train", "-m", *phantom_overrides(phantom_root), "sweep=kfold",
-        f"data.num_folds={FOLDS}", "data.test_size=8", "trainer.max_epochs=1",
-        f"hydra.sweep.dir={sweep}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return sweep
+@pytest.fixture
+def kfold_dir(kfold_run) -> Path:
+    """The one trained folder: the session's 3-fold multirun (conftest.kfold_run) with its
+    shared 8-image test split. Attacks work on copies of its jobs."""
+    assert (KFOLD_FOLDS, KFOLD_TEST_SIZE) == (FOLDS, 8)
+    return kfold_run
 
 
 def folder_of(kfold_dir: Path, target: Path, jobs: dict[int, int]) -> Path:
@@ -182,7 +178,7 @@ def test_a_seed_by_fold_folder_pools_each_image_once(kfold_dir, tmp_path):
     scores: dict[str, list[float]] = {}
     labels: dict[str, int] = {}
     for job in range(2 * FOLDS):
-        member = load_model(folder / str(job) / "checkpoints" / "best.ckpt")
+        member = load_checkpoint_file(folder / str(job) / "checkpoints" / "best.ckpt")
         val = read_split_sides(folder / str(job) / "split.csv")["val"]
         for sample, logit in zip(val, logits_of(member, [s.path for s in val]), strict=True):
             scores.setdefault(sample.path, []).append(logit)
@@ -202,7 +198,9 @@ def test_a_seed_by_fold_folder_pools_each_image_once(kfold_dir, tmp_path):
         "those that did not train on it, one per seed)"
     )
     # The ensemble itself: the mean logit of all six members.
-    members = [load_model(folder / str(j) / "checkpoints" / "best.ckpt") for j in range(6)]
+    members = [
+        load_checkpoint_file(folder / str(j) / "checkpoints" / "best.ckpt") for j in range(6)
+    ]
     expected = np.mean([logits_of(m, paths[:6]) for m in members], axis=0)
     np.testing.assert_allclose(logits_of(loaded, paths[:6]), expected, atol=1e-5)
 

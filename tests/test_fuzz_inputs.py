@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose_train, eval_config, phantom_overrides, run_cli
+from conftest import compose_task, compose_train, eval_config, phantom_overrides, run_cli
 from data_builders import class_tree, write_bad, write_png
+from datamodules import make_datamodule
 from tb_lightning.config.checks import (
     check_config,
     check_eval_config,
@@ -29,13 +30,16 @@ from tb_lightning.config.checks import (
 from tb_lightning.core.atomic import atomic_write_json, finite_json
 from tb_lightning.core.errors import ConfigError, DataError, UserError
 from tb_lightning.data import integrity
-from tb_lightning.data.datamodule import TBDataModule
 from tb_lightning.data.sources import Sample, scan_manifest
 from tb_lightning.data.split import read_split_sides, write_split_csv
-from tb_lightning.evaluation.calibration import MIN_CALIBRATION_IMAGES
 from tb_lightning.evaluation.evaluate import split_samples
-from tb_lightning.inference.checkpoint import load_model
 from tb_lightning.inference.predict_files import collect_inputs, run_prediction
+from tb_lightning.stats.calibration import MIN_CALIBRATION_IMAGES
+from tb_lightning.trained.checkpoint import load_checkpoint_file
+
+# Only checkpoints loaded here, nothing trained: loads without the discarded init (conftest).
+# Hostile inputs, ~20 s of CPU: with the slow tests (make test-slow, CI), not in make test.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("quick_loads")]
 
 
 def strict_json(text: str) -> object:
@@ -397,7 +401,7 @@ def test_non_finite_floats_are_written_as_null(tmp_path):
 def test_data_report_with_a_nan_setting_is_strict_json(phantom_root, tmp_path):
     """A NaN that reaches an artefact (here: a data module built without the config checks,
     with clip_limit=nan) is written as null, never as a bare NaN token."""
-    dm = TBDataModule(
+    dm = make_datamodule(
         source="phantom",
         root=str(phantom_root),
         image_size=64,
@@ -423,7 +427,7 @@ def test_predict_where_every_input_is_bad(trained_run, tmp_path):
     inputs = tmp_path / "in"
     for kind in ("not_an_image", "zero_byte", "truncated_png"):
         write_bad(inputs, kind)
-    loaded = load_model(trained_run / "checkpoints" / "best.ckpt")
+    loaded = load_checkpoint_file(trained_run / "checkpoints" / "best.ckpt")
     out = tmp_path / "out"
     with pytest.raises(DataError) as err:
         run_prediction(loaded, collect_inputs(inputs), 0.5, "test", out)
@@ -434,19 +438,28 @@ def test_predict_where_every_input_is_bad(trained_run, tmp_path):
     assert len((out / "skipped.csv").read_text().splitlines()) == 4  # header + 3: nothing lost
 
 
-def test_predict_cli_where_every_input_is_bad_exits_1(trained_run, tmp_path):
+def test_predict_where_every_input_is_bad_exits_1(trained_run, tmp_path, caplog, capsys):
+    """predict's task as its entry point runs it (run_task, in-process: the command line's
+    start-up adds nothing here): exit code 1, the sentence, no traceback."""
+    from tb_lightning.core.tasks import run_task
+    from tb_lightning.predict import predict
+
     inputs = tmp_path / "in"
     write_bad(inputs, "not_an_image")
     out = tmp_path / "out"
-    result = run_cli(
-        "tb_lightning.predict",
-        f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
-        f"input={inputs}",
-        "trainer.accelerator=cpu",
-        f"hydra.run.dir={out}",
+    cfg = compose_task(
+        "predict",
+        [
+            f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+            f"input={inputs}",
+            "trainer.accelerator=cpu",
+            f"paths.output_dir={out}",
+        ],
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 1, output[-3000:]
+    with pytest.raises(SystemExit) as stop:
+        run_task(predict, cfg)
+    assert stop.value.code == 1
+    output = caplog.text + "".join(capsys.readouterr())
     assert "Traceback" not in output
     assert f"all 1 input(s) are bad files, each listed with the reason in {out}" in output
 

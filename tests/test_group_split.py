@@ -8,8 +8,8 @@ import random
 import pytest
 
 from data_builders import class_tree
+from datamodules import make_datamodule
 from tb_lightning.core.errors import ConfigError
-from tb_lightning.data.datamodule import TBDataModule
 from tb_lightning.data.split import group_stratified_folds, group_stratified_split, read_split_sides
 
 
@@ -64,7 +64,7 @@ def test_datamodule_folds_and_test_split(tmp_path):
     common = dict(root=str(tmp_path), image_size=64, num_workers=0, test_size=6, num_folds=3)
     val_sets, test_sets = [], []
     for fold in range(3):
-        dm = TBDataModule(fold=fold, **common)
+        dm = make_datamodule(fold=fold, **common)
         dm.setup()
         val_sets.append({s.path for s in dm.val_samples})
         test_sets.append({s.path for s in dm.test_samples})
@@ -87,7 +87,7 @@ def test_patients_never_straddle_train_and_val(tmp_path):
         rows += [f"img/{name}/{name}-{i}.png,{name},{name}-{i % 5}" for i in range(16)]
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
     for seed in range(5):
-        dm = TBDataModule(
+        dm = make_datamodule(
             source="manifest",
             root=str(tmp_path / "list.csv"),
             image_size=64,

@@ -27,6 +27,7 @@ from data_builders import (
     write_bad,
     write_odd_valid,
 )
+from datamodules import make_datamodule
 from tb_lightning.config import PROJECT_ROOT
 from tb_lightning.core.errors import DataError
 from tb_lightning.data.datamodule import TBDataModule
@@ -37,7 +38,7 @@ from tb_lightning.data.transforms import load_image
 
 
 def data_module(root, **kwargs) -> TBDataModule:
-    return TBDataModule(root=str(root), image_size=64, num_workers=0, val_size=0.25, **kwargs)
+    return make_datamodule(root=str(root), image_size=64, num_workers=0, val_size=0.25, **kwargs)
 
 
 @pytest.mark.parametrize("kind", VALID_ODD_KINDS)

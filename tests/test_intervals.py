@@ -1,6 +1,6 @@
 """Intervals that never claim certainty: Wilson score intervals for the rates (checked against
 statsmodels, an independent implementation), the method of each interval in metrics.json, and
-the too-few-images label on small groups, down to `python -m tb_lightning.eval`."""
+the too-few-images label on small groups, down to eval's report.txt and metrics.json."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from statsmodels.stats.proportion import proportion_confint
 
-from conftest import run_cli
+from conftest import TEST_DATA_DIR, eval_config
 from tb_lightning.data.sources import Sample
-from tb_lightning.evaluation.bootstrap import bootstrap_ci
+from tb_lightning.eval import evaluate
 from tb_lightning.evaluation.evaluate import score_split
 from tb_lightning.evaluation.report import (
     MIN_CLASS_IMAGES,
@@ -24,6 +24,10 @@ from tb_lightning.evaluation.report import (
     screening_summary,
     wilson_interval,
 )
+from tb_lightning.stats.bootstrap import bootstrap_ci
+
+# Only checkpoints loaded here, nothing trained: loads without the discarded init (conftest).
+pytestmark = pytest.mark.usefixtures("quick_loads")
 
 RATES = ("sensitivity", "specificity", "ppv", "npv", "accuracy")
 BOOTSTRAPPED = ("auroc", "average_precision", "brier", "ece")
@@ -168,14 +172,16 @@ def test_small_groups_are_labelled_in_the_summary_the_report_and_metrics_json():
 
 def test_eval_calling_every_image_normal_gives_sensitivity_an_upper_bound(trained_run, tmp_path):
     """threshold.value=0.9999: no image reaches it, sensitivity is 0 of the val TB images, and
-    its interval still reaches above 0 in report.txt and metrics.json."""
-    result = run_cli(
-        "tb_lightning.eval",
-        f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+    its interval still reaches above 0 in report.txt and metrics.json (eval's task in-process,
+    as `python -m tb_lightning.eval` composes it: its command line is tested elsewhere)."""
+    cfg = eval_config(
+        trained_run / "checkpoints" / "best.ckpt",
+        tmp_path,
         "threshold.value=0.9999",
-        f"hydra.run.dir={tmp_path}",
+        "eval.bootstrap=2000",  # eval's default, which the report names
+        f"paths.data_dir={TEST_DATA_DIR}",
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    evaluate(cfg)
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
     assert {r["predicted_label"] for r in rows} == {"0"}, "some image reached p_tb >= 0.9999"
 

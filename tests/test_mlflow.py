@@ -14,8 +14,6 @@ from conftest import compose_train, phantom_overrides, run_cli, train_in_process
 from tb_lightning.core.errors import ConfigError
 from tb_lightning.sweep.naming import single_run_name
 
-mlflow = pytest.importorskip("mlflow", reason="the optional 'mlflow' extra (make install)")
-
 LRS, DROPOUTS = ("0.001", "0.003"), ("0.3", "0.5")
 SWEPT = {"model.optimizer.lr", "model.net.dropout"}
 
@@ -24,6 +22,7 @@ SWEPT = {"model.optimizer.lr", "model.net.dropout"}
 def sweep(phantom_root, tmp_path_factory) -> tuple[Path, Path]:
     """Two learning rates x two dropouts, 1 epoch each, logged into an embedded store under
     paths.log_dir: (log_dir, sweep dir)."""
+    pytest.importorskip("mlflow", reason="the optional 'mlflow' extra (make install)")
     log_dir = tmp_path_factory.mktemp("mlflow") / "outputs"
     overrides = [o for o in phantom_overrides(phantom_root) if not o.startswith("paths.log_dir")]
     result = run_cli(
@@ -47,6 +46,9 @@ def sweep(phantom_root, tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def client(sweep):
+    # Imported here, not when the module is collected: MLflow takes ~1.5 s to import, which
+    # a run without these (slow) tests should not pay.
+    mlflow = pytest.importorskip("mlflow", reason="the optional 'mlflow' extra (make install)")
     store = sweep[0] / "mlruns" / "mlflow.db"
     assert store.is_file()
     return mlflow.MlflowClient(f"sqlite:///{store}")

@@ -7,7 +7,8 @@ from torchvision import models
 
 from tb_lightning.core.errors import WeightsError
 from tb_lightning.models import weights as weights_module
-from tb_lightning.models.net import alexnet_feature_size, build_net
+from tb_lightning.models.backbones import alexnet_feature_size
+from tb_lightning.models.net import build_net
 
 
 def count(params) -> int:
@@ -135,3 +136,32 @@ def test_imagenet_weights_come_from_torchvisions_cache(tmp_path, monkeypatch):
     torch.save(reference.state_dict(), cached)
     net = build_net(weights="imagenet", image_size=128)
     assert torch.equal(net.features[0].weight, reference.features[0].weight)
+
+
+def test_own_network_state_is_told_from_a_library_one():
+    own = build_net(weights=None, image_size=64, hidden_dim=4).state_dict()
+    assert weights_module.is_tbnet_state(own)
+    assert not weights_module.is_tbnet_state(models.alexnet(weights=None).state_dict())
+    # timm's VGG has `features.` and `head.` keys of its own (head.fc: its classifier).
+    timm_vgg = {"features.0.weight": torch.zeros(1), "head.fc.weight": torch.zeros(1)}
+    assert not weights_module.is_tbnet_state(timm_vgg)
+
+
+def test_a_training_batch_of_one_image_through_batchnorm_is_warned_once(caplog):
+    net = build_net(
+        arch="resnet18", weights=None, image_size=64, hidden_dim=4, freeze_features=False
+    ).train()
+    with caplog.at_level("WARNING", logger="tb_lightning.models.net"):
+        net(torch.randn(2, 3, 64, 64))
+        assert not caplog.records
+        net(torch.randn(1, 3, 64, 64))
+        net(torch.randn(1, 3, 64, 64))
+    assert len(caplog.records) == 1
+    assert "A training batch of 1 image went through resnet18's BatchNorm" in caplog.text
+    frozen = build_net(arch="resnet18", weights=None, image_size=64, hidden_dim=4).train()
+    alexnet = build_net(weights=None, image_size=64, hidden_dim=4, freeze_features=False).train()
+    caplog.clear()  # (the frozen net's warning of random features)
+    with caplog.at_level("WARNING", logger="tb_lightning.models.net"):
+        frozen(torch.randn(1, 3, 64, 64))  # frozen BatchNorm keeps its statistics
+        alexnet(torch.randn(1, 3, 64, 64))  # no BatchNorm
+    assert not caplog.records

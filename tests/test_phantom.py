@@ -290,7 +290,7 @@ def test_parallel_generation_matches_serial(tmp_path):
 
 
 def test_progress_bar(tmp_path, capsys, monkeypatch):
-    # At a terminal, tqdm's bar; elsewhere log lines (tests/test_progress.py).
+    # At a terminal, rich's bar; elsewhere log lines (tests/test_progress.py).
     monkeypatch.setattr("tb_lightning.core.progress.interactive", lambda: True)
     ensure_phantom_dataset(tmp_path, 2, 1, image_size=SIZE, progress=True)
-    assert "Generating phantom CXR images" in capsys.readouterr().err
+    assert "Generating phantom CXR images" in capsys.readouterr().out

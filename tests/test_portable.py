@@ -31,10 +31,10 @@ from tb_lightning.core.artefacts import (
 )
 from tb_lightning.data.transforms import build_transform, load_image
 from tb_lightning.eval import evaluate
-from tb_lightning.evaluation.thresholds import between, choose_threshold
 from tb_lightning.export import export
 from tb_lightning.inference.deploy import without_debug_info
 from tb_lightning.predict import predict
+from tb_lightning.stats.thresholds import between, choose_threshold
 from tb_lightning.sweep.summary import summarise
 from test_sweep import fake_job
 

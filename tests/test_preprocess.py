@@ -16,10 +16,10 @@ from conftest import compose_train, phantom_overrides, run_cli
 from tb_lightning.config.checks import check_config
 from tb_lightning.core.artefacts import read_data_root
 from tb_lightning.core.errors import ConfigError
+from tb_lightning.data.feature_cache import is_deterministic
 from tb_lightning.data.preprocess import CLAHE, preprocess_spec
 from tb_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_image
-from tb_lightning.inference.checkpoint import load_model
-from tb_lightning.inference.features import is_deterministic
+from tb_lightning.trained.checkpoint import load_checkpoint_file
 
 CLAHE_OVERRIDES = ["data.preprocess=clahe", "data.clahe.clip_limit=3.0", "data.clahe.tile_grid=4"]
 SPEC = {"name": "clahe", "clip_limit": 3.0, "tile_grid": 4}
@@ -69,13 +69,31 @@ def test_clahe_is_deterministic_and_named_in_the_feature_cache_key():
         (["data.preprocess=histogram"], "data.preprocess='histogram' is not one of"),
         (["data.preprocess=clahe", "data.clahe.clip_limit=0"], "data.clahe.clip_limit=0 must be"),
         (["data.preprocess=clahe", "data.clahe.tile_grid=9"], "data.clahe.tile_grid=9 must be"),
-        (["data.preprocess=clahe", "model.preprocess.tile_grid=2"], "model.preprocess="),
     ],
 )
 def test_bad_preprocess_settings_are_refused(phantom_root, overrides, message):
     cfg = compose_train([*phantom_overrides(phantom_root), *overrides])
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         check_config(cfg)
+
+
+def test_the_classifier_takes_the_preprocessing_from_the_data_module(phantom_root):
+    """data.preprocess/data.clahe are set once, under data.: the module records them at setup
+    (in its hyper-parameters, hence checkpoints, and in the loggers' copy) as it always has."""
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    cfg = compose_train([*phantom_overrides(phantom_root), *CLAHE_OVERRIDES])
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, _recursive_=False)
+    assert model.hparams["preprocess"] is None  # not a model.* key
+    datamodule.setup("fit")
+    model._trainer = SimpleNamespace(datamodule=datamodule)
+    model.setup("fit")
+    assert model.hparams["preprocess"] == SPEC == datamodule.preprocess
+    assert model.hparams_initial["preprocess"] == SPEC
+    assert list(model.hparams) == ["net", "optimizer", "threshold", "scheduler", "preprocess"]
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +122,12 @@ def independent_input(path: str, size: int, clahe: bool) -> torch.Tensor:
     return torch.from_numpy(((scaled - mean) / std).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_the_checkpoint_carries_clahe_to_predict_and_export(clahe_run, phantom_root, tmp_path):
     import onnxruntime
 
     ckpt = clahe_run / "checkpoints" / "best.ckpt"
-    loaded = load_model(ckpt)
+    loaded = load_checkpoint_file(ckpt)
     assert loaded.preprocess == SPEC
     preprocessing = "Preprocessing: clahe (clip limit 3, 4x4 tiles), stored in the checkpoint"
     assert preprocessing in (clahe_run / "report.txt").read_text()

@@ -114,7 +114,7 @@ def test_report_progress_draws_a_bar_only_at_a_terminal(monkeypatch, capsys):
     monkeypatch.setattr(progress_module, "interactive", lambda: True)
     with report_progress("Checking images", 5) as bar:
         bar.update(5)
-    assert "Checking images" in capsys.readouterr().err  # tqdm, as before
+    assert "Checking images" in capsys.readouterr().out  # rich's bar, on stdout
 
 
 def test_format_duration():

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import phantom_overrides, run_cli
+from conftest import run_cli
+from helpers.hydra_job import job_config
 from tb_lightning.config import PROJECT_ROOT
 from tb_lightning.core.provenance import (
     PROVENANCE_FILE,
@@ -136,12 +136,13 @@ def test_report_and_metrics_name_the_checkpoints_epoch_and_step(trained_run):
     ) in header
 
 
-@pytest.mark.slow
-def test_export_model_json_says_what_the_model_is_and_was_trained_on(trained_run, tmp_path):
-    out = tmp_path / "export"
+def test_export_model_json_says_what_the_model_is_and_was_trained_on(trained_run, exported_run):
+    """`python -m tb_lightning.export` with its default format (ONNX), as a user runs it
+    (conftest.exported_run)."""
+    out = exported_run
     best = trained_run / "checkpoints" / "best.ckpt"
-    assert_ok(run_cli("tb_lightning.export", f"ckpt_path={best}", f"hydra.run.dir={out}"))
     sidecar = read_json(out / "model.json")
+    assert sidecar["format"] == "onnx" and (out / sidecar["model_file"]).is_file()
     checkpoint = load_checkpoint(best)
     model = sidecar["model"]
     # The session's run: AlexNet, model.net.weights=null (random frozen features), 64 px.
@@ -176,19 +177,11 @@ def test_export_model_json_says_what_the_model_is_and_was_trained_on(trained_run
     assert_portable(record, out, trained_run)
 
 
-@pytest.mark.slow
-def test_eval_and_predict_record_what_they_scored(trained_run, phantom_root, tmp_path):
+def test_eval_records_what_it_scored(trained_run, evaluated_run):
+    """The session's `python -m tb_lightning.eval` of best.ckpt (conftest.evaluated_run)."""
     best = trained_run / "checkpoints" / "best.ckpt"
     checkpoint = load_checkpoint(best)
-    evaluated = tmp_path / "eval"
-    assert_ok(
-        run_cli(
-            "tb_lightning.eval",
-            f"ckpt_path={best}",
-            "eval.bootstrap=100",
-            f"hydra.run.dir={evaluated}",
-        )
-    )
+    evaluated, _ = evaluated_run
     record = read_json(evaluated / PROVENANCE_FILE)
     assert_finished(record, "eval")
     scored = csv_rows(evaluated / "predictions.csv")
@@ -198,7 +191,12 @@ def test_eval_and_predict_record_what_they_scored(trained_run, phantom_root, tmp
     metrics = read_json(evaluated / "metrics.json")
     assert (metrics["epoch"], metrics["step"]) == (checkpoint["epoch"], checkpoint["global_step"])
     assert f"Checkpoint epoch: {checkpoint['epoch']} " in (evaluated / "report.txt").read_text()
+    assert_portable(record, evaluated, trained_run)
 
+
+@pytest.mark.slow  # one more predict start-up: its provenance.json, as eval's above
+def test_predict_records_what_it_scored(trained_run, phantom_root, tmp_path):
+    best = trained_run / "checkpoints" / "best.ckpt"
     predicted = tmp_path / "predict"
     folder = phantom_root / "Tuberculosis"
     assert_ok(
@@ -213,51 +211,28 @@ def test_eval_and_predict_record_what_they_scored(trained_run, phantom_root, tmp
     assert_finished(record, "predict")
     assert record["data"]["images"] == len(list(folder.glob("*.png")))
     assert record["data"]["skipped"] == 0
-    assert_portable(record, predicted, evaluated)
+    assert_portable(record, predicted, trained_run)
 
 
-@pytest.mark.slow
-def test_multirun_folder_and_each_job_have_provenance(phantom_root, tmp_path):
-    sweep = tmp_path / "sweep"
-    result = run_cli(
-        "tb_lightning.train",
-        "-m",
-        *phantom_overrides(phantom_root),
-        "trainer.max_epochs=1",
-        "seed=7",
-        f"hydra.sweep.dir={sweep}",
-    )
-    assert_ok(result)
-    job = read_json(sweep / "0" / PROVENANCE_FILE)
-    assert_finished(job, "train")
-    assert job["job"]["num"] == 0
-    assert job["data"]["images"] == len(csv_rows(sweep / "0" / "split.csv"))
+def test_multirun_folder_and_each_job_have_provenance(kfold_run):
+    """The session's `-m sweep=kfold` multirun of 3 jobs (conftest.kfold_run)."""
+    sweep = kfold_run
+    for num in range(3):
+        job = read_json(sweep / str(num) / PROVENANCE_FILE)
+        assert_finished(job, "train")
+        assert job["job"]["num"] == num
+        assert job["data"]["images"] == len(csv_rows(sweep / str(num) / "split.csv"))
     whole = read_json(sweep / PROVENANCE_FILE)
     assert whole["status"] == "completed" and whole["ended"] is not None
-    assert whole["jobs"] == {"completed": 1}
+    assert whole["jobs"] == {"completed": 3}
     assert whole["config"] == "multirun.yaml"
-    assert "seed=7" in whole["overrides"]["task"]
-
-
-def job_config(output_dir: Path) -> Any:
-    """The part of a Hydra job's config that the callback reads."""
-    return OmegaConf.create(
-        {
-            "task_name": "train",
-            "hydra": {
-                "mode": "RUN",
-                "job": {"name": "train"},
-                "runtime": {"output_dir": str(output_dir), "choices": {"data": "phantom"}},
-                "overrides": {"task": ["seed=1"], "hydra": []},
-            },
-        }
-    )
+    assert "sweep=kfold" in whole["overrides"]["task"]
 
 
 STOPPING_JOB = """
 import sys
 from pathlib import Path
-from test_provenance import job_config
+from helpers.hydra_job import job_config
 from tb_lightning.core.provenance import Provenance
 
 Provenance().on_job_start(job_config(Path(sys.argv[1])))

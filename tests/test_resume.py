@@ -257,6 +257,7 @@ def test_init_from_starts_a_new_run_from_the_weights(finished_run, phantom_root,
         [
             *workers_overrides(phantom_root, tmp_path),
             "trainer.max_epochs=1",
+            "data.num_workers=0",  # no worker processes to start: a new run, not a resume
             "model.optimizer.lr=3e-4",
             f"init_from={ckpt}",
         ],

@@ -14,10 +14,14 @@ from conftest import compose_train, phantom_overrides
 from tb_lightning.core.errors import UserError, WeightsError
 from tb_lightning.engine.callbacks import StopOnNonFiniteLoss, TrainingDivergedError
 from tb_lightning.engine.checkpoint_io import AtomicCheckpointIO
-from tb_lightning.inference.checkpoint import load_model
 from tb_lightning.models.classifier import TBClassifier
 from tb_lightning.models.torch_file import load_checkpoint
 from tb_lightning.train import train
+from tb_lightning.trained.checkpoint import load_checkpoint_file
+
+# Checkpoints loaded, nothing trained (the refused runs stop before any epoch): loads without
+# the discarded init (conftest).
+pytestmark = pytest.mark.usefixtures("quick_loads")
 
 
 class Payload:
@@ -114,7 +118,7 @@ TINY_OPTIMIZER = {"_target_": "torch.optim.Adam", "lr": 1e-4}
 def save_checkpoint(path: Path, arch: str = "alexnet", edit: dict | None = None) -> Path:
     """What tb_lightning.train writes, without training; `edit` changes its hparams' net."""
     net = {"arch": arch, "weights": None, "freeze_features": False, "image_size": 128}
-    model = TBClassifier(net={**net, "hidden_dim": 8}, optimizer=TINY_OPTIMIZER)
+    model = TBClassifier(net={**net, "hidden_dim": 8}, optimizer=TINY_OPTIMIZER, threshold=0.5)
     hparams = dict(model.hparams)
     hparams["net"] = {**hparams["net"], **(edit or {})}
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams, "epoch": 0}, path)
@@ -213,7 +217,7 @@ def test_a_checkpoint_of_another_architecture_names_the_keys(tmp_path):
     # A resnet18 checkpoint whose hyper_parameters were edited to say alexnet.
     path = save_checkpoint(tmp_path / "edited.ckpt", arch="resnet18", edit={"arch": "alexnet"})
     with pytest.raises(UserError) as err:
-        load_model(path)
+        load_checkpoint_file(path)
     message = str(err.value)
     assert message.startswith(f"Checkpoint {path} does not fit the network")
     assert "model.net.arch=alexnet" in message
@@ -226,7 +230,7 @@ def test_a_checkpoint_of_another_architecture_names_the_keys(tmp_path):
 def test_a_checkpoint_of_another_head_size_names_the_mis_shaped_keys(tmp_path):
     path = save_checkpoint(tmp_path / "edited.ckpt", edit={"image_size": 224})
     with pytest.raises(UserError) as err:
-        load_model(path)
+        load_checkpoint_file(path)
     message = str(err.value)
     assert "image_size=224" in message
     assert "has 1 key with the wrong shape (net.head.1.weight 8x2304 for 8x9216)" in message

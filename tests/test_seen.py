@@ -15,13 +15,12 @@ from PIL import Image
 
 from conftest import eval_config
 from data_builders import write_png
-from tb_lightning.data.datamodule import TBDataModule
+from datamodules import make_datamodule
 from tb_lightning.data.integrity import inspect_file
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.split import SPLIT_COLUMNS, read_split_sides, write_split_csv
 from tb_lightning.eval import evaluate
 from tb_lightning.inference import seen as seen_module
-from tb_lightning.inference.checkpoint import LoadedModel, load_model
 from tb_lightning.inference.predict_files import collect_inputs, run_prediction
 from tb_lightning.inference.seen import (
     Seen,
@@ -32,11 +31,16 @@ from tb_lightning.inference.seen import (
     role_counts,
     seen_in_training,
 )
+from tb_lightning.trained.checkpoint import load_checkpoint_file
+from tb_lightning.trained.model import TrainedModel
+
+# Only checkpoints loaded here, nothing trained: loads without the discarded init (conftest).
+pytestmark = pytest.mark.usefixtures("quick_loads")
 
 
 @pytest.fixture(scope="module")
 def loaded(trained_run):
-    return load_model(trained_run / "checkpoints" / "best.ckpt")
+    return load_checkpoint_file(trained_run / "checkpoints" / "best.ckpt")
 
 
 def split_rows(split_csv: Path) -> list[dict[str, str]]:
@@ -72,11 +76,11 @@ def as_run(loaded, run_dir: Path):
     return dataclasses.replace(loaded, checkpoint_path=run_dir / "checkpoints" / "best.ckpt")
 
 
-def no_model(run_dirs: list[Path]) -> LoadedModel:
-    """A LoadedModel without a network, for what seen.py reads of it: where its run(s) are
+def no_model(run_dirs: list[Path]) -> TrainedModel:
+    """A TrainedModel without a network, for what seen.py reads of it: where its run(s) are
     (one run dir, or an ensemble's members)."""
     checkpoints = [run / "checkpoints" / "best.ckpt" for run in run_dirs]
-    return LoadedModel(
+    return TrainedModel(
         model=None,
         checkpoint_path=checkpoints[0],
         image_size=64,
@@ -106,7 +110,7 @@ def test_split_files_with_or_without_hashes_read_and_reload_alike(trained_run, t
         writer.writerows(split_rows(trained_run / "split.csv"))
     assert "sha256" not in old_csv.read_text()
     assert read_split_sides(old_csv) == new
-    datamodule = TBDataModule(
+    datamodule = make_datamodule(
         source="folder", root=str(tmp_path), image_size=64, split_file=str(old_csv), num_workers=0
     )
     datamodule.setup("fit")

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import compose_train
 from data_builders import class_tree, nlm_tree, write_png
+from datamodules import make_datamodule
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.tasks import instantiate_config
 from tb_lightning.data.datamodule import TBDataModule
@@ -15,7 +16,7 @@ from tb_lightning.data.sources import scan_class_map, scan_manifest, scan_nlm
 
 
 def data_module(**kwargs) -> TBDataModule:
-    return TBDataModule(**{"image_size": 64, "num_workers": 0, "val_size": 0.25, **kwargs})
+    return make_datamodule(**{"image_size": 64, "num_workers": 0, "val_size": 0.25, **kwargs})
 
 
 def compose_data(overrides: list[str]) -> TBDataModule:
@@ -206,3 +207,31 @@ def test_nlm_tb_128_through_data_nlm_tb_and_data_folder(shared_data):
     folder.setup()
     assert folder.report["counts"]["total"] == {"Normal": 256, "Tuberculosis": 244}
     assert {s.path for s in folder.val_samples} == {s.path for s in nlm.val_samples}
+
+
+def test_a_source_is_one_registry_entry(tmp_path, monkeypatch):
+    """A new source is a scanner and its DATA_SOURCES entry: the config checks allow it (also in
+    data.sources) and the data module scans it, with nothing else to change."""
+    from tb_lightning.config.checks import check_data
+    from tb_lightning.data import sources
+
+    def scan_flat(request: sources.ScanRequest) -> list[sources.Sample]:
+        # A flat folder where the file name says the class: tb-*.png are Tuberculosis.
+        return [
+            sources.Sample(str(p), int(p.name.startswith("tb-")), p.stem, request.row_source)
+            for p in sources.image_files(request.root)
+        ]
+
+    record = sources.DataSource(scan_flat, "a flat folder, tb-*.png are Tuberculosis")
+    monkeypatch.setitem(sources.DATA_SOURCES, "flat", record)
+    for i in range(8):
+        write_png(tmp_path / "flat" / f"{'tb' if i % 2 else 'ok'}-{i}.png", i)
+    overrides = [f"data.root={tmp_path / 'flat'}", "data.val_size=0.25", "data.num_workers=0"]
+    cfg = compose_train(["data=tb_cxr", "data.source=flat", *overrides, "data.image_size=64"])
+    check_data(cfg.data)
+    dm = instantiate_config(cfg.data)
+    assert Counter((s.label, s.source) for s in dm.scan()) == {(0, "flat"): 4, (1, "flat"): 4}
+    entry = {"source": "flat", "root": str(tmp_path / "flat"), "name": "mine"}
+    check_data({**cfg.data, "sources": [entry]})
+    multi = data_module(sources=[entry])
+    assert {s.source for s in multi.scan()} == {"mine"}

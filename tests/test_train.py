@@ -266,6 +266,7 @@ def test_gpu_without_gpu_is_one_clear_sentence(phantom_root, tmp_path):
     )
 
 
+@pytest.mark.slow  # real images: nlm-tb-128's 500 PNGs scanned, hashed and trained on
 def test_real_images_short_run(shared_data, tmp_path):
     train_in_process(
         [

@@ -19,7 +19,7 @@ NET = {"arch": "resnet18", "weights": None, "freeze_features": False, "hidden_di
 
 def test_backbone_lr_scale_makes_two_param_groups():
     model = TBClassifier(
-        NET, {"_target_": "torch.optim.AdamW", "lr": 1e-3, "backbone_lr_scale": 0.1}
+        NET, {"_target_": "torch.optim.AdamW", "lr": 1e-3, "backbone_lr_scale": 0.1}, 0.5
     )
     optimizer = model.configure_optimizers()
     head_group, backbone_group = optimizer.param_groups
@@ -27,7 +27,7 @@ def test_backbone_lr_scale_makes_two_param_groups():
     assert backbone_group["lr"] == pytest.approx(1e-4)
     assert len(head_group["params"]) == 4  # two Linear layers
     frozen = TBClassifier(
-        {**NET, "freeze_features": True}, {"_target_": "torch.optim.Adam", "lr": 1e-3}
+        {**NET, "freeze_features": True}, {"_target_": "torch.optim.Adam", "lr": 1e-3}, 0.5
     )
     assert len(frozen.configure_optimizers().param_groups) == 1
 
@@ -77,7 +77,11 @@ def test_datamodule_applies_augmentation_to_train_only(phantom_root):
                                           "paths.output_dir=/tmp/x"])  # fmt: skip
     datamodule = instantiate(cfg.data)
     datamodule.setup()
-    assert datamodule.augment_is_random
+    # data/augment=cxr: the train transform draws anew each time, the val transform does not.
+    image = torch.randint(0, 255, (3, 90, 80), dtype=torch.uint8)
+    torch.manual_seed(0)
+    assert not torch.equal(datamodule.train_transform(image), datamodule.train_transform(image))
+    assert torch.equal(datamodule.transform(image), datamodule.transform(image))
     assert datamodule.train_dataloader().dataset.transform is datamodule.train_transform
     assert datamodule.val_dataloader().dataset.transform is datamodule.transform
 
@@ -149,7 +153,7 @@ def test_step_loss_reaches_tensorboard_every_log_every_n_steps(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.data import DataLoader
 
-    from tb_lightning.inference.features import FeatureDataset
+    from tb_lightning.data.feature_cache import FeatureDataset
 
     class StepLosses(L.Callback):
         def __init__(self) -> None:
@@ -162,6 +166,7 @@ def test_step_loss_reaches_tensorboard_every_log_every_n_steps(tmp_path):
     model = TBClassifier(
         {"arch": "alexnet", "weights": None, "image_size": 64, "pool_size": 1, "hidden_dim": 8},
         {"_target_": "torch.optim.Adam", "lr": 1e-3},
+        threshold=0.5,
     )
     logged: list[str] = []
     log = model.log
@@ -193,5 +198,5 @@ def test_step_loss_reaches_tensorboard_every_log_every_n_steps(tmp_path):
     assert [p.value for p in points] == pytest.approx([recorder.losses[p.step] for p in points])
     assert logged.count("train/loss_step") == 5  # not once per step
     # Outside a Trainer (a hand-written loop) the step is always "logged".
-    outside = TBClassifier(NET, {"_target_": "torch.optim.Adam", "lr": 1e-3})
+    outside = TBClassifier(NET, {"_target_": "torch.optim.Adam", "lr": 1e-3}, threshold=0.5)
     assert outside._loggers_write_this_step()

@@ -17,13 +17,8 @@ import hydra
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
-from tb_lightning.config.printing import print_config
-from tb_lightning.core.tasks import (
-    instantiate_config,
-    quiet_known_warnings,
-    run_task,
-    written_files,
-)
+from tb_lightning.config.entry import run_entry, trained_model_of
+from tb_lightning.core.tasks import instantiate_config
 
 log = logging.getLogger(__name__)
 
@@ -31,34 +26,30 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # Imported here: torch and friends take seconds, which --help should not.
     from tb_lightning.config.checks import check_eval_config
-    from tb_lightning.evaluation.ensemble import load_checkpoint_or_ensemble
     from tb_lightning.evaluation.evaluate import (
         evaluate_samples,
         refuse_trained_images,
         resolve_split,
         split_samples,
     )
-    from tb_lightning.inference.checkpoint import resolve_threshold
-    from tb_lightning.inference.runner import pick_device
+    from tb_lightning.trained.runner import pick_device
 
     check_eval_config(cfg)  # every value, before the checkpoint or any image is read
     output_dir = Path(cfg.paths.output_dir)
     split = resolve_split(cfg.eval.get("split"), cfg.get("data") is not None)
-    loaded = load_checkpoint_or_ensemble(
-        cfg.get("ckpt_path"),
+    loaded, threshold, threshold_source = trained_model_of(
+        cfg,
         "eval.split=val of the ensemble would score each fold's val images with the other fold "
         "models, which trained on them; use eval.split=test (a data.test_size split shared by "
         "the folds) or data=... with other images."
         if split == "val"
         else None,
-        allow_partial=cfg.get("allow_partial", False),
     )
-    threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
     if split == "all":
         datamodule = instantiate_config(cfg.data)
         samples = datamodule.scan()
         # Bad files (the scan's checks, applied while predicting) follow data.on_bad_file.
-        on_bad_file, split_path = datamodule.on_bad_file, None
+        on_bad_file, split_path = datamodule.integrity.on_bad_file, None
         log.info("Evaluating on all %d images of %s", len(samples), cfg.data.root)
     else:
         # Rows of a split file passed training's scan: a bad one is an error (evaluate_samples).
@@ -88,7 +79,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         split_file=split_path,
     )
     log.info("Evaluation of %s:\n%s", loaded.checkpoint_path, report)
-    log.info("Wrote %s in %s", written_files(output_dir), output_dir)
     return metrics
 
 
@@ -102,11 +92,7 @@ def evaluated_on(cfg: DictConfig) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    # At once, before torch is imported (seconds): the config was checked (config/callback.py).
-    log.info("Evaluating %s on %s", cfg.ckpt_path, evaluated_on(cfg))
-    print_config(cfg, cfg.paths.output_dir)
-    quiet_known_warnings()
-    run_task(evaluate, cfg)
+    run_entry(cfg, evaluate, f"Evaluating {cfg.ckpt_path} on {evaluated_on(cfg)}")
 
 
 if __name__ == "__main__":

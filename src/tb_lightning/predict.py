@@ -1,7 +1,7 @@
 """`python -m tb_lightning.predict ckpt_path=<ckpt> input=<file|folder|csv> [saliency=true]`.
 
 ckpt_path may also be a k-fold multirun directory: its jobs' checkpoints predict as one ensemble
-(evaluation/ensemble.py).
+(trained/ensemble.py).
 
 Writes predictions.csv (path, p_tb, predicted label and class, threshold, and whether the model
 saw the image in training: seen_in_training, seen_by), skipped.csv for files that could not be
@@ -18,8 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
-from tb_lightning.config.printing import print_config
-from tb_lightning.core.tasks import quiet_known_warnings, run_task, written_files
+from tb_lightning.config.entry import run_entry, trained_model_of
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +26,21 @@ log = logging.getLogger(__name__)
 def predict(cfg: DictConfig) -> Path:
     # Imported here: torch and friends take seconds, which --help should not.
     from tb_lightning.config.checks import check_predict_config
-    from tb_lightning.evaluation.ensemble import load_checkpoint_or_ensemble
-    from tb_lightning.inference.checkpoint import resolve_threshold
+    from tb_lightning.core.artefacts import threshold_text
     from tb_lightning.inference.predict_files import collect_inputs, run_prediction
-    from tb_lightning.inference.runner import pick_device
+    from tb_lightning.trained.runner import pick_device
 
     check_predict_config(cfg)  # every value, before the checkpoint or any image is read
     output_dir = Path(cfg.paths.output_dir)
     paths = collect_inputs(cfg.get("input"))
-    loaded = load_checkpoint_or_ensemble(
-        cfg.get("ckpt_path"),
+    loaded, threshold, threshold_source = trained_model_of(
+        cfg,
         "saliency=true needs one checkpoint (Grad-CAM of an ensemble is not drawn); pass one of "
         "its jobs' checkpoints/best.ckpt."
         if cfg.saliency
         else None,
-        allow_partial=cfg.get("allow_partial", False),
     )
-    threshold, threshold_source = resolve_threshold(loaded, cfg.threshold.get("value"))
-    log.info("Operating threshold p_tb >= %.4f (%s)", threshold, threshold_source)
+    log.info("Operating threshold p_tb >= %s (%s)", threshold_text(threshold), threshold_source)
     run_prediction(
         loaded,
         paths,
@@ -56,17 +52,12 @@ def predict(cfg: DictConfig) -> Path:
         saliency=bool(cfg.saliency),
         device=pick_device(cfg.trainer.accelerator),
     )
-    log.info("Wrote %s in %s", written_files(output_dir), output_dir)
     return output_dir
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
-    # At once, before torch is imported (seconds): the config was checked (config/callback.py).
-    log.info("Predicting %s with %s", cfg.input, cfg.ckpt_path)
-    print_config(cfg, cfg.paths.output_dir)
-    quiet_known_warnings()
-    run_task(predict, cfg)
+    run_entry(cfg, predict, f"Predicting {cfg.input} with {cfg.ckpt_path}")
 
 
 if __name__ == "__main__":

@@ -19,14 +19,14 @@ import hydra
 from omegaconf import DictConfig
 
 from tb_lightning.config import CONF_DIR
-from tb_lightning.config.printing import print_config
-from tb_lightning.core.tasks import quiet_known_warnings, run_task
+from tb_lightning.config.entry import run_entry
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train as configured and return the chosen checkpoint's final metrics (metrics.json)."""
+    """The work: train as configured and return the chosen checkpoint's final metrics
+    (metrics.json)."""
     from tb_lightning.engine.training import train as run_training
 
     return run_training(cfg)
@@ -34,13 +34,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    log.info("Run directory: %s", Path(cfg.paths.output_dir))
-    print_config(cfg, cfg.paths.output_dir)
-    quiet_known_warnings()
     from tb_lightning.core.allocator import keep_large_blocks_in_heap
 
     keep_large_blocks_in_heap()
-    metrics = run_task(train, cfg)
+    # Its report lists the run folder's files: no "Wrote" line.
+    metrics = run_entry(cfg, train, f"Run directory: {Path(cfg.paths.output_dir)}", False)
     if metrics is None:  # a multirun job stopped by a user's mistake (its error.txt says which)
         return float("nan")  # Optuna records a NaN as a failed trial and goes on
     # The sweepers (e.g. Optuna) optimise what main returns.

@@ -34,30 +34,33 @@ from omegaconf import DictConfig, OmegaConf
 # values run in a Hydra callback before those are imported (config/callback.py; checked by
 # tests/test_fail_fast.py). The checks that need them import them where they run.
 from tb_lightning.core.choices import (
-    ARCHS,
     AUGMENT_KEYS,
     BAD_FILE_POLICIES,
     CACHE_MODES,
     FORMATS,
     LEAK_POLICIES,
     LESION_MIXES,
-    MIN_IMAGE_SIZE,
     PHASH_BITS,
     POLICIES,
     PREPROCESS_NAMES,
     SCHEDULERS,
     SPLITS,
-    preprocess_spec,
 )
 from tb_lightning.core.errors import ConfigError, WeightsError
 from tb_lightning.core.extras import require as require_extra
 from tb_lightning.core.run_dirs import LAST, check_ckpt_path
-from tb_lightning.data.sources import SOURCE_KEYS, SOURCES, source_folder
+from tb_lightning.data.sources import DATA_SOURCES, SOURCE_KEYS, source_folder
 from tb_lightning.data.split import (
     read_split_sides,
     resolve_val_count,
     split_class_problem,
     stratified_split,
+)
+from tb_lightning.models.backbones import (
+    backbone,
+    check_backbone,
+    imagenet_refusal,
+    min_image_size,
 )
 
 # Lightning 2.x precision names (the short aliases "32", "16", "bf16" included).
@@ -129,7 +132,7 @@ def check_image_size(image_size: Any, arch: str) -> None:
         raise ConfigError(
             f"data.image_size={image_size!r} must be an integer (pixels a side), e.g. 512."
         )
-    min_size = MIN_IMAGE_SIZE.get(arch, max(MIN_IMAGE_SIZE.values()))
+    min_size = min_image_size(arch)
     if image_size < min_size:
         raise ConfigError(
             f"data.image_size={image_size!r} is too small for {arch}; use an integer >= "
@@ -183,20 +186,22 @@ def check_model(model: Mapping[str, Any], max_epochs: Any = None) -> None:
     lr = optimizer.get("lr")
     if not _is_number(lr) or lr <= 0:
         raise ConfigError(f"model.optimizer.lr={lr!r} must be a number > 0, e.g. 1e-4.")
-    weight_decay = optimizer.get("weight_decay", 0.0)
-    if not _is_number(weight_decay) or weight_decay < 0:
+    # Optional keys (the values in conf/model/alexnet.yaml): an optimizer configured without
+    # them (~model.optimizer.weight_decay) uses its own default, and the backbone the head's lr.
+    weight_decay = optimizer.get("weight_decay")
+    if "weight_decay" in optimizer and (not _is_number(weight_decay) or weight_decay < 0):
         raise ConfigError(
             f"model.optimizer.weight_decay={weight_decay!r} must be a number >= 0 (0 disables it)."
         )
-    scale = optimizer.get("backbone_lr_scale", 1.0)
-    if not _is_number(scale) or scale < 0:
+    scale = optimizer.get("backbone_lr_scale")
+    if "backbone_lr_scale" in optimizer and (not _is_number(scale) or scale < 0):
         raise ConfigError(f"model.optimizer.backbone_lr_scale={scale!r} must be a number >= 0.")
     arch = net.get("arch", "alexnet")
-    _one_of("model.net.arch", arch, ARCHS, " (torchvision backbones)")
-    dropout = net.get("dropout", 0.5)
+    backbone(arch)  # a registered name, or timm/<name> with the 'timm' extra installed
+    dropout = net["dropout"]
     if not _is_number(dropout) or not 0 <= dropout < 1:
         raise ConfigError(f"model.net.dropout={dropout!r} must be a number in [0, 1).")
-    hidden_dim = net.get("hidden_dim", 510)
+    hidden_dim = net["hidden_dim"]
     if not _is_int(hidden_dim) or hidden_dim < 1:
         raise ConfigError(f"model.net.hidden_dim={hidden_dim!r} must be an integer >= 1.")
     pool_size = net.get("pool_size")
@@ -204,15 +209,17 @@ def check_model(model: Mapping[str, Any], max_epochs: Any = None) -> None:
         raise ConfigError(f"model.net.pool_size={pool_size!r} must be null or an integer >= 1.")
     check_image_size(net.get("image_size", 512), arch)
     weights = net.get("weights")
+    if weights == "imagenet" and imagenet_refusal(arch) is not None:
+        raise WeightsError(imagenet_refusal(arch))
     if weights not in (None, "imagenet") and not Path(str(weights)).expanduser().exists():
         raise WeightsError(
             f"model.net.weights={weights} does not exist; pass the path of a .pth state "
             "dict, imagenet, or null."
         )
-    threshold = model.get("threshold", 0.5)
+    threshold = model["threshold"]
     if not _is_number(threshold) or not 0 < threshold < 1:
         raise ConfigError(f"model.threshold={threshold!r} must be a number in (0, 1).")
-    check_scheduler(model.get("scheduler"), max_epochs)
+    check_scheduler(model["scheduler"], max_epochs)
 
 
 def check_fused_option(optimizer: Mapping[str, Any]) -> None:
@@ -228,18 +235,18 @@ def check_fused_option(optimizer: Mapping[str, Any]) -> None:
         )
 
 
-def check_scheduler(scheduler: Mapping[str, Any] | None, max_epochs: Any) -> None:
+def check_scheduler(scheduler: Mapping[str, Any], max_epochs: Any) -> None:
     """model.scheduler.name and its warm-up against trainer.max_epochs."""
-    scheduler = scheduler or {}
     _one_of(
         "model.scheduler.name",
-        scheduler.get("name", "none"),
+        scheduler["name"],
         SCHEDULERS,
         "; pick a preset with model/scheduler=cosine|plateau|none",
     )
-    warmup = scheduler.get("warmup_epochs", 0) or 0
-    if scheduler.get("name") != "cosine":
+    if scheduler["name"] != "cosine":
         return
+    # Optional: absent or null, no warm-up (models/schedules.py).
+    warmup = scheduler.get("warmup_epochs") or 0
     if not _is_int(warmup) or warmup < 0:
         raise ConfigError(
             f"model.scheduler.warmup_epochs={warmup!r} must be an integer >= 0 (0: no warm-up)."
@@ -278,17 +285,16 @@ def check_augment(augment: Any) -> None:
 
 def check_preprocess(data: Mapping[str, Any]) -> None:
     """data.preprocess (none | clahe) and, for clahe, data.clahe.clip_limit and tile_grid."""
-    _one_of("data.preprocess", data.get("preprocess", "none"), PREPROCESS_NAMES)
-    if data.get("preprocess") != "clahe":
+    _one_of("data.preprocess", data["preprocess"], PREPROCESS_NAMES)
+    if data["preprocess"] != "clahe":
         return
-    clahe = data.get("clahe") or {}
-    clip_limit, tile_grid = clahe.get("clip_limit"), clahe.get("tile_grid")
+    clip_limit, tile_grid = data["clahe"]["clip_limit"], data["clahe"]["tile_grid"]
     if not _is_number(clip_limit) or clip_limit <= 0:
         raise ConfigError(
             f"data.clahe.clip_limit={clip_limit!r} must be a number > 0 (the contrast limit per "
             "histogram bin relative to a flat histogram; 2.0 is usual for chest X-rays)."
         )
-    image_size = data.get("image_size")
+    image_size = data["image_size"]
     largest = image_size // 8 if _is_int(image_size) else None
     if not _is_int(tile_grid) or tile_grid < 1 or (largest and tile_grid > largest):
         raise ConfigError(
@@ -298,25 +304,11 @@ def check_preprocess(data: Mapping[str, Any]) -> None:
         )
 
 
-def check_recorded_preprocess(data: Mapping[str, Any], recorded: Any) -> None:
-    """model.preprocess, what the checkpoint will say the images went through, must be what the
-    data module does (conf/model/alexnet.yaml interpolates it from data.preprocess/data.clahe)."""
-    clahe = data.get("clahe") or {}
-    done = preprocess_spec({"name": data.get("preprocess", "none"), **clahe})
-    if preprocess_spec(recorded) != done:
-        raise ConfigError(
-            f"model.preprocess={dict(recorded or {})} differs from data.preprocess / data.clahe "
-            f"({done or 'none'}); set data.preprocess and data.clahe only (model.preprocess "
-            "follows them)."
-        )
-
-
 def check_phantom(phantom: Mapping[str, Any]) -> None:
     """data.phantom.* (the synthetic set's size and look)."""
     for key, minimum in (("num_normal", 1), ("num_tb", 1), ("image_size", 64), ("seed", 0)):
-        if key in phantom:
-            _positive_int(f"data.phantom.{key}", phantom[key], minimum)
-    _one_of("data.phantom.lesions", phantom.get("lesions", "mixed"), LESION_MIXES)
+        _positive_int(f"data.phantom.{key}", phantom[key], minimum)
+    _one_of("data.phantom.lesions", phantom["lesions"], LESION_MIXES)
 
 
 def check_sources(entries: Any) -> None:
@@ -329,14 +321,15 @@ def check_sources(entries: Any) -> None:
                 f"data.sources entry {entry} must set source and root (and may set "
                 f"class_names, class_map, name); unknown keys: {sorted(unknown)}."
             )
-        allowed = [s for s in SOURCES if s != "phantom"]
+        # A generated set is a source of its own (data=phantom), never a data.sources entry.
+        allowed = [name for name, s in DATA_SOURCES.items() if not s.synthetic]
         _one_of("data.sources entry source", entry["source"], allowed)
 
 
 def check_data(data: Mapping[str, Any], arch: str = "alexnet") -> None:
     """data.*; val_size against the data's size where that is known without reading it."""
     source = data.get("source")
-    _one_of("data.source", source, SOURCES)
+    _one_of("data.source", source, list(DATA_SOURCES))
     class_names = list(data.get("class_names") or [])
     if len(class_names) != 2:
         raise ConfigError(
@@ -347,7 +340,7 @@ def check_data(data: Mapping[str, Any], arch: str = "alexnet") -> None:
     batch_size = data.get("batch_size")
     if not _is_int(batch_size) or batch_size < 1:
         raise ConfigError(f"data.batch_size={batch_size!r} must be an integer >= 1.")
-    check_num_workers("data.num_workers", data.get("num_workers", 0))
+    check_num_workers("data.num_workers", data["num_workers"])
     val_size = data.get("val_size")
     if not _is_number(val_size):
         raise ConfigError(
@@ -370,7 +363,7 @@ def check_data(data: Mapping[str, Any], arch: str = "alexnet") -> None:
             )
         if isinstance(test_size, float):
             resolve_val_count(test_size, 2, key="data.test_size")
-    num_folds, fold = data.get("num_folds"), data.get("fold", 0)
+    num_folds, fold = data["num_folds"], data["fold"]
     if num_folds is not None:
         _positive_int("data.num_folds", num_folds, 2)
         if not _is_int(fold) or not 0 <= fold < num_folds:
@@ -378,24 +371,24 @@ def check_data(data: Mapping[str, Any], arch: str = "alexnet") -> None:
                 f"data.fold={fold!r} is not a fold of data.num_folds={num_folds}; use "
                 f"0..{num_folds - 1}."
             )
-    _one_of("data.on_bad_file", data.get("on_bad_file", "error"), BAD_FILE_POLICIES)
-    _one_of("data.on_leak", data.get("on_leak", "warn"), LEAK_POLICIES)
-    distance = data.get("near_duplicate_distance", 20)
+    _one_of("data.on_bad_file", data["on_bad_file"], BAD_FILE_POLICIES)
+    _one_of("data.on_leak", data["on_leak"], LEAK_POLICIES)
+    distance = data["near_duplicate_distance"]
     if not _is_int(distance) or not 0 <= distance < PHASH_BITS:
         raise ConfigError(
             f"data.near_duplicate_distance={distance!r} must be an integer in 0..{PHASH_BITS - 1} "
             f"(differing bits of {PHASH_BITS}-bit perceptual hashes; 0 = identical hashes only; "
             "default 20)."
         )
-    cache = data.get("cache_features", "auto")
+    cache = data["cache_features"]
     if str(cache).lower() not in [str(m).lower() for m in CACHE_MODES]:
         raise ConfigError(
             f"data.cache_features={cache!r} is not allowed; use auto (cache when the backbone is "
             "frozen and there is no augmentation), true or false."
         )
-    if not isinstance(data.get("cache_images", False), bool):
+    if not isinstance(data["cache_images"], bool):
         raise ConfigError(
-            f"data.cache_images={data.get('cache_images')!r} must be true or false (true: decode "
+            f"data.cache_images={data['cache_images']!r} must be true or false (true: decode "
             "every image once into a memory-mapped cache, for fine-tuning and augmentation)."
         )
     if data.get("cache_images") and not data.get("image_cache_dir"):
@@ -403,19 +396,21 @@ def check_data(data: Mapping[str, Any], arch: str = "alexnet") -> None:
             "data.cache_images=true needs data.image_cache_dir, a folder for the cache, e.g. "
             "data/cache/images."
         )
-    if not isinstance(data.get("allow_outside_paths", False), bool):
+    if not isinstance(data["allow_outside_paths"], bool):
         raise ConfigError(
-            f"data.allow_outside_paths={data.get('allow_outside_paths')!r} must be true or false."
+            f"data.allow_outside_paths={data['allow_outside_paths']!r} must be true or false."
         )
     check_preprocess(data)
     check_augment(data.get("augment"))
     check_sources(data.get("sources"))
     phantom = data.get("phantom") or {}
-    if source == "phantom":
+    # The generator's settings, checked where the source reads them (data/sources.py keys).
+    reads_phantom = "phantom" in DATA_SOURCES[source].keys
+    if reads_phantom:
         check_phantom(phantom)
-    if source == "phantom" and not data.get("split_file") and not data.get("sources"):
+    if reads_phantom and not data.get("split_file") and not data.get("sources"):
         # The phantom set's size is known from the config: split it on paper, as setup() will.
-        labels = [0] * int(phantom.get("num_normal", 0)) + [1] * int(phantom.get("num_tb", 0))
+        labels = [0] * int(phantom["num_normal"]) + [1] * int(phantom["num_tb"])
         stratified_split(labels, val_size, 0)
 
 
@@ -454,7 +449,7 @@ def check_split_file(data: Mapping[str, Any], calibration: Any = "none") -> None
             "class to that split, or make a new split with data.split_file=null."
         )
     if calibration == "temperature":
-        from tb_lightning.evaluation.calibration import calibration_refusal  # numpy: only here
+        from tb_lightning.stats.calibration import calibration_refusal  # numpy: only here
 
         val = sides["val"]
         refusal = calibration_refusal(
@@ -474,7 +469,7 @@ def check_calibration_split(data: Mapping[str, Any]) -> None:
     val_size = data.get("val_size")
     if data.get("split_file") or data.get("num_folds") is not None or not _is_int(val_size):
         return
-    from tb_lightning.evaluation.calibration import calibration_refusal  # numpy: only here
+    from tb_lightning.stats.calibration import calibration_refusal  # numpy: only here
 
     # Both classes are assumed here: the split, stratified, is checked for them once made.
     refusal = calibration_refusal(val_size, 2, f"data.val_size={val_size}", "raise data.val_size")
@@ -490,8 +485,8 @@ def check_num_workers(key: str, value: Any) -> None:
 def check_trainer(trainer: Mapping[str, Any]) -> None:
     """trainer.accelerator (its name; a GPU for it: check_accelerator), devices, max_epochs,
     precision."""
-    check_accelerator_name(trainer.get("accelerator", "auto"))
-    devices = trainer.get("devices", "auto")
+    check_accelerator_name(trainer["accelerator"])
+    devices = trainer["devices"]
     allowed = (
         devices == "auto"
         or (_is_int(devices) and (devices >= 1 or devices == -1))
@@ -509,7 +504,7 @@ def check_trainer(trainer: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"trainer.max_epochs={max_epochs!r} must be an integer >= 1 (or -1 for no limit)."
         )
-    precision = str(trainer.get("precision", "32-true"))
+    precision = str(trainer["precision"])
     if precision not in PRECISIONS + PRECISION_ALIASES:
         raise ConfigError(
             f"trainer.precision={precision!r} is not one of {list(PRECISIONS)}; use e.g. "
@@ -579,8 +574,11 @@ def check_config(cfg: DictConfig) -> None:
     check_train_values(cfg)
     # Then what needs the classes and torch imported.
     check_known_keys(cfg)
-    check_fused_option(cfg.model.get("optimizer") or {})
-    check_accelerator(cfg.trainer.get("accelerator", "auto"))
+    net = cfg.model.get("net") or {}
+    # timm/<name>: whether timm knows it and its model gives a map at the image size.
+    check_backbone(net.get("arch", "alexnet"), net.get("image_size", 512))
+    check_fused_option(cfg.model.optimizer)
+    check_accelerator(cfg.trainer.accelerator)
 
 
 def check_train_values(cfg: DictConfig) -> None:
@@ -593,9 +591,7 @@ def check_train_values(cfg: DictConfig) -> None:
     check_trainer(cfg.trainer)
     check_model(cfg.model, cfg.trainer.get("max_epochs"))
     check_data(cfg.data, cfg.model.get("net", {}).get("arch", "alexnet"))
-    check_recorded_preprocess(cfg.data, cfg.model.get("preprocess"))
-    threshold = cfg.get("threshold") or {}
-    check_policy(threshold.get("policy", "youden"), threshold.get("target", 0.95))
+    check_policy(cfg.threshold.policy, cfg.threshold.target)
     _one_of("calibration", cfg.get("calibration") or "none", ("none", "temperature"))
     if cfg.get("calibration") == "temperature":
         check_calibration_split(cfg.data)
@@ -620,7 +616,7 @@ def _check_ckpt_path_set(cfg: DictConfig) -> None:
 
 def _check_allow_partial(cfg: DictConfig) -> None:
     """allow_partial (eval, predict, export): a k-fold ensemble with folds missing, or not."""
-    value = cfg.get("allow_partial", False)
+    value = cfg.allow_partial
     if not isinstance(value, bool):
         raise ConfigError(
             f"allow_partial={value!r} must be true or false (true: a k-fold multirun directory "
@@ -630,7 +626,7 @@ def _check_allow_partial(cfg: DictConfig) -> None:
 
 def check_ckpt_exists(cfg: DictConfig) -> None:
     """ckpt_path (eval, predict, export) names a file or a multirun directory that exists; what
-    is in it is checked when it is loaded (models/torch_file.py, evaluation/ensemble.py)."""
+    is in it is checked when it is loaded (models/torch_file.py, trained/ensemble.py)."""
     ckpt_path = cfg.get("ckpt_path")
     if not Path(str(ckpt_path)).expanduser().exists():
         raise ConfigError(
@@ -643,7 +639,7 @@ def check_ckpt_exists(cfg: DictConfig) -> None:
 def check_eval_config(cfg: DictConfig) -> None:
     """python -m tb_lightning.eval: eval.*, threshold.value, the accelerator, a data source."""
     check_eval_values(cfg)
-    check_accelerator(cfg.trainer.get("accelerator", "auto"))
+    check_accelerator(cfg.trainer.accelerator)
 
 
 def check_eval_values(cfg: DictConfig) -> None:
@@ -651,12 +647,11 @@ def check_eval_values(cfg: DictConfig) -> None:
     _check_ckpt_path_set(cfg)
     check_finite(cfg)
     _check_allow_partial(cfg)
-    check_accelerator_name(cfg.trainer.get("accelerator", "auto"))
-    check_threshold_value(cfg.threshold.get("value"))
-    if not isinstance(cfg.eval.get("allow_outside_paths", False), bool):
+    check_accelerator_name(cfg.trainer.accelerator)
+    check_threshold_value(cfg.threshold.value)
+    if not isinstance(cfg.eval.allow_outside_paths, bool):
         raise ConfigError(
-            f"eval.allow_outside_paths={cfg.eval.get('allow_outside_paths')!r} must be true or "
-            "false."
+            f"eval.allow_outside_paths={cfg.eval.allow_outside_paths!r} must be true or false."
         )
     split = cfg.eval.get("split")
     if split is not None:
@@ -670,17 +665,17 @@ def check_eval_values(cfg: DictConfig) -> None:
     if not _is_int(bootstrap) or bootstrap < 100:
         raise ConfigError(f"eval.bootstrap={bootstrap!r} must be an integer >= 100 (default 2000).")
     _positive_int("eval.batch_size", cfg.eval.get("batch_size"))
-    check_num_workers("eval.num_workers", cfg.eval.get("num_workers", 0))
+    check_num_workers("eval.num_workers", cfg.eval.num_workers)
     if cfg.get("data") is not None:
-        _one_of("data.source", cfg.data.get("source"), SOURCES)
-        _one_of("data.on_bad_file", cfg.data.get("on_bad_file", "error"), BAD_FILE_POLICIES)
+        _one_of("data.source", cfg.data.get("source"), list(DATA_SOURCES))
+        _one_of("data.on_bad_file", cfg.data.on_bad_file, BAD_FILE_POLICIES)
     check_ckpt_exists(cfg)
 
 
 def check_predict_config(cfg: DictConfig) -> None:
     """python -m tb_lightning.predict: input, batch_size, workers, threshold.value."""
     check_predict_values(cfg)
-    check_accelerator(cfg.trainer.get("accelerator", "auto"))
+    check_accelerator(cfg.trainer.accelerator)
 
 
 def check_predict_values(cfg: DictConfig) -> None:
@@ -691,10 +686,10 @@ def check_predict_values(cfg: DictConfig) -> None:
     _check_allow_partial(cfg)
     if not cfg.get("input"):
         raise ConfigError("input is not set; pass input=<image file, folder or CSV of paths>.")
-    check_accelerator_name(cfg.trainer.get("accelerator", "auto"))
-    check_threshold_value(cfg.threshold.get("value"))
+    check_accelerator_name(cfg.trainer.accelerator)
+    check_threshold_value(cfg.threshold.value)
     _positive_int("batch_size", cfg.get("batch_size"))
-    check_num_workers("num_workers", cfg.get("num_workers", 0))
+    check_num_workers("num_workers", cfg.num_workers)
     if cfg.get("saliency"):
         require_extra("saliency", "predict saliency=true (Grad-CAM)")
     check_ckpt_exists(cfg)
@@ -730,4 +725,4 @@ VALUE_CHECKS = {
 
 def runs_dir(cfg: DictConfig) -> Path:
     """Where `ckpt_path=last` looks: outputs/<task>/runs."""
-    return Path(cfg.paths.log_dir) / cfg.get("task_name", "train") / "runs"
+    return Path(cfg.paths.log_dir) / cfg.task_name / "runs"

@@ -10,7 +10,7 @@ is the run's record of its data and keeps the absolute paths it reads the images
 
 Numbers. Probabilities (p_tb) and thresholds are written with 6 decimals (DECIMALS) in CSV,
 JSON and report text:
-- operating thresholds are chosen on that grid (evaluation/thresholds.py), so the written value
+- operating thresholds are chosen on that grid (stats/thresholds.py), so the written value
   is the one every tool uses; a threshold that is not on it (chosen between two validation
   probabilities closer than 1e-6, set by hand with more decimals, or from an older checkpoint)
   is written in full, never rounded;

@@ -1,7 +1,7 @@
 """The values config keys may take, importable without torch.
 
 config/checks.py checks a composed config against these in a Hydra callback before torch is
-imported (config/callback.py); the modules that use a value (data/augment.py, models/backbones.py,
+imported (config/callback.py); the modules that use a value (data/augment.py, models/schedules.py,
 ...) import it from here, so that there is one list of each.
 """
 
@@ -10,15 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# model.net.arch values. Published TB-on-CXR results favour DenseNet and ResNet over AlexNet;
-# AlexNet stays the default because it is the reference experiment's.
-ARCHS = ("alexnet", "resnet18", "resnet50", "densenet121", "efficientnet_b0")
-# Smallest square input each trunk accepts (AlexNet's last maxpool needs 63 px; the others reduce
-# by 32 with padding, so any size from 32 gives a non-empty map).
-MIN_IMAGE_SIZE = {"alexnet": 63, "resnet18": 32, "resnet50": 32, "densenet121": 32,
-                  "efficientnet_b0": 32}  # fmt: skip
+# model.net.arch values and each one's smallest image: models/backbones.py (REGISTRY, ARCHS,
+# MIN_IMAGE_SIZE), torch-free too, one record per backbone.
 # model.scheduler.name (models/schedules.py).
 SCHEDULERS = ("none", "cosine", "plateau")
+# data.source values, with each one's scanner and the keys it reads: data/sources.py
+# (DATA_SOURCES), torch-free too, one record per source.
 # data.augment keys (data/augment.py).
 AUGMENT_KEYS = {
     "crop_scale",
@@ -41,9 +38,9 @@ PHASH_SIZE = 16
 PHASH_BITS = PHASH_SIZE * PHASH_SIZE
 # data.phantom.lesions: how conspicuous the TB findings are (data/phantom.py _sample_lesions).
 LESION_MIXES = ("mixed", "conspicuous")
-# threshold.policy (evaluation/thresholds.py).
+# threshold.policy (stats/thresholds.py).
 POLICIES = ("youden", "max_f1", "sensitivity")
-# data.cache_features (inference/features.py).
+# data.cache_features (data/feature_cache.py).
 CACHE_MODES = ("auto", True, False)
 # eval.split (evaluation/evaluate.py).
 SPLITS = ("val", "test", "all")

@@ -1,7 +1,7 @@
-"""Optional extras: export (ONNX), saliency (captum), sweeps (Optuna, submitit/SLURM) and
-mlflow (logger=mlflow) are installed on demand (`pip install -e '.[export]'`; `make install`
-installs all of them). A feature whose extra is missing says so in one sentence with the
-command, instead of an ImportError."""
+"""Optional extras: export (ONNX), saliency (captum), sweeps (Optuna, submitit/SLURM), mlflow
+(logger=mlflow) and timm (model.net.arch=timm/<name>) are installed on demand
+(`pip install -e '.[export]'`; `make install` installs all of them). A feature whose extra is
+missing says so in one sentence with the command, instead of an ImportError."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ EXTRAS = {
     "saliency": ("captum",),
     "sweeps": ("hydra_plugins.hydra_optuna_sweeper", "hydra_plugins.hydra_submitit_launcher"),
     "mlflow": ("mlflow",),
+    "timm": ("timm",),
 }
 
 

@@ -1,5 +1,5 @@
 """A table of rows, one per image, written once and read through a memory map: the storage of the
-feature cache (inference/features.py) and of the decoded-image cache (data/image_cache.py).
+feature cache (data/feature_cache.py) and of the decoded-image cache (data/image_cache.py).
 
 Why our own: the caches must stay flat in memory however many images there are (100k and
 more), survive kills and concurrent sweep jobs, and notice damage. So:

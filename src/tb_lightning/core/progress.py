@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,8 @@ MIN_SECONDS = 1.0
 
 
 def interactive() -> bool:
-    """True when stdout and stderr are both terminals: bars are drawn (tqdm writes to stderr,
-    rich and Lightning's bar to stdout); otherwise plain lines are logged, so that no `\\r`
+    """True when stdout and stderr are both terminals: bars are drawn (rich's and Lightning's
+    bars write to stdout, the log to stderr); otherwise plain lines are logged, so that no `\\r`
     frame reaches a file whichever of the two is redirected."""
     return _isatty(sys.stdout) and _isatty(sys.stderr)
 
@@ -150,25 +150,19 @@ def report_progress(
     total: int,
     *,
     enabled: bool = True,
-    bar: Literal["tqdm", "rich"] = "tqdm",
     logger: logging.Logger | None = None,
 ) -> Iterator[Progress]:
     """The progress of a loop of `total` steps: call `.update(n)` as they are done.
 
-    At a terminal the bar this loop always had (`bar`: tqdm or rich), elsewhere a ProgressLog;
-    nothing when not `enabled`.
+    At a terminal a rich bar (rich draws Lightning's bar too: one progress-bar library),
+    elsewhere a ProgressLog; nothing when not `enabled`.
     """
     if not enabled:
         yield _NoProgress()
     elif not interactive():
         yield ProgressLog(description, total, logger=logger)
-    elif bar == "rich":
+    else:
         from rich.progress import Progress as RichProgress
 
         with RichProgress(transient=False) as rich_bar:
             yield _RichBar(rich_bar, rich_bar.add_task(description, total=total))
-    else:
-        from tqdm import tqdm
-
-        with tqdm(total=total, desc=description) as tqdm_bar:
-            yield tqdm_bar

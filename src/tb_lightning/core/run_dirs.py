@@ -47,6 +47,9 @@ IGNORED_KEYS = (
     # Caches change how fast images are served, not the images.
     "data.cache_images",
     "data.image_cache_dir",
+    # Written by earlier versions: a copy of data.preprocess/data.clahe (compared themselves),
+    # which the classifier now takes from the data module.
+    "model.preprocess",
 )
 SAVED_CONFIG = Path(".hydra") / "config.yaml"
 SAVED_OVERRIDES = Path(".hydra") / "overrides.yaml"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader
 from tb_lightning.core.errors import ConfigError, DataError
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data import integrity
-from tb_lightning.data.augment import build_train_transform, is_random
+from tb_lightning.data.augment import build_train_transform
 from tb_lightning.data.dataset import ImageDataset
 from tb_lightning.data.inventory import (
     build_data_report,
@@ -24,16 +25,9 @@ from tb_lightning.data.inventory import (
     upsampling,
     write_data_report,
 )
-from tb_lightning.data.phantom import ensure_phantom_dataset
 from tb_lightning.data.preprocess import preprocess_spec
 from tb_lightning.data.sampling import EpochSeededDataLoader, EpochShuffleSampler
-from tb_lightning.data.sources import (
-    Sample,
-    scan_class_folders,
-    scan_class_map,
-    scan_manifest,
-    scan_nlm,
-)
+from tb_lightning.data.sources import DATA_SOURCES, Sample, ScanRequest, synthetic_sources
 from tb_lightning.data.split import (
     group_stratified_folds,
     group_stratified_split,
@@ -60,52 +54,78 @@ def parse_cache_mode(value: Any) -> str | bool:
     return value
 
 
+@dataclass(frozen=True)
+class SplitOptions:
+    """How the table is split into train / val (/ test): `data.val_size`, `data.test_size`,
+    `data.num_folds`, `data.fold`, `data.split_seed`, `data.split_file`."""
+
+    val_size: int | float
+    test_size: int | float | None
+    num_folds: int | None
+    fold: int
+    split_seed: int
+    split_file: str | None
+
+
+@dataclass(frozen=True)
+class IntegrityOptions:
+    """What the scan does with bad files and with duplicates across the split:
+    `data.on_bad_file`, `data.on_leak`, `data.near_duplicate_distance`."""
+
+    on_bad_file: str
+    on_leak: str
+    near_duplicate_distance: int
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """The caches shared by sweeps and later runs: the scan's (`data.scan_cache_dir`), the
+    backbone features' (`data.cache_features`, `data.cache_dir`: data/feature_cache.py) and the
+    decoded images' (`data.cache_images`, `data.image_cache_dir`: data/image_cache.py)."""
+
+    scan_cache_dir: str | None
+    cache_features: bool | str
+    cache_dir: str | None
+    cache_images: bool
+    image_cache_dir: str | None
+
+
 class TBDataModule(L.LightningDataModule):
     """Normal vs Tuberculosis images from one source, split into train and val.
 
-    Args mirror `conf/data/*.yaml`; `source` picks how `root` is read: `tb_cxr` (the Kaggle
-    layout), `nlm_tb` (NLM Shenzhen/Montgomery, label in the filename), `folder` (any
-    class-folder tree named by `class_names`, or mapped to classes by `class_map`), `manifest`
-    (`root` is a CSV of path,label[,patient_id,source]), `phantom` (synthetic images generated
-    under `root` with the `phantom` settings). `sources`, a list of {source, root, ...} entries,
+    Built by `from_config` from the flat `data.*` keys of `conf/data/*.yaml`, where each key's
+    default and meaning are stated. `source` picks how `root` is read: one of the registered
+    sources (data/sources.py DATA_SOURCES: each one's scanner and a line on what its `root`
+    holds). `sources`, a list of {source, root, ...} entries,
     combines several sources in one table and replaces `source`/`root`.
 
-    Splits keep each patient on one side: `test_size` holds out a test split first (never
-    trained on), then `num_folds`/`fold` pick a cross-validation fold as val, else `val_size`.
-    Every image is checked when scanned (`on_bad_file`), and duplicates across the split are
-    reported (`on_leak`, `near_duplicate_distance`); `report` holds what data_report.json says.
+    Splits keep each patient on one side (`split`): `test_size` holds out a test split first
+    (never trained on), then `num_folds`/`fold` pick a cross-validation fold as val, else
+    `val_size`. Every image is checked when scanned, and duplicates across the split are
+    reported (`integrity`); `report` holds what data_report.json says. `preprocess` is
+    {name, clip_limit, tile_grid}, as the classifier's checkpoints record it.
     """
 
     def __init__(
         self,
-        source: str = "tb_cxr",
-        root: str = "data/TB_Chest_Radiography_Database",
-        class_names: Sequence[str] = CLASS_NAMES,
-        image_size: int = 512,
-        batch_size: int = 18,
-        val_size: int | float = 600,
-        split_seed: int = 42,
-        split_file: str | None = None,
-        num_workers: int | str = "auto",
-        pin_memory: bool | str = "auto",
-        phantom: dict[str, Any] | None = None,
-        sources: Sequence[dict[str, Any]] | None = None,
-        class_map: dict[str, Any] | None = None,
-        test_size: int | float | None = None,
-        num_folds: int | None = None,
-        fold: int = 0,
-        on_bad_file: str = "error",
-        on_leak: str = "warn",
-        near_duplicate_distance: int = 20,
-        scan_cache_dir: str | None = None,
-        cache_features: bool | str = "auto",
-        cache_dir: str | None = None,
-        cache_images: bool = False,
-        image_cache_dir: str | None = None,
-        augment: dict[str, Any] | None = None,
-        allow_outside_paths: bool = False,
-        preprocess: str = "none",
-        clahe: dict[str, Any] | None = None,
+        *,
+        source: str,
+        root: str,
+        class_names: Sequence[str],
+        image_size: int,
+        batch_size: int,
+        num_workers: int | str,
+        pin_memory: bool | str,
+        split: SplitOptions,
+        integrity: IntegrityOptions,
+        caches: CacheOptions,
+        augment: Mapping[str, Any],
+        preprocess: Mapping[str, Any],
+        allow_outside_paths: bool,
+        # Optional: set by some data options only (data.sources, data=folder, data=phantom).
+        sources: Sequence[Mapping[str, Any]] | None = None,
+        class_map: Mapping[str, Any] | None = None,
+        phantom: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # The values were checked with the config (config/checks.py: check_data).
@@ -114,27 +134,23 @@ class TBDataModule(L.LightningDataModule):
         self.class_names = tuple(class_names)
         self.image_size = image_size
         self.batch_size = batch_size
-        self.val_size = val_size
-        self.split_seed = split_seed
-        self.split_file = split_file
         self.num_workers = resolve_num_workers(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
+        self.split = split
+        self.integrity = integrity
+        self.caches = caches
         self.phantom = dict(phantom or {})
         self.sources = [dict(entry) for entry in sources or []]
         self.class_map = dict(class_map) if class_map else None
-        self.test_size = test_size
-        self.num_folds = num_folds
-        self.fold = fold
-        self.on_bad_file = on_bad_file
-        self.on_leak = on_leak
-        self.near_duplicate_distance = near_duplicate_distance
-        self.scan_cache_dir = scan_cache_dir
         # data=manifest: rows may point outside the CSV's folder only when allowed.
         self.allow_outside_paths = allow_outside_paths
-        # data.preprocess / data.clahe, as the classifier stores them (model.preprocess).
-        self.preprocess = preprocess_spec({"name": preprocess, **(clahe or {})})
+        # The images' preprocessing: the classifier takes it from here at setup into its
+        # hyper-parameters (models/classifier.py), and so into every checkpoint, where eval,
+        # predict and export find it. `preprocess` is the spec the transforms are built from.
+        self.preprocess_settings = dict(preprocess)
+        self.preprocess = preprocess_spec(self.preprocess_settings)
         self.transform = build_transform(image_size, self.preprocess)
-        self.augment = dict(augment or {})
+        self.augment = dict(augment)
         self.train_transform = build_train_transform(image_size, self.augment, self.preprocess)
         self.train_samples: list[Sample] | None = None
         self.val_samples: list[Sample] | None = None
@@ -143,19 +159,94 @@ class TBDataModule(L.LightningDataModule):
         self.hashes: dict[str, tuple[str, str]] = {}
         self.report: dict[str, Any] = {}
         # data.cache_features: the engine may hand over cached backbone features to serve
-        # instead of images (serve_features; inference/features.py decides and builds them).
-        self.cache_features = parse_cache_mode(cache_features)
-        self.cache_dir = cache_dir
+        # instead of images (serve_features; data/feature_cache.py decides and builds them).
         self.features: Any = None
         # data.cache_images: the engine may hand over a decoded-image cache (serve_images;
         # data/image_cache.py) when the features are not cached.
-        self.cache_images = cache_images
-        self.image_cache_dir = image_cache_dir
         self.images: Any = None
+
+    @classmethod
+    def from_config(
+        cls,
+        *,
+        source: str,
+        root: str,
+        class_names: Sequence[str],
+        image_size: int,
+        batch_size: int,
+        val_size: int | float,
+        test_size: int | float | None,
+        num_folds: int | None,
+        fold: int,
+        split_seed: int,
+        split_file: str | None,
+        sources: Sequence[Mapping[str, Any]] | None,
+        allow_outside_paths: bool,
+        preprocess: str,
+        clahe: Mapping[str, Any],
+        on_bad_file: str,
+        on_leak: str,
+        near_duplicate_distance: int,
+        scan_cache_dir: str | None,
+        num_workers: int | str,
+        pin_memory: bool | str,
+        cache_features: bool | str,
+        cache_dir: str | None,
+        cache_images: bool,
+        image_cache_dir: str | None,
+        augment: Mapping[str, Any],
+        # Keys of some data options only: data=folder (class_map), data=phantom (phantom).
+        class_map: Mapping[str, Any] | None = None,
+        phantom: Mapping[str, Any] | None = None,
+    ) -> TBDataModule:
+        """The data module of `data.*` (the `_target_` of conf/data/*.yaml): the flat keys a user
+        sets, with their defaults in the YAML alone, gathered into the option groups."""
+        return cls(
+            source=source,
+            root=root,
+            class_names=class_names,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            split=SplitOptions(
+                val_size=val_size,
+                test_size=test_size,
+                num_folds=num_folds,
+                fold=fold,
+                split_seed=split_seed,
+                split_file=split_file,
+            ),
+            integrity=IntegrityOptions(
+                on_bad_file=on_bad_file,
+                on_leak=on_leak,
+                near_duplicate_distance=near_duplicate_distance,
+            ),
+            caches=CacheOptions(
+                scan_cache_dir=scan_cache_dir,
+                cache_features=parse_cache_mode(cache_features),
+                cache_dir=cache_dir,
+                cache_images=cache_images,
+                image_cache_dir=image_cache_dir,
+            ),
+            augment=augment,
+            # As the classifier's checkpoints have always recorded data.preprocess/data.clahe.
+            preprocess={
+                "name": preprocess,
+                "clip_limit": clahe["clip_limit"],
+                "tile_grid": clahe["tile_grid"],
+            },
+            allow_outside_paths=allow_outside_paths,
+            sources=sources,
+            class_map=class_map,
+            phantom=phantom,
+        )
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node: the right place to write files.
-        if self.source == "phantom" and self.split_file is None and not self.sources:
+        # A synthetic source generates its images when scanned (data/sources.py DATA_SOURCES).
+        generated = DATA_SOURCES[self.source].synthetic
+        if generated and self.split.split_file is None and not self.sources:
             self.scan()
 
     def scan(self) -> list[Sample]:
@@ -169,9 +260,6 @@ class TBDataModule(L.LightningDataModule):
                     "source its own root."
                 )
             return samples
-        if self.source == "phantom":
-            pairs = ensure_phantom_dataset(self.root, **self.phantom)
-            return [Sample(str(p), label, Path(p).stem, "phantom") for p, label in pairs]
         return self._scan_one(self.source, str(self.root), self.class_names, self.class_map)
 
     def _scan_one(
@@ -182,39 +270,43 @@ class TBDataModule(L.LightningDataModule):
         class_map: dict[str, Any] | None = None,
         name: str | None = None,
     ) -> list[Sample]:
-        # split.csv and the scan cache hold absolute paths.
-        root_path = Path(root).expanduser().resolve()
-        if source == "nlm_tb":
-            return scan_nlm(root_path, name)
-        if source == "manifest":
-            return scan_manifest(root_path, name or "manifest", self.allow_outside_paths)
-        if source == "folder" and class_map:
-            return scan_class_map(root_path, class_map, name or source)
-        return scan_class_folders(root_path, class_names or self.class_names, name or source)
+        """One source's table, by its scanner in the registry (data/sources.py DATA_SOURCES)."""
+        request = ScanRequest(
+            source=source,
+            # split.csv and the scan cache hold absolute paths.
+            root=Path(root).expanduser().resolve(),
+            class_names=tuple(class_names or self.class_names),
+            class_map=class_map,
+            name=name,
+            allow_outside_paths=self.allow_outside_paths,
+            phantom=self.phantom,
+        )
+        return DATA_SOURCES[source].scan(request)
 
     def _split(self, samples: list[Sample]) -> dict[str, list[Sample]]:
         """train/val(/test) sides of the table, each patient (per source) on one side."""
+        options = self.split
         labels = [s.label for s in samples]
         groups = [f"{s.source}/{s.patient_id}" for s in samples]
         rest = list(range(len(samples)))
         test: list[int] = []
-        if self.test_size:
+        if options.test_size:
             rest, test = group_stratified_split(
-                labels, groups, self.test_size, self.split_seed, key="data.test_size"
+                labels, groups, options.test_size, options.split_seed, key="data.test_size"
             )
         rest_labels = [labels[i] for i in rest]
         rest_groups = [groups[i] for i in rest]
-        if self.num_folds is not None:
+        if options.num_folds is not None:
             folds = group_stratified_folds(
-                rest_labels, rest_groups, self.num_folds, self.split_seed
+                rest_labels, rest_groups, options.num_folds, options.split_seed
             )
-            train = [j for j, f in enumerate(folds) if f != self.fold]
-            val = [j for j, f in enumerate(folds) if f == self.fold]
+            train = [j for j, f in enumerate(folds) if f != options.fold]
+            val = [j for j, f in enumerate(folds) if f == options.fold]
             # Mixed classes in every val batch (AUROC on the sanity-check batches), seeded.
-            random.Random(self.split_seed).shuffle(val)
+            random.Random(options.split_seed).shuffle(val)
         else:
             train, val = group_stratified_split(
-                rest_labels, rest_groups, self.val_size, self.split_seed
+                rest_labels, rest_groups, options.val_size, options.split_seed
             )
         return {
             "train": [samples[rest[j]] for j in train],
@@ -225,17 +317,17 @@ class TBDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_samples is not None:  # Lightning may call setup again; the split stays.
             return
-        if self.split_file:
-            splits = read_split_sides(self.split_file)
-            log.info("Loaded the split from %s", self.split_file)
+        split_file = self.split.split_file
+        if split_file:
+            splits = read_split_sides(split_file)
+            log.info("Loaded the split from %s", split_file)
             samples = [s for side in splits.values() for s in side]
         else:
             samples = self.scan()
         # Every image is decoded once here (or found unchanged in the cache), before training.
         roots = [e["root"] for e in self.sources] or [str(self.root)]
-        cache = (
-            integrity.cache_file_for(self.scan_cache_dir, roots) if self.scan_cache_dir else None
-        )
+        scan_cache_dir = self.caches.scan_cache_dir
+        cache = integrity.cache_file_for(scan_cache_dir, roots) if scan_cache_dir else None
         infos, scan_stats = integrity.inspect_files(
             [s.path for s in samples], cache, num_workers=self.num_workers
         )
@@ -245,24 +337,25 @@ class TBDataModule(L.LightningDataModule):
             scan_stats["from_cache"],
             scan_stats["seconds"],
         )
-        good, skipped = integrity.apply_bad_file_policy(samples, infos, self.on_bad_file)
-        if self.split_file:
+        checks = self.integrity
+        good, skipped = integrity.apply_bad_file_policy(samples, infos, checks.on_bad_file)
+        if split_file:
             kept = {s.path for s in good}
             splits = {name: [s for s in side if s.path in kept] for name, side in splits.items()}
         else:
             splits = self._split(good)
-        duplicates = integrity.find_duplicates(splits, infos, self.near_duplicate_distance)
-        dropped = integrity.apply_leak_policy(splits, duplicates, self.on_leak)
+        duplicates = integrity.find_duplicates(splits, infos, checks.near_duplicate_distance)
+        dropped = integrity.apply_leak_policy(splits, duplicates, checks.on_leak)
         # The split file's classes were checked up front (config/checks.py) and a new split is
         # made with both; only the files left out here can still empty a class of a split,
         # which would fail after training (threshold, AUROC) instead of now.
         problem = split_class_problem(splits)
         if problem:
-            where = f"data.split_file={self.split_file}" if self.split_file else "The split"
+            where = f"data.split_file={split_file}" if split_file else "The split"
             raise DataError(
                 f"{where}: {problem} once bad files and duplicates were left out "
-                f"(data.on_bad_file={self.on_bad_file}, data.on_leak={self.on_leak}), but every "
-                "split needs both classes; replace the bad files or remove the duplicates."
+                f"(data.on_bad_file={checks.on_bad_file}, data.on_leak={checks.on_leak}), but "
+                "every split needs both classes; replace the bad files or remove the duplicates."
             )
         self.train_samples, self.val_samples = splits["train"], splits["val"]
         self.test_samples = splits["test"]
@@ -343,8 +436,9 @@ class TBDataModule(L.LightningDataModule):
 
     @property
     def is_synthetic(self) -> bool:
-        """True when the images are the generated phantoms (data=phantom), not medical images."""
-        return self.source == "phantom" or any(s.source == "phantom" for s in self.all_samples)
+        """True when the images are generated (data=phantom), not medical images."""
+        synthetic = synthetic_sources()
+        return self.source in synthetic or any(s.source in synthetic for s in self.all_samples)
 
     @property
     def pos_weight(self) -> float:
@@ -370,17 +464,18 @@ class TBDataModule(L.LightningDataModule):
         write_data_report(path, self.report)
 
     def _report_settings(self) -> dict[str, Any]:
+        split, checks = self.split, self.integrity
         return {
             "sources": self.sources or [{"source": self.source, "root": str(self.root)}],
-            "split_file": self.split_file,
-            "split_seed": self.split_seed,
-            "val_size": None if self.num_folds is not None else self.val_size,
-            "test_size": self.test_size,
-            "num_folds": self.num_folds,
-            "fold": self.fold if self.num_folds is not None else None,
-            "on_bad_file": self.on_bad_file,
-            "on_leak": self.on_leak,
-            "near_duplicate_distance": self.near_duplicate_distance,
+            "split_file": split.split_file,
+            "split_seed": split.split_seed,
+            "val_size": None if split.num_folds is not None else split.val_size,
+            "test_size": split.test_size,
+            "num_folds": split.num_folds,
+            "fold": split.fold if split.num_folds is not None else None,
+            "on_bad_file": checks.on_bad_file,
+            "on_leak": checks.on_leak,
+            "near_duplicate_distance": checks.near_duplicate_distance,
             "preprocess": self.preprocess,
         }
 
@@ -391,7 +486,7 @@ class TBDataModule(L.LightningDataModule):
 
     def serve_features(self, features: Any) -> None:
         """Serve (features, label) batches from `features.dataset(samples)` instead of images
-        (cached frozen-backbone features, inference/features.py)."""
+        (cached frozen-backbone features, data/feature_cache.py)."""
         self.features = features
 
     def serve_images(self, images: Any) -> None:
@@ -399,20 +494,11 @@ class TBDataModule(L.LightningDataModule):
         instead of decoding the files every epoch (data/image_cache.py)."""
         self.images = images
 
-    @property
-    def augment_is_random(self) -> bool:
-        """True when train images are randomly augmented (data/augment=cxr)."""
-        return is_random(self.augment)
-
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_samples, self.train_transform, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_samples, self.transform, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """The held-out test split (data.test_size); train.py evaluates it once, at the end."""
-        return self._loader(self.test_samples, self.transform, shuffle=False)
 
     def _loader(self, samples: list[Sample] | None, transform: Any, shuffle: bool) -> DataLoader:
         if samples is None:

@@ -129,9 +129,7 @@ class ImageCache:
         # A rich bar at a terminal, a log line every 10 % elsewhere (core/progress.py).
         with (
             torch.random.fork_rng(devices=[]),
-            report_progress(
-                "Caching decoded images", len(self.samples), bar="rich", logger=log
-            ) as bar,
+            report_progress("Caching decoded images", len(self.samples), logger=log) as bar,
         ):
             for images, _ in loader:
                 raise_if_stopped()  # a safe point for Ctrl-C / SIGTERM (core/signals.py)
@@ -143,7 +141,7 @@ class ImageCache:
 def build_image_cache(datamodule: object) -> ImageCache:
     """The image cache of every sample of the datamodule's split (set up already)."""
     cache = ImageCache(
-        datamodule.image_cache_dir,
+        datamodule.caches.image_cache_dir,
         datamodule.all_samples,
         datamodule.image_size,
         num_workers=datamodule.num_workers,

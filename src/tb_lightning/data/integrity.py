@@ -137,7 +137,7 @@ def inspect_files(
         with (
             scan_pool(num_workers) as pool,
             cancel_pending_on_stop(pool),
-            # A tqdm bar at a terminal, a log line every 10 % elsewhere (core/progress.py).
+            # A bar at a terminal, a log line every 10 % elsewhere (core/progress.py).
             report_progress(
                 "Checking images", len(todo), enabled=progress and len(todo) >= 200, logger=log
             ) as bar,
@@ -146,7 +146,7 @@ def inspect_files(
             chunk = max(1, min(64, len(todo) // (4 * max(num_workers, 1))))
             results = pool.map(inspect_file, todo, chunksize=chunk)
             for path, info in zip(todo, results, strict=True):
-                raise_if_stopped()  # a safe point for Ctrl-C / SIGTERM (tb_lightning/signals.py)
+                raise_if_stopped()  # a safe point for Ctrl-C / SIGTERM (core/signals.py)
                 infos[path] = info
                 key = file_key(path)
                 if key is not None:

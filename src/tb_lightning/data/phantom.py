@@ -668,7 +668,7 @@ def _generate(jobs: list[tuple[str, int, int, int, int]], progress: bool, worker
     if workers is None:
         workers = min(os.cpu_count() or 1, 16) if len(jobs) > _PARALLEL_MIN else 1
     workers = min(workers, -(-len(jobs) // 8))  # at least one chunk of 8 per process
-    # A tqdm bar at a terminal, a log line every 10 % elsewhere (core/progress.py).
+    # A bar at a terminal, a log line every 10 % elsewhere (core/progress.py).
     with report_progress(
         "Generating phantom CXR images", len(jobs), enabled=progress, logger=log
     ) as bar:
@@ -688,6 +688,6 @@ def _generate(jobs: list[tuple[str, int, int, int, int]], progress: bool, worker
                 jobs = [j for j in jobs if not phantom_path(Path(j[0]), j[1], j[2]).is_file()]
                 bar.reset(total=len(jobs))
         for job in jobs:
-            raise_if_stopped()  # a safe point for Ctrl-C / SIGTERM (tb_lightning/signals.py)
+            raise_if_stopped()  # a safe point for Ctrl-C / SIGTERM (core/signals.py)
             _render_and_write(job)
             bar.update(1)

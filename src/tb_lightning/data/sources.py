@@ -1,4 +1,15 @@
-"""Image sources: each turns a folder into the same table of `Sample`s (path, label, ...)."""
+"""Image sources: each turns a folder into the same table of `Sample`s (path, label, ...).
+
+`DATA_SOURCES` (at the end) is the one registry of them: `data.source` (and each `data.sources`
+entry's `source`) -> a `DataSource` record holding its scanner, a one-line description and the
+data.* keys it reads. The config checks (config/checks.py), the data module (data/datamodule.py)
+and the evaluation read it, so that a new source is a scanner and one entry here, plus its
+`conf/data/<name>.yaml` (tests/test_registries.py holds the two together).
+
+No torch here, directly or through the imports: config/checks.py reads the registry before
+torch is imported (the phantom generator, numpy and PIL, is imported when a phantom set is
+scanned).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +17,15 @@ import csv
 import io
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
 
 # Label 0 is the negative class, label 1 the positive one; metric names use these class names.
-# Where a data set's table comes from: data=<source> (conf/data/<source>.yaml).
-SOURCES = ("tb_cxr", "nlm_tb", "folder", "manifest", "phantom")
 # Keys one entry of data.sources may set (the rest come from the top-level data.* keys).
 SOURCE_KEYS = ("source", "root", "class_names", "class_map", "name")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
@@ -51,13 +61,14 @@ def find_class_dir(root: Path, class_name: str) -> Path | None:
 
 
 def missing_root_message(root: Path, source: str) -> str:
-    if source == "tb_cxr":
-        fix = (
-            f"download the Kaggle 'Tuberculosis (TB) Chest X-ray Database' ({KAGGLE_URL}), "
-            "unpack it and pass data.root=<the folder holding Normal/ and Tuberculosis/>"
-        )
-    else:
-        fix = "pass data.root=<the folder holding one sub-folder per class>"
+    """The error of a data.root that is not there, with the fix its source's record gives (how to
+    get the data set), else the one of any class-folder tree."""
+    registered = DATA_SOURCES.get(source)
+    fix = (
+        registered.missing_root_fix
+        if registered and registered.missing_root_fix
+        else "pass data.root=<the folder holding one sub-folder per class>"
+    )
     return f"data.root={root} does not exist; {fix}, or try the synthetic set with data=phantom."
 
 
@@ -209,7 +220,8 @@ def source_folder(source: str, root: str | Path) -> Path:
     """The folder a source's images lie in, resolved: its root, or for a manifest (whose root is
     the CSV file) the CSV's folder. Split files are held to these folders (config/checks.py)."""
     path = Path(root).expanduser()
-    return (path.parent if source == "manifest" else path).resolve()
+    registered = DATA_SOURCES.get(source)
+    return (path.parent if registered and registered.root_is_file else path).resolve()
 
 
 def scan_manifest(
@@ -286,3 +298,119 @@ def scan_manifest(
     if not samples:
         raise DataError(f"Manifest {path} has no rows; add path,label rows.")
     return samples
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    """What a scanner is given: one source's settings, from the data.* keys (or from one
+    data.sources entry, the rest of the keys coming from data.*)."""
+
+    source: str  # data.source: the registered name
+    root: Path  # data.root, expanded and resolved (split.csv and the scan cache hold full paths)
+    class_names: tuple[str, ...] = CLASS_NAMES  # data.class_names: [negative, positive]
+    class_map: Mapping[str, Any] | None = None  # data.class_map: folder -> Normal/Tuberculosis
+    # A data.sources entry's `name`: the `source` of its rows (the per-source figures); unset,
+    # the scanner chooses (`row_source`, or for NLM the file-name prefix).
+    name: str | None = None
+    allow_outside_paths: bool = False  # data.allow_outside_paths (manifest rows)
+    phantom: Mapping[str, Any] = field(default_factory=dict)  # data.phantom.* (the generator)
+
+    @property
+    def row_source(self) -> str:
+        """The `source` of the rows: the entry's name, else the source's own."""
+        return self.name or self.source
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One value of data.source: how its root is read, and what the rest of the code needs to
+    know of it without scanning."""
+
+    scan: Callable[[ScanRequest], list[Sample]]
+    description: str  # one line: what data.root holds
+    # The data.* keys the scanner reads (data.root always): each must be in the source's
+    # conf/data/<name>.yaml (tests/test_registries.py); a key that holds settings (phantom) has
+    # its values checked with the config (config/checks.py).
+    keys: tuple[str, ...] = ("root",)
+    # How to get the data set, for the error of a data.root that does not exist (None: the
+    # generic "pass data.root=<the folder holding one sub-folder per class>").
+    missing_root_fix: str | None = None
+    # data.root names a file (a manifest's CSV): its images lie in the file's folder, to which
+    # the rows of a split file are held (source_folder).
+    root_is_file: bool = False
+    # Images generated under data.root from the config on first use, not medical images: the
+    # data module makes them in prepare_data, the reports carry the synthetic-data banner, and
+    # a data.sources entry may not name the source.
+    synthetic: bool = False
+
+
+def _scan_tb_cxr(request: ScanRequest) -> list[Sample]:
+    return scan_class_folders(request.root, request.class_names, request.row_source)
+
+
+def _scan_nlm_tb(request: ScanRequest) -> list[Sample]:
+    return scan_nlm(request.root, request.name)
+
+
+def _scan_folder(request: ScanRequest) -> list[Sample]:
+    if request.class_map:
+        return scan_class_map(request.root, request.class_map, request.row_source)
+    return scan_class_folders(request.root, request.class_names, request.row_source)
+
+
+def _scan_manifest(request: ScanRequest) -> list[Sample]:
+    return scan_manifest(request.root, request.row_source, request.allow_outside_paths)
+
+
+def _scan_phantom(request: ScanRequest) -> list[Sample]:
+    # numpy and PIL: imported when a phantom set is scanned, not with the registry.
+    from tb_lightning.data.phantom import ensure_phantom_dataset
+
+    pairs = ensure_phantom_dataset(request.root, **request.phantom)
+    return [Sample(str(p), label, Path(p).stem, request.row_source) for p, label in pairs]
+
+
+# data.source -> its record, in the order the config checks list the allowed values.
+DATA_SOURCES: dict[str, DataSource] = {
+    "tb_cxr": DataSource(
+        _scan_tb_cxr,
+        "the Kaggle TB Chest X-ray Database layout: <root>/Normal/*, <root>/Tuberculosis/*",
+        keys=("root", "class_names"),
+        missing_root_fix=(
+            f"download the Kaggle 'Tuberculosis (TB) Chest X-ray Database' ({KAGGLE_URL}), "
+            "unpack it and pass data.root=<the folder holding Normal/ and Tuberculosis/>"
+        ),
+    ),
+    "nlm_tb": DataSource(
+        _scan_nlm_tb,
+        "NLM Shenzhen/Montgomery: label in the file name (CHNCXR_0001_0.png), flat or in "
+        "class folders",
+    ),
+    "folder": DataSource(
+        _scan_folder,
+        "any class-folder tree: <root>/<class_names[i]>/*, or folders mapped to the classes "
+        "by data.class_map",
+        keys=("root", "class_names", "class_map"),
+    ),
+    "manifest": DataSource(
+        _scan_manifest,
+        "a CSV of path,label[,patient_id,source] rows; data.root is the CSV file",
+        keys=("root", "allow_outside_paths"),
+        root_is_file=True,
+    ),
+    "phantom": DataSource(
+        _scan_phantom,
+        "synthetic CXR-like phantoms generated under data.root (data.phantom.*): not medical "
+        "images",
+        keys=("root", "phantom"),
+        synthetic=True,
+    ),
+}
+
+
+def synthetic_sources() -> frozenset[str]:
+    """The sources whose images are generated; their names are also their rows' `source`."""
+    return frozenset(name for name, source in DATA_SOURCES.items() if source.synthetic)

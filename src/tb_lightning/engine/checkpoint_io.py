@@ -3,7 +3,7 @@
 Lightning's TorchCheckpointIO writes through an fsspec transaction, which for local files goes
 through a temporary file in the system temp dir and `shutil.move`: across file systems that is a
 copy into the destination, and nothing is fsynced. Here the bytes go to a temporary file beside
-the target, are fsynced, and `os.replace` swaps it in (tb_lightning/atomic.py).
+the target, are fsynced, and `os.replace` swaps it in (core/atomic.py).
 """
 
 from __future__ import annotations

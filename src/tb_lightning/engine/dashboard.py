@@ -38,6 +38,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from tb_lightning.core.labels import CLASS_NAMES
+from tb_lightning.stats.metrics import METRICS
 from tb_lightning.sweep.naming import REPEAT_KEYS
 
 if TYPE_CHECKING:
@@ -63,17 +64,15 @@ LOG_SCALE_KEYS = (
     "model.optimizer.weight_decay",
     "model.optimizer.backbone_lr_scale",
 )
-# metrics.json key -> TensorBoard tag of the final figures, in the order of the HParams columns
-# (sorted by tag; the first five are shown): threshold-free first, then at the operating
-# threshold. Test-split figures are left out on purpose: the HParams tab is where
-# hyperparameters are chosen, and they are chosen on val (the test figures are in report.txt
-# and sweep_summary.md).
+# metrics.json key -> TensorBoard tag of the final figures (stats/metrics.py's rows marked
+# `dashboard`, tagged by `Metric.tag`), in the order of the HParams columns (sorted by tag; the
+# first five are shown): threshold-free first, then at the operating threshold, which is the
+# last. Test-split figures are left out on purpose: the HParams tab is where hyperparameters
+# are chosen, and they are chosen on val (the test figures are in report.txt and
+# sweep_summary.md).
 FINAL_TAGS = {
-    "val/auroc": "final/val_auroc",
-    "val/average_precision": "final/val_average_precision",
-    "val/loss": "final/val_loss",
-    "val/sensitivity": "final/val_operating_sensitivity",
-    "val/specificity": "final/val_operating_specificity",
+    **{f"val/{m.key}": m.tag("val") for m in METRICS if m.dashboard and m.threshold_free},
+    **{f"val/{m.key}": m.tag("val") for m in METRICS if m.dashboard and not m.threshold_free},
     "threshold": "final/val_operating_threshold",
 }
 

@@ -37,6 +37,7 @@ from tb_lightning.core.tasks import (
     log_lightning_through_hydra,
 )
 from tb_lightning.data.datamodule import TBDataModule
+from tb_lightning.data.feature_cache import build_feature_cache
 from tb_lightning.data.image_cache import build_image_cache
 from tb_lightning.engine.dashboard import (
     DashboardLogger,
@@ -45,14 +46,13 @@ from tb_lightning.engine.dashboard import (
     write_final_figures,
 )
 from tb_lightning.engine.tracking import MLFlowLogger, log_final_run, log_run_params
-from tb_lightning.evaluation.calibration import calibration_refusal
 from tb_lightning.evaluation.final_report import FinalReport, final_report
-from tb_lightning.inference.checkpoint import checkpoint_int
-from tb_lightning.inference.features import build_feature_cache
-from tb_lightning.inference.runner import pick_device
 from tb_lightning.models.classifier import TBClassifier, to_plain_dict
 from tb_lightning.models.torch_file import describe_key_mismatch, load_checkpoint
+from tb_lightning.stats.calibration import calibration_refusal
 from tb_lightning.sweep.naming import current_swept_keys, trial_id
+from tb_lightning.trained.checkpoint import checkpoint_int
+from tb_lightning.trained.runner import pick_device, run_over_images
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train as configured and return the chosen checkpoint's final metrics (metrics.json).
 
-    A signal stops it in any phase with `Stopped` (tb_lightning/signals.py) carrying the sentence
+    A signal stops it in any phase with `Stopped` (core/signals.py) carrying the sentence
     that says how to resume. Under DDP every process runs this function; only global rank 0
     writes files and returns the metrics (the others return an empty dict).
     """
@@ -99,8 +99,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     remove_temp_files(output_dir / "checkpoints")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    threshold_cfg = cfg.get("threshold") or {}
-    policy, target = threshold_cfg.get("policy", "youden"), threshold_cfg.get("target", 0.95)
+    policy, target = cfg.threshold.policy, cfg.threshold.target  # conf/train.yaml: threshold
 
     # Data first: a wrong data.root is reported before any weights are loaded or downloaded.
     set_phase("the data scan")
@@ -131,16 +130,19 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     # data.cache_features: frozen backbone features computed once, shared by sweeps and runs.
     set_phase("the feature extraction")
     features = build_feature_cache(
-        datamodule, model.net, device=extraction_device(cfg.trainer.get("accelerator"))
+        datamodule,
+        model.net,
+        run_over_images,  # the one image pass (trained/runner.py); data/ may not import it
+        device=extraction_device(cfg.trainer.get("accelerator")),
     )
     if features is not None:
         datamodule.serve_features(features)
-        if datamodule.cache_images:
+        if datamodule.caches.cache_images:
             log.info(
                 "data.cache_images=true is not used: the head trains on cached backbone "
                 "features, which need no images after the extraction."
             )
-    elif datamodule.cache_images:
+    elif datamodule.caches.cache_images:
         set_phase("the image caching")
         datamodule.serve_images(build_image_cache(datamodule))
 
@@ -177,7 +179,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         policy,
         target,
         output_dir,
-        device=pick_device(cfg.trainer.get("accelerator", "auto")),
+        device=pick_device(cfg.trainer.accelerator),
         # Relative to the run directory, as every path in its files (core/artefacts.py).
         extra={"init_from": relative_path(cfg.init_from, output_dir)}
         if cfg.get("init_from")
@@ -197,14 +199,14 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 def refuse_calibration_split(datamodule: TBDataModule) -> None:
     """calibration=temperature on a validation split too small (or of one class) to fit on:
     refused once the split is made, before anything is written or trained."""
-    val = datamodule.val_samples or []
-    if datamodule.split_file:
-        source, fix = f"data.split_file={datamodule.split_file}", "give it more val rows"
-    elif datamodule.num_folds is not None:
-        source = f"fold {datamodule.fold} of data.num_folds={datamodule.num_folds}"
+    val, split = datamodule.val_samples or [], datamodule.split
+    if split.split_file:
+        source, fix = f"data.split_file={split.split_file}", "give it more val rows"
+    elif split.num_folds is not None:
+        source = f"fold {split.fold} of data.num_folds={split.num_folds}"
         fix = "use fewer folds or more images"
     else:
-        source, fix = f"data.val_size={datamodule.val_size}", "raise data.val_size"
+        source, fix = f"data.val_size={split.val_size}", "raise data.val_size"
     refusal = calibration_refusal(len(val), len({s.label for s in val}), source, fix)
     if refusal:
         raise ConfigError(refusal)

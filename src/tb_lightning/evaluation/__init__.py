@@ -1,2 +1,2 @@
-"""Evaluation at an operating threshold: metrics, confidence intervals, threshold policies,
-per-source breakdowns, figures and the printed report."""
+"""Evaluation at an operating threshold (the numbers: stats/): scoring a split, per-source
+breakdowns, paired comparisons, figures and the printed report."""

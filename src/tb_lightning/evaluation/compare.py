@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tb_lightning.evaluation.bootstrap import CHUNK, bootstrap_weights
-from tb_lightning.evaluation.stats import ranking_metrics
+from tb_lightning.stats.bootstrap import CHUNK, bootstrap_weights
+from tb_lightning.stats.metrics import ranking_metrics
 
 PAIRED_RESAMPLES = 2000
 PAIRED_SEED = 42

@@ -26,9 +26,8 @@ from tb_lightning.core.atomic import atomic_write, atomic_write_csv, atomic_writ
 from tb_lightning.core.errors import DataError
 from tb_lightning.data.integrity import apply_bad_file_policy
 from tb_lightning.data.preprocess import describe_preprocess
-from tb_lightning.data.sources import Sample, source_folder
+from tb_lightning.data.sources import Sample, source_folder, synthetic_sources
 from tb_lightning.data.split import read_split_sides
-from tb_lightning.evaluation.calibration import describe_calibration
 from tb_lightning.evaluation.figures import evaluation_figures, write_figures
 from tb_lightning.evaluation.populations import source_groups, source_of
 from tb_lightning.evaluation.report import (
@@ -36,26 +35,28 @@ from tb_lightning.evaluation.report import (
     reference_report_metrics,
     screening_summary,
 )
-from tb_lightning.evaluation.stats import CALIBRATION, RANKING, RATES
-from tb_lightning.inference.checkpoint import CHOSEN_ON_VAL, LoadedModel
-from tb_lightning.inference.ensemble_model import (
-    COMBINATION,
-    describe_members,
-    describe_missing,
-)
-from tb_lightning.inference.runner import (
-    INFERENCE_BATCH_SIZE,
-    Predictions,
-    predict_images,
-    probabilities,
-    warn_if_upsampled,
-)
 from tb_lightning.inference.seen import (
     Seen,
     describe_seen,
     role_counts,
     same_file_key,
     seen_in_training,
+)
+from tb_lightning.stats.bootstrap import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from tb_lightning.stats.calibration import describe_calibration
+from tb_lightning.stats.metrics import SCREENING
+from tb_lightning.stats.thresholds import CHOSEN_ON_VAL
+from tb_lightning.trained.ensemble_model import (
+    COMBINATION,
+    describe_members,
+    describe_missing,
+)
+from tb_lightning.trained.model import TrainedModel
+from tb_lightning.trained.runner import (
+    INFERENCE_BATCH_SIZE,
+    Predictions,
+    probabilities,
+    warn_if_upsampled,
 )
 
 log = logging.getLogger(__name__)
@@ -186,12 +187,6 @@ def refuse_trained_images(
         )
 
 
-# Bootstrap settings of every report: train's report.txt and eval's defaults (conf/eval.yaml)
-# use the same ones, so that both print the same intervals for the same checkpoint and split.
-BOOTSTRAP_RESAMPLES = 2000
-BOOTSTRAP_SEED = 42
-
-
 def score_split(
     split: str,
     samples: Sequence[Sample],
@@ -224,16 +219,18 @@ def score_split(
         if len(set(labels[idx].tolist())) == 2  # a one-class source has no AUROC/spec pair
     }
     scores = reference_report_metrics(logits, probs, labels, threshold, pos_weight, split)
-    # One flat key per figure: accuracy is already the reference report's `<split>/acc`.
-    for name in RANKING + CALIBRATION + tuple(r for r in RATES if r != "accuracy"):
-        scores[f"{split}/{name}"] = overall[name]
+    # One flat key per figure of stats/metrics.py's table that has one (accuracy's is already
+    # the reference report's `<split>/acc`).
+    for m in SCREENING:
+        if m.flat:
+            scores[f"{split}/{m.key}"] = overall[m.key]
     scores[f"{split}/confusion_matrix"] = overall["confusion_matrix"]
     scores[split] = {"overall": overall, "per_source": per_source}
     return scores
 
 
 def evaluate_samples(
-    loaded: LoadedModel,
+    loaded: TrainedModel,
     samples: Sequence[Sample],
     threshold: float,
     threshold_source: str,
@@ -249,7 +246,7 @@ def evaluate_samples(
 ) -> tuple[dict[str, Any], str]:
     """Predict, compute every number with its CI, write the run dir; return (metrics, report).
 
-    Every image gets the scan's checks (via predict_images). Bad files follow `on_bad_file`
+    Every image gets the scan's checks (via TrainedModel.predict). Bad files follow `on_bad_file`
     (data.on_bad_file: error stops at the first, skip leaves them out of every number and lists
     them in skipped.csv), except for the rows of a split file (`split_file`): those passed
     training's scan, so a bad one changed since and is always an error (skipping it would make
@@ -262,15 +259,7 @@ def evaluate_samples(
             "specificity need both Normal and Tuberculosis images."
         )
     warn_if_upsampled([s.path for s in samples], loaded.image_size)
-    predictions = predict_images(
-        loaded.model,
-        [s.path for s in samples],
-        loaded.image_size,
-        batch_size,
-        num_workers,
-        device,
-        preprocess=loaded.preprocess,
-    )
+    predictions = loaded.predict([s.path for s in samples], batch_size, num_workers, device)
     # The CSVs name images relative to it; predictions.json names it once.
     root = data_root(s.path for s in samples)
     samples, predictions, skipped = drop_bad_files(
@@ -337,7 +326,7 @@ def evaluate_samples(
         report += (
             f"Left out: {len(skipped)} bad file(s) (data.on_bad_file=skip), listed in skipped.csv\n"
         )
-    if any(s.source == "phantom" for s in samples):
+    if any(s.source in synthetic_sources() for s in samples):
         report += SYNTHETIC_BANNER
     report += "\n" + format_split_block(scores, split, n_bootstrap, note)
     atomic_write_json(output_dir / "metrics.json", metrics)
@@ -351,11 +340,8 @@ def evaluate_samples(
         root,
     )
     overall = scores[split]["overall"]
-    scalars = {
-        f"{split}/{name}": value
-        for name, value in overall.items()
-        if isinstance(value, float) and name != "threshold"
-    }
+    # TensorBoard: every figure of the table that is defined (an undefined one is null).
+    scalars = {f"{split}/{m.key}": overall[m.key] for m in SCREENING if overall[m.key] is not None}
     probs = predictions.probs
     uncalibrated = None
     if loaded.calibration:  # as describe_calibration computes them for the report's "before"
@@ -445,7 +431,7 @@ def format_threshold_header(
     trained: str | None = None,
 ) -> str:
     """The report's first lines: which model (an ensemble's members, and the folds it lacks:
-    `folds`, LoadedModel.ensemble_folds), the epoch and step it comes from (`trained`:
+    `folds`, TrainedModel.ensemble_folds), the epoch and step it comes from (`trained`:
     describe_trained), its preprocessing when there is one, and the operating threshold with
     where it came from."""
     header = f"Checkpoint: {checkpoint}\n"
@@ -480,7 +466,7 @@ def describe_trained(epochs: Sequence[int | None], steps: Sequence[int | None]) 
     )
 
 
-def trained_at(loaded: LoadedModel) -> dict[str, Any]:
+def trained_at(loaded: TrainedModel) -> dict[str, Any]:
     """metrics.json's `epoch` and `step` of the checkpoint scored; an ensemble's per member."""
     if loaded.members:
         return {
@@ -492,13 +478,13 @@ def trained_at(loaded: LoadedModel) -> dict[str, Any]:
     return {"epoch": loaded.epoch, "step": loaded.global_step}
 
 
-def trained_lists(loaded: LoadedModel) -> tuple[list[int | None], list[int | None]]:
+def trained_lists(loaded: TrainedModel) -> tuple[list[int | None], list[int | None]]:
     """The epochs and steps of a checkpoint (one each) or of an ensemble's members."""
     models = loaded.members or [loaded]
     return [m.epoch for m in models], [m.global_step for m in models]
 
 
-def member_paths(loaded: LoadedModel) -> list[str]:
+def member_paths(loaded: TrainedModel) -> list[str]:
     """An ensemble's member checkpoints relative to its multirun folder (`0/checkpoints/
     best.ckpt`); [] for one checkpoint."""
     return [relative_path(m, loaded.checkpoint_path) for m in loaded.member_checkpoints or []]

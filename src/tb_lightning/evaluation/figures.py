@@ -16,7 +16,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from tb_lightning.core.artefacts import threshold_text  # noqa: E402
 from tb_lightning.core.atomic import atomic_write_with
 from tb_lightning.core.labels import CLASS_NAMES  # noqa: E402
-from tb_lightning.evaluation.stats import (  # noqa: E402
+from tb_lightning.stats.metrics import (  # noqa: E402
     CALIBRATION_BINS,
     calibration_metrics,
     curve_points,

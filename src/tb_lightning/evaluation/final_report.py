@@ -32,14 +32,7 @@ from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.datamodule import TBDataModule
 from tb_lightning.data.sources import Sample
-from tb_lightning.evaluation.calibration import (
-    calibration_warnings,
-    describe_calibration,
-    fit_temperature,
-)
 from tb_lightning.evaluation.evaluate import (
-    BOOTSTRAP_RESAMPLES,
-    BOOTSTRAP_SEED,
     SYNTHETIC_BANNER,
     bootstrap_settings,
     describe_trained,
@@ -48,11 +41,18 @@ from tb_lightning.evaluation.evaluate import (
     score_split,
 )
 from tb_lightning.evaluation.figures import evaluation_figures
-from tb_lightning.evaluation.operating import choose_operating_threshold, store_operating_threshold
 from tb_lightning.evaluation.populations import source_of
 from tb_lightning.evaluation.report import format_split_block
-from tb_lightning.inference.checkpoint import describe_threshold_choice
-from tb_lightning.inference.runner import INFERENCE_BATCH_SIZE, predict_images, probabilities
+from tb_lightning.stats.bootstrap import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from tb_lightning.stats.calibration import (
+    calibration_warnings,
+    describe_calibration,
+    fit_temperature,
+)
+from tb_lightning.stats.thresholds import choose_operating_threshold, describe_threshold_choice
+from tb_lightning.trained.checkpoint import store_operating_threshold
+from tb_lightning.trained.model import TrainedModel
+from tb_lightning.trained.runner import INFERENCE_BATCH_SIZE, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +90,16 @@ def final_report(
     `epoch` (from 0) and `step`: the checkpoint's, named in the report and metrics.json.
     """
     val, test = list(datamodule.val_samples or []), list(datamodule.test_samples)
-    predictions = predict_images(
-        model,
+    # The same TrainedModel.predict as eval's: the same checkpoint gives the same numbers.
+    trained = TrainedModel.of_classifier(
+        model, checkpoint, datamodule.image_size, datamodule.preprocess
+    )
+    predictions = trained.predict(
         [s.path for s in [*val, *test]],
-        datamodule.image_size,
         INFERENCE_BATCH_SIZE,
         datamodule.num_workers,
         device,
         description="Scoring the val/test images",
-        preprocess=datamodule.preprocess,
     )
     if not predictions.readable.all():  # they passed the scan: changed on disk since
         first = predictions.reasons[int(np.argmin(predictions.readable))]
@@ -158,8 +159,8 @@ def final_report(
         "synthetic_data": datamodule.is_synthetic,
         **scores,
         # The cross-validation fold of this run (null without k-fold); sweep summaries use it.
-        "data.fold": datamodule.fold if datamodule.num_folds is not None else None,
-        "data.num_folds": datamodule.num_folds,
+        "data.fold": datamodule.split.fold if datamodule.split.num_folds is not None else None,
+        "data.num_folds": datamodule.split.num_folds,
         **counts,
         "pos_weight": pos_weight,
         **(extra or {}),

@@ -16,8 +16,16 @@ from scipy.stats import binomtest
 
 from tb_lightning.core.artefacts import threshold_text
 from tb_lightning.core.labels import CLASS_NAMES
-from tb_lightning.evaluation.bootstrap import bootstrap_ci
-from tb_lightning.evaluation.stats import CALIBRATION, COUNTS, RANKING, RATES, weighted_metrics
+from tb_lightning.stats.bootstrap import bootstrap_ci
+from tb_lightning.stats.metrics import (
+    CALIBRATION_SECTION,
+    COUNTS,
+    RANKING_SECTION,
+    SCREENING,
+    THRESHOLD_SECTION,
+    Metric,
+    weighted_metrics,
+)
 
 # WHO target product profile for CXR/CAD screening: the minimum is sensitivity >= 0.90 with
 # specificity >= 0.70 (its triage target asks for sensitivity above 0.95).
@@ -28,22 +36,15 @@ CI_LEVEL = 0.95
 # Fewer images than this of a class (overall or in a source): the group is labelled too small to
 # say much, beside its figures; its intervals are then wide whatever the point values look like.
 MIN_CLASS_IMAGES = 10
-# How each interval is computed, as metrics.json's `ci_method` names it.
-CI_METHODS = {
-    **{name: "bootstrap" for name in RANKING + CALIBRATION},
-    **{name: "wilson" for name in RATES},
-}
-
-LABELS = {
-    "auroc": "AUROC",
-    "average_precision": "Average precision",
-    "brier": "Brier score",
-    "ece": "ECE (10 bins)",
-    "sensitivity": "Sensitivity",
-    "specificity": "Specificity",
-    "ppv": "PPV",
-    "npv": "NPV",
-    "accuracy": "Accuracy",
+# How each interval is computed, as metrics.json's `ci_method` names it (stats/metrics.py's
+# table, in its order: metrics.json's `ci` and `ci_method` follow it).
+CI_METHODS = {m.key: m.interval for m in SCREENING}
+LABELS = {m.key: m.label for m in SCREENING}
+# The headings of the screening table's sections; the one at the threshold names it.
+SECTION_HEADINGS = {
+    RANKING_SECTION: "threshold-free:",
+    CALIBRATION_SECTION: "calibration (lower is better):",
+    THRESHOLD_SECTION: "at p_tb >= {threshold}:",
 }
 
 
@@ -65,15 +66,10 @@ def wilson_interval(
 
 
 def rate_counts(confusion: Sequence[Sequence[int]]) -> dict[str, tuple[int, int]]:
-    """name -> (successes, trials) of each rate, from [[tn, fp], [fn, tp]]."""
+    """name -> (successes, trials) of each rate (a figure that is a proportion of counted
+    images), from [[tn, fp], [fn, tp]]."""
     (tn, fp), (fn, tp) = confusion
-    return {
-        "sensitivity": (tp, tp + fn),
-        "specificity": (tn, tn + fp),
-        "ppv": (tp, tp + fp),
-        "npv": (tn, tn + fn),
-        "accuracy": (tp + tn, tp + tn + fp + fn),
-    }
+    return {m.key: m.proportion(tn, fp, fn, tp) for m in SCREENING if m.proportion is not None}
 
 
 def small_classes(counts: Mapping[str, int]) -> dict[str, int]:
@@ -104,7 +100,7 @@ def screening_summary(
         "images": int(len(target)),
         "counts": counts,
         "threshold": float(threshold),
-        **{name: _num(point[name]) for name in RANKING + CALIBRATION + RATES},
+        **{m.key: _num(point[m.key]) for m in SCREENING},
         "confusion_matrix": confusion,
         "ci": {name: ci[name] for name in CI_METHODS},
         "ci_method": dict(CI_METHODS),
@@ -191,9 +187,9 @@ def too_few_note(summary: Mapping[str, Any]) -> str | None:
 
 def ci_method_line(n_bootstrap: int) -> str:
     """Which interval each figure has, in the words of the table header."""
+    bootstrapped = ", ".join(m.short for m in SCREENING if m.interval == "bootstrap")
     return (
-        f"95% CI: rates Wilson score; AUROC, AP, Brier, ECE {n_bootstrap} bootstrap resamples "
-        "(stratified)"
+        f"95% CI: rates Wilson score; {bootstrapped} {n_bootstrap} bootstrap resamples (stratified)"
     )
 
 
@@ -211,18 +207,17 @@ def format_screening_table(summary: Mapping[str, Any], n_bootstrap: int) -> str:
     note = too_few_note(summary)
     if note:
         lines.append(note[0].upper() + note[1:])
-    lines.append("threshold-free:")
-    for name in RANKING:
-        lines.append(_bootstrap_row(summary, name))
-    lines.append("calibration (lower is better):")
-    for name in CALIBRATION:
-        lines.append(_bootstrap_row(summary, name))
-    lines.append(f"at p_tb >= {threshold_text(summary['threshold'])}:")
-    for name in RATES:
-        lines.append(
-            f"{LABELS[name]:<19}{_fmt(summary[name]):>7}   {_interval(summary['ci'][name]):<16}"
-            f"{fractions[name]}"
-        )
+    section = None
+    for m in SCREENING:  # section by section, in the table's order
+        if m.section != section:
+            section = m.section
+            lines.append(
+                SECTION_HEADINGS[section].format(threshold=threshold_text(summary["threshold"]))
+            )
+        if m.proportion is not None:
+            lines.append(_rate_row(summary, m, fractions[m.key]))
+        else:
+            lines.append(_bootstrap_row(summary, m))
     who = summary["who_screening_minimum"]
     verdict = "MET" if who["met"] else "NOT met"
     strict = "met" if who["met_by_lower_ci"] else "not met"
@@ -234,11 +229,17 @@ def format_screening_table(summary: Mapping[str, Any], n_bootstrap: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _bootstrap_row(summary: Mapping[str, Any], name: str) -> str:
+def _rate_row(summary: Mapping[str, Any], m: Metric, fraction: str) -> str:
+    """A rate's row: value, Wilson interval and the counts it is the proportion of."""
+    ci = _interval(summary["ci"][m.key])
+    return f"{m.label:<19}{_fmt(summary[m.key]):>7}   {ci:<16}{fraction}"
+
+
+def _bootstrap_row(summary: Mapping[str, Any], m: Metric) -> str:
     """A bootstrap figure's row; an interval of zero width (every resample gave the same value,
     e.g. AUROC 1 when the classes never overlap) is marked as no proof of certainty."""
-    low, high = summary["ci"][name]
-    row = f"{LABELS[name]:<19}{_fmt(summary[name]):>7}   {_interval(summary['ci'][name])}"
+    low, high = summary["ci"][m.key]
+    row = f"{m.label:<19}{_fmt(summary[m.key]):>7}   {_interval(summary['ci'][m.key])}"
     if low is not None and low == high:
         row += "  (zero width: every resample gave this value; not certainty)"
     return row

@@ -1,1 +1,2 @@
-"""Running a trained model: loading checkpoints, predicting, exporting, saliency, features."""
+"""Using a trained model (trained/): predicting on files with Grad-CAM maps, exporting it, and
+noticing inputs it saw in training."""

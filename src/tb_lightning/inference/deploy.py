@@ -26,10 +26,12 @@ from tb_lightning.core.choices import FORMATS
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.core.provenance import split_fingerprint
 from tb_lightning.data.preprocess import describe_preprocess
+from tb_lightning.data.sources import synthetic_sources
 from tb_lightning.data.split import read_split_csv
 from tb_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_image
-from tb_lightning.inference.checkpoint import LoadedModel
-from tb_lightning.inference.ensemble_model import COMBINATION, EnsembleModel
+from tb_lightning.stats.metrics import CALIBRATION, RANKING, RATES
+from tb_lightning.trained.ensemble_model import COMBINATION, EnsembleModel
+from tb_lightning.trained.model import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class ProbabilityModel(nn.Module):
         return torch.sigmoid(self.logits(images))
 
 
-def exportable(loaded: LoadedModel) -> ProbabilityModel:
+def exportable(loaded: TrainedModel) -> ProbabilityModel:
     """The loaded model as the exported file computes it: a checkpoint's network, or an
     ensemble's members' networks and their mean logit (with the ensemble's temperature)."""
     model = loaded.model
@@ -83,7 +85,7 @@ def clahe_steps(preprocess: dict[str, Any] | None) -> list[str]:
     ]
 
 
-def ensemble_record(loaded: LoadedModel) -> dict[str, Any] | None:
+def ensemble_record(loaded: TrainedModel) -> dict[str, Any] | None:
     """model.json's `ensemble`: the member checkpoints inside the file (relative to the
     multirun folder that `checkpoint` names), how they combine, and the k-fold run they are the
     folds of (with the folds an allow_partial=true export lacks)."""
@@ -101,20 +103,7 @@ def ensemble_record(loaded: LoadedModel) -> dict[str, Any] | None:
 
 # The figures model.json gives of each split it was chosen (and tested) on, as metrics.json has
 # them under <split>.overall; the loss is metrics.json's <split>/loss.
-SPLIT_FIGURES = (
-    "images",
-    "counts",
-    "threshold",
-    "auroc",
-    "average_precision",
-    "sensitivity",
-    "specificity",
-    "ppv",
-    "npv",
-    "accuracy",
-    "brier",
-    "ece",
-)
+SPLIT_FIGURES = ("images", "counts", "threshold", *RANKING, *RATES, *CALIBRATION)
 
 
 def weights_source(weights: Any) -> str:
@@ -135,7 +124,7 @@ def run_metrics(run_dir: Path) -> dict[str, Any] | None:
     return metrics if isinstance(metrics, dict) else None
 
 
-def model_record(loaded: LoadedModel) -> dict[str, Any]:
+def model_record(loaded: TrainedModel) -> dict[str, Any]:
     """model.json's `model`: what the network is, what it started from, and the epoch and step
     (Lightning's counts, the epoch from 0) of the checkpoint, or of each ensemble member."""
     net = loaded.net or {}
@@ -156,7 +145,7 @@ def model_record(loaded: LoadedModel) -> dict[str, Any]:
     }
 
 
-def training_data(loaded: LoadedModel) -> dict[str, Any] | None:
+def training_data(loaded: TrainedModel) -> dict[str, Any] | None:
     """model.json's `training_data`: the fingerprint of the training run's split.csv
     (core/provenance.py); an ensemble's members share their images, each with its own split."""
     runs = [m.run_dir for m in loaded.members] if loaded.members else [loaded.run_dir]
@@ -187,7 +176,7 @@ def data_sources(run: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     what: dict[str, Any] = {"images_per_source": per_source}
-    if "phantom" in per_source:
+    if synthetic_sources() & set(per_source):
         what["synthetic"] = (
             "trained on synthetic phantom images (not medical data): it shows the pipeline "
             "works, and is no evidence of detecting TB on radiographs"
@@ -206,7 +195,7 @@ def split_figures(metrics: dict[str, Any], split: str) -> dict[str, Any] | None:
     return figures
 
 
-def chosen_on(loaded: LoadedModel) -> dict[str, Any]:
+def chosen_on(loaded: TrainedModel) -> dict[str, Any]:
     """model.json's `chosen_on` (the validation figures the checkpoint was chosen on, or an
     ensemble's out-of-fold ones) and `test` (the held-out test split's, when the run kept one)."""
     if loaded.out_of_fold:
@@ -227,7 +216,7 @@ def chosen_on(loaded: LoadedModel) -> dict[str, Any]:
     return {"chosen_on": val, "test": split_figures(metrics, "test")}
 
 
-def check_images(loaded: LoadedModel, count: int) -> tuple[torch.Tensor, list[str]]:
+def check_images(loaded: TrainedModel, count: int) -> tuple[torch.Tensor, list[str]]:
     """A few preprocessed val images of the training run, named relative to their common
     folder (no path of the training machine), or seeded noise when none is found."""
     split_csv = loaded.run_dir / "split.csv"
@@ -308,7 +297,7 @@ def run_exported(fmt: str, path: Path, images: torch.Tensor) -> np.ndarray:
 
 
 def export_model(
-    loaded: LoadedModel,
+    loaded: TrainedModel,
     fmt: str,
     output_dir: Path,
     threshold: float,

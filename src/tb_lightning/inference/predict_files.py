@@ -20,10 +20,10 @@ from tb_lightning.core.atomic import atomic_write_csv
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.sources import IMAGE_EXTENSIONS
-from tb_lightning.inference.checkpoint import LoadedModel
-from tb_lightning.inference.runner import Predictions, predict_images, warn_if_upsampled
 from tb_lightning.inference.saliency import SaliencyMap, write_saliency_maps
 from tb_lightning.inference.seen import Seen, describe_seen, role_counts, seen_in_training
+from tb_lightning.trained.model import TrainedModel
+from tb_lightning.trained.runner import Predictions, warn_if_upsampled
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def write_predictions(
 
 
 def run_prediction(
-    loaded: LoadedModel,
+    loaded: TrainedModel,
     paths: list[str],
     threshold: float,
     threshold_source: str,
@@ -156,15 +156,7 @@ def run_prediction(
     gets no prediction, and the run goes on with the rest; when no file is left, DataError.
     """
     warn_if_upsampled(paths, loaded.image_size)
-    predictions = predict_images(
-        loaded.model,
-        paths,
-        loaded.image_size,
-        batch_size,
-        num_workers,
-        device,
-        preprocess=loaded.preprocess,
-    )
+    predictions = loaded.predict(paths, batch_size, num_workers, device)
     readable = [p for p, ok in zip(paths, predictions.readable, strict=True) if ok]
     if not readable:
         # Nothing was predicted: a run that "succeeds" with an empty predictions.csv would be

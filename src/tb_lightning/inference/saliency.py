@@ -1,7 +1,8 @@
 """Grad-CAM heatmaps of the TB logit, overlaid on the input image.
 
 Grad-CAM comes from captum (`LayerGradCam`, maintained by the PyTorch team): it weights the
-last convolutional block's activations by the spatially averaged gradient of the TB logit.
+last convolutional block's activations (the layer the backbone's record names) by the spatially
+averaged gradient of the TB logit.
 """
 
 from __future__ import annotations
@@ -26,17 +27,17 @@ from tb_lightning.core.atomic import atomic_write_with
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.core.progress import report_progress
 from tb_lightning.data.transforms import build_transform, load_image
+from tb_lightning.models.backbones import backbone
 
 log = logging.getLogger(__name__)
 
 
 def gradcam_layer(net: nn.Module) -> nn.Module:
-    """The last ReLU of the backbone: the last conv block's activations at its own resolution
-    (13 x 13 at 512 px for AlexNet, before the final max-pool halves it)."""
-    relus = [m for m in net.features.modules() if isinstance(m, nn.ReLU)]
-    if not relus:
-        raise ValueError("the backbone has no ReLU layer for Grad-CAM")
-    return relus[-1]
+    """The layer of net.features whose activations Grad-CAM weighs, as the backbone's record
+    says (models/backbones.py): the last activation of its last block (AlexNet: conv5's ReLU,
+    31 x 31 at 512 px, before the final max-pool halves it; EfficientNet: its last SiLU block;
+    a timm model: its output map)."""
+    return backbone(getattr(net, "arch", "alexnet")).gradcam_layer(net.features)
 
 
 def gradcam(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -210,7 +211,7 @@ def write_saliency_maps(
     used: set[str] = set()
     written: list[SaliencyMap] = []
     # A rich bar at a terminal, a log line every 10 % elsewhere (core/progress.py).
-    with report_progress("Grad-CAM", len(paths), enabled=progress, bar="rich", logger=log) as bar:
+    with report_progress("Grad-CAM", len(paths), enabled=progress, logger=log) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             decoded = [load_image(p) for p in chunk]

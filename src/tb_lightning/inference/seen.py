@@ -31,7 +31,7 @@ from typing import Any
 
 from tb_lightning.data.integrity import inspect_files, near_pairs
 from tb_lightning.data.sources import NLM_NAME
-from tb_lightning.inference.checkpoint import LoadedModel
+from tb_lightning.trained.model import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def match_inputs(
     return [Seen() if b is None else Seen(ROLES[b[0]], b[3]) for b in best]
 
 
-def training_split_files(loaded: LoadedModel) -> list[Path]:
+def training_split_files(loaded: TrainedModel) -> list[Path]:
     """The split.csv of the model's training run, or of each member's run for an ensemble."""
     if loaded.member_checkpoints:
         return [ckpt.parent.parent / "split.csv" for ckpt in loaded.member_checkpoints]
@@ -222,7 +222,7 @@ def training_split_files(loaded: LoadedModel) -> list[Path]:
 
 
 def seen_in_training(
-    loaded: LoadedModel,
+    loaded: TrainedModel,
     paths: Sequence[str],
     num_workers: int = 0,
     progress: bool = True,

@@ -30,18 +30,22 @@ def to_plain_dict(value: Mapping[str, Any]) -> dict[str, Any]:
 class TBClassifier(L.LightningModule):
     """Binary TB classifier on one logit, trained with pos_weight-balanced BCE.
 
-    Args:
+    Args (`model.*`, stated with their defaults in conf/model/alexnet.yaml):
         net: keyword arguments of `build_net` (`model.net.*`).
         optimizer: a `_target_` optimizer config (`model.optimizer.*`), instantiated over the
             trainable parameters.
         threshold: TB probability at or above which an image is called Tuberculosis.
+        scheduler: `model.scheduler.*`; None (checkpoints loaded for inference): none.
+        preprocess: the images' preprocessing, {name, clip_limit, tile_grid}. Not a `model.*`
+            key: the data module hands it over at setup (data.preprocess, data.clahe); given
+            here only when a checkpoint's module is rebuilt (trained/checkpoint.py).
     """
 
     def __init__(
         self,
         net: Mapping[str, Any],
         optimizer: Mapping[str, Any],
-        threshold: float = 0.5,
+        threshold: float,
         scheduler: Mapping[str, Any] | None = None,
         preprocess: Mapping[str, Any] | None = None,
     ) -> None:
@@ -66,7 +70,7 @@ class TBClassifier(L.LightningModule):
         # Temperature scaling (calibration=temperature): logits are divided by it. 1 while
         # training; fitted on the val split at the end and stored in the checkpoint beside the
         # weights (key `calibration`, not in the state_dict, so older checkpoints load as they
-        # are); inference/checkpoint.py sets it back when a checkpoint is loaded.
+        # are); trained/checkpoint.py sets it back when a checkpoint is loaded.
         self.register_buffer("temperature", torch.tensor(1.0), persistent=False)
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
         self.train_metrics = ClassificationMetrics("train", threshold, at_threshold=False)
@@ -77,7 +81,16 @@ class TBClassifier(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        if stage == "fit" and datamodule is not None and hasattr(datamodule, "pos_weight"):
+        if stage != "fit" or datamodule is None:
+            return
+        settings = getattr(datamodule, "preprocess_settings", None)
+        if settings is not None:
+            # What the images this module trains on went through, from the data module that
+            # makes them (data.preprocess, data.clahe): saved with the hyper-parameters, and so
+            # in every checkpoint, for eval, predict and export to rebuild. Saved again rather
+            # than set, so that the loggers' copy (hparams_initial) has it too.
+            self.save_hyperparameters({"preprocess": to_plain_dict(settings)})
+        if hasattr(datamodule, "pos_weight"):
             self.pos_weight.fill_(datamodule.pos_weight)
             n_normal, n_tb = datamodule.class_counts("train")
             log.info(
@@ -161,6 +174,8 @@ class TBClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         settings = dict(self.hparams.optimizer)
+        # Optional (conf/model/alexnet.yaml states it): without it the backbone, when trained,
+        # learns at the head's rate.
         backbone_scale = settings.pop("backbone_lr_scale", 1.0)
         head = [p for p in self.net.head.parameters() if p.requires_grad]
         backbone = [p for p in self.net.features.parameters() if p.requires_grad]

@@ -1,6 +1,7 @@
-"""The network: a torchvision backbone's conv features (optionally frozen) and a new head.
+"""The network: a backbone's conv features (optionally frozen) and a new head.
 
-The reference experiment's AlexNet is the default; see models/backbones.py for the others.
+The reference experiment's AlexNet is the default; models/backbones.py holds the others (and
+timm/<name>), one record each, which build_net reads.
 """
 
 from __future__ import annotations
@@ -10,25 +11,10 @@ import logging
 import torch
 from torch import nn
 
-from tb_lightning.models.backbones import (
-    feature_trunk,
-    torchvision_model,
-)
+from tb_lightning.models.backbones import backbone, uses_batchnorm
 from tb_lightning.models.weights import check_and_load, is_tbnet_state, read_weights
 
 log = logging.getLogger(__name__)
-
-# AlexNet's features shrink the input by conv(11, stride 4, pad 2) and three maxpool(3, stride 2);
-# below 63 px the last pool has nothing left to pool.
-ALEXNET_MIN_IMAGE_SIZE = 63
-
-
-def alexnet_feature_size(image_size: int) -> int:
-    """Side of AlexNet's last feature map for a square input (15 at 512, 6 at 224)."""
-    side = (image_size + 2 * 2 - 11) // 4 + 1  # conv1
-    for _ in range(3):  # the three maxpools; the other convs keep the size
-        side = (side - 3) // 2 + 1
-    return side
 
 
 class TBNet(nn.Module):
@@ -42,8 +28,15 @@ class TBNet(nn.Module):
         hidden_dim: int,
         dropout: float,
         freeze_features: bool,
+        arch: str = "alexnet",
+        batchnorm: bool = False,
     ) -> None:
         super().__init__()
+        # Which backbone `features` is (models/backbones.py): Grad-CAM asks its record for the
+        # layer to weigh. Plain attributes, not in the state dict.
+        self.arch = arch
+        self.batchnorm = batchnorm
+        self._warned_single_image = False
         self.features = features
         # At the native feature size this pool is the identity; it is kept because the reference
         # has it and it makes the head's input size explicit.
@@ -67,7 +60,22 @@ class TBNet(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features flattened to (N, channels * size * size)."""
+        if self.training and self.batchnorm and not self.freeze_features and len(images) == 1:
+            self._warn_single_image()
         return torch.flatten(self.avgpool(self.features(images)), 1)
+
+    def _warn_single_image(self) -> None:
+        # BatchNorm in training normalises each batch by its own statistics: a batch of one
+        # image is normalised by itself (and a 1 x 1 map cannot be normalised at all).
+        if not self._warned_single_image:
+            self._warned_single_image = True
+            log.warning(
+                "A training batch of 1 image went through %s's BatchNorm layers, which then "
+                "normalise it by its own statistics; with model.net.freeze_features=false pick a "
+                "data.batch_size > 1 that leaves no last batch of one image (it holds the "
+                "training images modulo data.batch_size).",
+                self.arch,
+            )
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features).squeeze(1)
@@ -88,31 +96,49 @@ def build_net(
 ) -> TBNet:
     """Build the network named by `model.net.*` (see conf/model/alexnet.yaml).
 
-    pool_size: side of the pooled feature map fed to the head. null keeps AlexNet's native map
-    (15x15 at 512, as the reference) and pools the other backbones globally (1x1), as torchvision
-    does.
+    pool_size: side of the pooled feature map fed to the head. null takes the backbone's
+    native_pool_size: AlexNet's native map (15x15 at 512, as the reference), global pooling
+    (1x1) for the others, as torchvision and timm do.
     """
     # The values were checked with the config (config/checks.py: check_model).
+    record = backbone(arch)
     if pool_size is None:
-        pool_size = alexnet_feature_size(image_size) if arch == "alexnet" else 1
+        pool_size = record.native_pool_size(image_size)
 
-    torchvision_net = torchvision_model(arch)
     state, origin = read_weights(weights, arch) if weights is not None else (None, "")
+    load = None
     if state is not None and not is_tbnet_state(state):
-        # torchvision's layout (ImageNet weights or a torchvision state dict): load the whole
-        # model, then cut its trunk.
-        check_and_load(torchvision_net, state, weights, arch)
-    features, channels = feature_trunk(arch, torchvision_net)
-    net = TBNet(features, pool_size, channels, hidden_dim, float(dropout), freeze_features)
+        # The library's layout (ImageNet weights or a torchvision/timm state dict): loaded into
+        # the whole model, before the builder cuts its trunk.
+        def load(model: nn.Module) -> None:
+            check_and_load(model, state, weights, arch)
+
+    features, channels = record.build(image_size, load)
+    net = TBNet(
+        features,
+        pool_size,
+        channels,
+        hidden_dim,
+        float(dropout),
+        freeze_features,
+        arch=record.name,
+        batchnorm=uses_batchnorm(record, features),
+    )
     if state is not None and is_tbnet_state(state):
         # This project's own network (a .pth of TBNet or a checkpoint): features and head.
         check_and_load(net, state, weights, arch, required_prefix="features.")
     if state is not None:
         log.info("Loaded %d tensors from %s", len(state), origin)
     elif freeze_features:
+        pretrained = (
+            "model.net.weights=imagenet"
+            if record.imagenet
+            else "model.net.weights=/path/to/state_dict.pth"
+        )
         log.warning(
             "model.net.weights=null with frozen features: the conv features are random. "
-            "Fine for smoke runs and speed work; use model.net.weights=imagenet for results, "
-            "or model.net.freeze_features=false to train from scratch."
+            "Fine for smoke runs and speed work; use %s for results, "
+            "or model.net.freeze_features=false to train from scratch.",
+            pretrained,
         )
     return net

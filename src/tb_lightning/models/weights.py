@@ -1,4 +1,5 @@
-"""Pretrained weights for the backbone: torchvision's ImageNet weights or a local state dict.
+"""Pretrained weights for the backbone: torchvision's ImageNet weights or a local state dict
+(of torchvision's or timm's model, or of this project's network).
 
 Everything is loaded with `torch.load(weights_only=True)`, which refuses pickled code.
 """
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +20,22 @@ from torchvision.models import WeightsEnum
 
 from tb_lightning.core.errors import WeightsError
 from tb_lightning.core.progress import interactive
+from tb_lightning.models.backbones import backbone, imagenet_refusal
 from tb_lightning.models.torch_file import load_torch_file
 
 log = logging.getLogger(__name__)
 
 # Keys of a torchvision model that belong to its ImageNet classifier, replaced by our head.
 IGNORED_PREFIXES = ("classifier.", "fc.")
+
+
+def ignored_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """IGNORED_PREFIXES, and the classifier a timm model names in its pretrained_cfg (ConvNeXt:
+    head.fc): built with num_classes=0, the model has none, while its weight files do."""
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(classifier, str):
+        classifier = (classifier,)
+    return IGNORED_PREFIXES + tuple(f"{name}." for name in classifier or ())
 
 
 def imagenet_weights(arch: str) -> WeightsEnum:
@@ -55,7 +65,11 @@ def network_timeout(seconds: float) -> Iterator[None]:
 
 
 def load_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights, from its cache or downloaded into it."""
+    """torchvision's ImageNet weights, from its cache or downloaded into it (one sentence for a
+    backbone that has none here: timm's)."""
+    refusal = imagenet_refusal(arch)
+    if refusal is not None:
+        raise WeightsError(refusal)
     cache_file = imagenet_cache_file(arch)
     try:
         # Reads the cache when the file is there, downloads into it otherwise; the download's
@@ -104,29 +118,19 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def read_weights(weights: str | Path, arch: str) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, where it came from) for `model.net.weights` = imagenet or a path."""
-    if str(weights) == "imagenet":
+    if str(weights) == "imagenet":  # (refused for a backbone without torchvision's weights)
         return load_imagenet_state_dict(arch), f"torchvision {arch} ImageNet weights"
     return load_state_dict_file(weights), str(weights)
 
 
 def is_tbnet_state(state: dict[str, torch.Tensor]) -> bool:
-    """True for a state dict of this project's TBNet (it has the TB head), not torchvision's."""
-    return any(key.startswith("head.") for key in state)
-
-
-# Old torchvision DenseNet files name layers `norm.1`, the model `norm1`; torchvision's own
-# densenet loader applies the same rename.
-_DENSENET_OLD_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
-)
-
-
-def _remap_densenet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    remapped = {}
-    for key, value in state.items():
-        match = _DENSENET_OLD_KEY.match(key)
-        remapped[match.group(1) + match.group(2) if match else key] = value
-    return remapped
+    """True for a state dict of this project's TBNet (its trunk under `features.` and its TB
+    head's two Linear layers), not the library's: timm's VGG too has `features.` and `head.`."""
+    return (
+        "head.1.weight" in state
+        and "head.3.weight" in state
+        and any(key.startswith("features.") for key in state)
+    )
 
 
 def check_and_load(
@@ -141,16 +145,18 @@ def check_and_load(
     Keys of the replaced ImageNet classifier are ignored; every other key the model has under
     required_prefix must be present (BatchNorm's step counters excepted).
     """
-    if arch.startswith("densenet"):
-        state = _remap_densenet(state)
+    record = backbone(arch)
+    if record.rename_keys is not None:
+        state = record.rename_keys(state)
     own = model.state_dict()
-    state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
+    ignored = ignored_prefixes(model)
+    state = {k: v for k, v in state.items() if not k.startswith(ignored)}
     unexpected = sorted(set(state) - set(own))
     missing = sorted(
         k
         for k in own
         if k.startswith(required_prefix)
-        and not k.startswith(IGNORED_PREFIXES)
+        and not k.startswith(ignored)
         and not k.endswith("num_batches_tracked")
         and k not in state
     )
@@ -160,7 +166,8 @@ def check_and_load(
             what = "keys with the wrong shape" if problem == "has" else "keys"
             raise WeightsError(
                 f"model.net.weights={weights} {problem} {what} for {arch} (e.g. {keys[0]}, "
-                f"{len(keys)} in all); pass a state dict of torchvision's {arch} or of this "
-                "project's network with the same model.net settings and data.image_size."
+                f"{len(keys)} in all); pass a state dict of {record.library}'s "
+                f"{record.name.removeprefix('timm/')} or of this project's network with the same "
+                "model.net settings and data.image_size."
             )
     model.load_state_dict(state, strict=False)

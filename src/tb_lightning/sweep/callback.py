@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tb_lightning.core.atomic import atomic_write
 from tb_lightning.core.tasks import ERROR_FILE
+from tb_lightning.sweep.naming import command_line_sweeps
 from tb_lightning.sweep.summary import Summary, write_summary
 
 log = logging.getLogger(__name__)
@@ -72,14 +73,6 @@ class SweepSummary(Callback):
 WEIGHTS_KEYS = ("model.net.weights", "model.net.arch", "experiment", "model")
 
 
-def swept_keys(task_overrides: list[str]) -> set[str]:
-    """The keys (or config groups) that a multirun's command-line overrides sweep."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides=list(task_overrides))
-    return {o.key_or_group for o in parsed if o.is_sweep_override()}
-
-
 class PretrainedWeightsCheck(Callback):
     """Before a multirun starts any job: are the ImageNet weights every job needs at hand?
 
@@ -95,7 +88,7 @@ class PretrainedWeightsCheck(Callback):
         if weights != "imagenet":
             return
         task_overrides = OmegaConf.to_container(config.hydra.overrides.task)
-        if swept_keys(task_overrides) & set(WEIGHTS_KEYS):  # type: ignore[arg-type]
+        if command_line_sweeps(task_overrides) & set(WEIGHTS_KEYS):  # type: ignore[arg-type]
             return
         from tb_lightning.core.errors import WeightsError
         from tb_lightning.models.weights import load_imagenet_state_dict

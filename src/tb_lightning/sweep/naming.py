@@ -34,9 +34,14 @@ def swept_keys(hydra_cfg) -> set[str]:
     multirun_yaml = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
     if multirun_yaml.is_file():
         task = OmegaConf.select(OmegaConf.load(multirun_yaml), "hydra.overrides.task") or []
-        parsed = OverridesParser.create().parse_overrides(list(task))
-        keys |= {o.key_or_group for o in parsed if o.is_sweep_override()}
+        keys |= command_line_sweeps(task)
     return keys
+
+
+def command_line_sweeps(task_overrides: Iterable[str]) -> set[str]:
+    """The keys (or config groups) that command-line overrides sweep (`lr=1e-4,3e-4`)."""
+    parsed = OverridesParser.create().parse_overrides(list(task_overrides))
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
 
 
 def short_names(keys: Iterable[str]) -> dict[str, str]:
@@ -50,7 +55,15 @@ def run_name(job_overrides: Iterable[str], keys: set[str]) -> str:
     """`lr=0.0003,dropout=0.5`: the job's values of the swept keys, in command-line order."""
     values = {k: v for k, v in parse_overrides(job_overrides).items() if k in keys}
     names = short_names(values)
-    return ",".join(f"{names[k]}={v}" for k, v in values.items())
+    return ",".join(f"{names[k]}={name_value(k, v)}" for k, v in values.items())
+
+
+def name_value(key: str, value: str) -> str:
+    """A value as a run name shows it, without a `/` (a name is a folder of TensorBoard's):
+    `timm/convnext_nano` -> `timm-convnext_nano`, a path by its last part."""
+    if key.endswith("net.arch"):
+        return value.replace("/", "-")
+    return value.rstrip("/").rsplit("/", 1)[-1]
 
 
 # Overrides that say where a run reads or writes, or how it is shown, not what it is: left out
@@ -83,7 +96,7 @@ def single_run_name(overrides: Iterable[str]) -> str:
     names = short_names(values)
     parts = []
     for key, value in values.items():
-        value = value.rstrip("/").rsplit("/", 1)[-1]  # a path by its last part
+        value = name_value(key, value)
         parts.append(value if key == "experiment" else f"{names[key]}={value}")
     name = ",".join(parts) or "defaults"
     if len(name) > MAX_NAME:

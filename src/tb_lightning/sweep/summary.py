@@ -44,34 +44,31 @@ from tb_lightning.core.atomic import atomic_write
 from tb_lightning.core.tasks import ERROR_FILE
 from tb_lightning.evaluation import compare
 from tb_lightning.evaluation.compare import Difference, Scored
+from tb_lightning.stats.metrics import METRICS
 from tb_lightning.sweep.naming import REPEAT_KEYS, parse_overrides
 
-# (metrics.json key, short column title): threshold-free figures first (they rank the jobs),
-# then the job's operating threshold and the figures at it.
-VAL_COLUMNS = (
-    ("val/auroc", "val AUROC"),
-    ("val/average_precision", "val AP"),
-    ("val/loss", "val loss"),
-    ("threshold", "threshold"),
-    ("val/sensitivity", "val sens @thr"),
-    ("val/specificity", "val spec @thr"),
-)
+
+def split_columns(split: str, threshold: bool) -> tuple[tuple[str, str], ...]:
+    """(metrics.json key, short column title) of the figures stats/metrics.py's table shows for
+    `split` (`Metric.sweep`): threshold-free figures first (they rank the jobs), then, with
+    `threshold`, the job's operating threshold, then the figures at it."""
+    shown = [m for m in METRICS if split in m.sweep]
+    free = [(f"{split}/{m.key}", m.column_title(split)) for m in shown if m.threshold_free]
+    at = [(f"{split}/{m.key}", m.column_title(split)) for m in shown if not m.threshold_free]
+    return (*free, *([("threshold", "threshold")] if threshold else []), *at)
+
+
+VAL_COLUMNS = split_columns("val", threshold=True)
 # Shown when a job has a held-out test split (data.test_size).
-TEST_COLUMNS = (
-    ("test/auroc", "test AUROC"),
-    ("test/sensitivity", "test sens @thr"),
-    ("test/specificity", "test spec @thr"),
-)
+TEST_COLUMNS = split_columns("test", threshold=False)
 METRIC_COLUMNS = VAL_COLUMNS + TEST_COLUMNS
 # Figures printed with their 95% interval (bootstrap for AUROC, Wilson for the rates), read
 # from metrics.json's `<split>.overall.ci`; CSV columns `<split>_<name>_ci_low/high`.
-WITH_INTERVALS = (
-    "val/auroc",
-    "val/sensitivity",
-    "val/specificity",
-    "test/auroc",
-    "test/sensitivity",
-    "test/specificity",
+WITH_INTERVALS = tuple(
+    f"{split}/{m.key}"
+    for split in ("val", "test")
+    for m in METRICS
+    if m.sweep_interval and split in m.sweep
 )
 FOLD_KEY = "data.fold"
 # The configuration's name when the sweep varies nothing but repeat keys.
@@ -208,7 +205,7 @@ def val_predictions(job: JobResult) -> Scored | None:
     path = job.run_dir / "predictions.csv"
     if not path.is_file():
         return None
-    from tb_lightning.inference.runner import probabilities  # torch: only when there are some
+    from tb_lightning.trained.runner import probabilities  # torch: only when there are some
 
     with path.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("split") == "val"]
@@ -378,7 +375,7 @@ def job_folder(job: JobResult, summary: Summary) -> str:
 
 def metric_columns(jobs: Sequence[JobResult]) -> tuple[tuple[str, str], ...]:
     """The val columns, and the test columns when some job has a held-out test split."""
-    has_test = any("test/auroc" in j.metrics for j in jobs)
+    has_test = any(key in j.metrics for j in jobs for key, _ in TEST_COLUMNS)
     return METRIC_COLUMNS if has_test else VAL_COLUMNS
 
 

@@ -11,7 +11,7 @@ or another run's fold mixed in, a missing fold) is refused in one sentence namin
 its numbers would claim an ensemble it is not. `allow_partial=true` accepts missing folds and
 every output says which (ensemble_folds).
 
-Combination: the mean of the members' logits, then the sigmoid (inference/ensemble_model.py says
+Combination: the mean of the members' logits, then the sigmoid (trained/ensemble_model.py says
 why).
 
 Operating threshold: chosen on the out-of-fold predictions, each image of a member's val split
@@ -46,24 +46,24 @@ from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.core.run_dirs import SAVED_CONFIG, comparable, saved_config
 from tb_lightning.data.preprocess import describe_preprocess
 from tb_lightning.data.split import read_split_sides
-from tb_lightning.evaluation.calibration import (
+from tb_lightning.stats.bootstrap import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from tb_lightning.stats.calibration import (
     auroc_interval,
     calibration_refusal,
     calibration_warnings,
     fit_temperature,
-    warnings_of,
 )
-from tb_lightning.evaluation.evaluate import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
-from tb_lightning.evaluation.stats import weighted_metrics
-from tb_lightning.evaluation.thresholds import choose_threshold
-from tb_lightning.inference.checkpoint import LoadedModel, load_model
-from tb_lightning.inference.ensemble_model import (
+from tb_lightning.stats.metrics import RANKING, RATES, weighted_metrics
+from tb_lightning.stats.thresholds import choose_threshold
+from tb_lightning.trained.checkpoint import load_checkpoint_file
+from tb_lightning.trained.ensemble_model import (
     COMBINATION,
     EnsembleModel,
     describe_members,
     describe_missing,
 )
-from tb_lightning.inference.runner import predict_images, probabilities
+from tb_lightning.trained.model import TrainedModel
+from tb_lightning.trained.runner import probabilities
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def kfold_layout(
 
 
 def out_of_fold(
-    members: list[LoadedModel], seeds: list[Any] | None = None
+    members: list[TrainedModel], seeds: list[Any] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(logits, labels) of every image of the members' val splits, each scored by the members
     that did not train on it: the fold model whose val split holds it, or with several seeds
@@ -254,13 +254,8 @@ def out_of_fold(
                 "data.split_seed=42 seed=0,1,2)."
             )
         val = sides["val"]
-        run = predict_images(
-            loaded.model,
-            [s.path for s in val],
-            loaded.image_size,
-            progress=False,
-            description="Out-of-fold predictions",
-            preprocess=loaded.preprocess,
+        run = loaded.predict(
+            [s.path for s in val], progress=False, description="Out-of-fold predictions"
         )
         if not run.readable.all():
             bad = run.reasons[int(np.argmin(run.readable))]
@@ -283,12 +278,12 @@ def out_of_fold(
     return logits, np.array([label for label, _ in pooled.values()])
 
 
-def load_ensemble(folder: str | Path, allow_partial: bool = False) -> LoadedModel:
+def load_ensemble(folder: str | Path, allow_partial: bool = False) -> TrainedModel:
     """The members of a k-fold multirun (over seeds at most) as one model, with its out-of-fold
     threshold; allow_partial accepts missing folds (ensemble_folds names them)."""
     folder = Path(folder).expanduser().resolve()
     checkpoints = member_checkpoints(folder)
-    members = [load_model(path) for path in checkpoints]
+    members = [load_checkpoint_file(path) for path in checkpoints]
     sizes = {m.image_size for m in members}
     preprocesses = {describe_preprocess(m.preprocess) for m in members}
     calibrated = {bool(m.calibration) for m in members}
@@ -373,7 +368,7 @@ def load_ensemble(folder: str | Path, allow_partial: bool = False) -> LoadedMode
         len(labels),
     )
     temperature = calibration["temperature"] if calibration else 1.0
-    return LoadedModel(
+    return TrainedModel(
         model=EnsembleModel([m.model for m in members], temperature).eval(),
         checkpoint_path=folder,
         image_size=sizes.pop(),
@@ -399,7 +394,7 @@ def out_of_fold_figures(
     model.json: what the ensemble was chosen on). Those at the threshold are optimistic, as a
     threshold chosen on a validation split makes them."""
     figures = weighted_metrics(probs, labels, choice["value"])
-    names = ("auroc", "average_precision", "sensitivity", "specificity", "ppv", "npv", "accuracy")
+    names = (*RANKING, *RATES)
     return {
         "split": "out-of-fold",
         "description": choice["chosen_on"],
@@ -411,23 +406,3 @@ def out_of_fold_figures(
         "threshold": choice["value"],
         **{name: float(figures[name]) for name in names},
     }
-
-
-def load_checkpoint_or_ensemble(
-    ckpt_path: str | Path, ensemble_refusal: str | None = None, allow_partial: bool = False
-) -> LoadedModel:
-    """`ckpt_path` as eval, predict and export take it: one checkpoint file, or a k-fold multirun
-    directory as one ensemble. `ensemble_refusal`: why this command cannot use an ensemble
-    (the sentence's reason), or None when it can; `allow_partial`: accept an ensemble with
-    folds missing (allow_partial=true)."""
-    path = Path(str(ckpt_path)).expanduser()
-    if not path.is_dir():
-        loaded = load_model(path)
-        # Repeated wherever the temperature is applied (eval, predict, export): its
-        # probabilities are not calibrated ones.
-        for warning in warnings_of(loaded.calibration) if loaded.calibration else []:
-            log.warning("The checkpoint's calibration temperature: %s", warning)
-        return loaded
-    if ensemble_refusal:
-        raise ConfigError(f"ckpt_path={path} is a multirun (an ensemble), but {ensemble_refusal}")
-    return load_ensemble(path, allow_partial)

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from tb_lightning.evaluation.bootstrap import bootstrap_ci
-from tb_lightning.evaluation.stats import calibration_metrics
+from tb_lightning.stats.bootstrap import bootstrap_ci
+from tb_lightning.stats.metrics import calibration_metrics
 
 # beta = 1 / T is searched in this range: T from 0.05 (sharpen 20x) to 100 (flatten 100x).
 BETA_RANGE = (0.01, 20.0)

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from tb_lightning.evaluation.stats import weighted_metrics
+from tb_lightning.stats.metrics import weighted_metrics
+
+# Every interval of train's report, eval and the ensembles: 2000 percentile-bootstrap resamples
+# from one seed, so that the same predictions give the same interval wherever they are reported.
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 42
 
 CHUNK = 250  # bootstrap resamples evaluated at once
 

@@ -1,4 +1,5 @@
-"""Frozen-feature cache: compute the backbone features of every image once, train the head on them.
+"""Frozen-feature cache (`data.cache_features`): compute the backbone features of every image once,
+train the head on them. The data-side cache beside the decoded-image cache (data/image_cache.py).
 
 With frozen conv features and no random train-time augmentation, every epoch of every sweep job
 recomputes the same backbone features. `FeatureCache` extracts them once (batched, channels_last,
@@ -17,6 +18,11 @@ file; old files are left for other configurations to reuse. Writes are atomic an
 lock file (the jobs of a sweep that start together extract once). Every row is covered by a
 checksum written with it and checked when a run opens the cache; a damaged cache is rebuilt with
 a warning, never used (core/mapped_table.py).
+
+The images go through the backbone by the one image pass of trained/runner.py
+(`run_over_images`), which the caller hands in: the data floor does not import trained/ (the
+house's import rules, tests/test_layout.py), and eval, predict, the final scoring and this
+extraction keep one pass between them.
 """
 
 from __future__ import annotations
@@ -43,7 +49,6 @@ from tb_lightning.core.mapped_table import (
 )
 from tb_lightning.data.preprocess import CLAHE
 from tb_lightning.data.sources import Sample
-from tb_lightning.inference.runner import run_over_images
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,9 @@ DETERMINISTIC_TRANSFORMS = (
 )
 # Re-exported: how old a temporary file of a killed cache write must be before any run removes it.
 __all__ = ["STALE_TMP_SECONDS", "FeatureCache", "build_feature_cache", "extract_features"]
+# trained/runner.run_over_images(forward, paths, transform, image_size, **options) -> a run whose
+# `outputs` are the rows; passed in by the caller (see the module's docstring).
+ImagePass = Callable[..., Any]
 
 
 def random_steps(transform: Callable) -> list[str]:
@@ -164,6 +172,7 @@ def extract_features(
     samples: Sequence[Sample],
     transform: Callable,
     *,
+    run_over_images: ImagePass,
     device: torch.device | str = "cpu",
     precision: str = "auto",
     batch_size: int = 32,
@@ -175,7 +184,8 @@ def extract_features(
     `sink`, each batch's rows go to sink(first index, rows) instead and nothing is returned
     (an empty tensor).
 
-    Through the one image pass of inference/runner.py. channels_last suits oneDNN/cuDNN
+    Through the one image pass of trained/runner.py, `run_over_images` (handed in by the
+    caller: the data floor does not import trained/). channels_last suits oneDNN/cuDNN
     convolutions; bf16 autocast only with native support. The net is restored to its former
     device, mode and memory format afterwards.
     """
@@ -241,6 +251,7 @@ class FeatureCache:
         samples: Sequence[Sample],
         transform: Callable,
         *,
+        run_over_images: ImagePass,
         device: torch.device | str = "cpu",
         precision: str = "auto",
         batch_size: int = 32,
@@ -248,6 +259,7 @@ class FeatureCache:
     ) -> None:
         self.cache_dir = Path(cache_dir).expanduser()
         self.net = net
+        self.run_over_images = run_over_images
         # One table for every split: another split seed reuses the same file.
         self.samples = sorted(samples, key=lambda s: s.path)
         self.transform = transform
@@ -294,6 +306,7 @@ class FeatureCache:
                 self.net,
                 self.samples,
                 self.transform,
+                run_over_images=self.run_over_images,
                 device=self.device,
                 precision=self.precision,
                 batch_size=self.batch_size,
@@ -303,20 +316,26 @@ class FeatureCache:
 
 
 def build_feature_cache(
-    datamodule: Any, net: nn.Module, device: torch.device | str = "cpu"
+    datamodule: Any,
+    net: nn.Module,
+    run_over_images: ImagePass,
+    device: torch.device | str = "cpu",
 ) -> FeatureCache | None:
     """The feature cache `data.cache_features` asks for, built (or read) for every sample of the
     datamodule's split; None when features are not cached (trainable backbone, augmentation,
-    or `data.cache_features=false`). The datamodule is set up already."""
-    if not should_cache(datamodule.cache_features, net, datamodule.train_transform):
+    or `data.cache_features=false`). The datamodule is set up already; `run_over_images` is
+    trained/runner.run_over_images."""
+    caches = datamodule.caches
+    if not should_cache(caches.cache_features, net, datamodule.train_transform):
         return None
-    if datamodule.cache_dir is None:
+    if caches.cache_dir is None:
         raise ConfigError("data.cache_dir is not set; set it to a folder, e.g. data/cache.")
     cache = FeatureCache(
-        datamodule.cache_dir,
+        caches.cache_dir,
         net,
         datamodule.all_samples,
         datamodule.transform,
+        run_over_images=run_over_images,
         device=device,
         num_workers=datamodule.num_workers,
     )

@@ -79,7 +79,7 @@ def run_over_images(
     chunks, readable, start = [], [], 0
     with (
         # A rich bar at a terminal, a log line every 10 % elsewhere (core/progress.py).
-        report_progress(description, len(paths), enabled=progress, bar="rich", logger=log) as bar,
+        report_progress(description, len(paths), enabled=progress, logger=log) as bar,
         torch.inference_mode(),
         autocast,
     ):
@@ -163,7 +163,7 @@ def predict_images(
     preprocess: Mapping[str, Any] | None = None,
 ) -> Predictions:
     """TB logits of a classifier for every path; bad files are marked, not run. `preprocess`:
-    the images' preprocessing as the checkpoint stores it (LoadedModel.preprocess)."""
+    the images' preprocessing as the checkpoint stores it (TrainedModel.preprocess)."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     run = run_over_images(

@@ -1,4 +1,4 @@
-"""Several classifiers as one model: the mean of their TB logits (evaluation/ensemble.py builds
+"""Several classifiers as one model: the mean of their TB logits (trained/ensemble.py builds
 it from a k-fold multirun; inference/deploy.py exports it as one file), and the words that
 say which folds it holds.
 

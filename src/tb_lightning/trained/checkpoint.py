@@ -1,16 +1,19 @@
-"""Rebuild a trained classifier from its checkpoint, with the operating threshold it stores."""
+"""One checkpoint file as a TrainedModel (trained/model.py), and the operating threshold and
+temperature that training stores into it."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tb_lightning.core.artefacts import threshold_text
+from tb_lightning.core.atomic import atomic_torch_save
 from tb_lightning.core.errors import UserError
 from tb_lightning.data.preprocess import preprocess_spec
 from tb_lightning.models.classifier import TBClassifier
 from tb_lightning.models.torch_file import describe_key_mismatch, load_checkpoint
+from tb_lightning.trained.model import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -18,59 +21,9 @@ log = logging.getLogger(__name__)
 THRESHOLD_KEY = "operating_threshold"
 # Where training stores the temperature of calibration=temperature (with what it was fitted on).
 CALIBRATION_KEY = "calibration"
-# How that choice is described wherever a figure at it is reported (the reports test for it).
-CHOSEN_ON_VAL = "chosen on the validation split"
 
 
-def describe_threshold_choice(choice: dict[str, Any]) -> str:
-    """`chosen on the validation split (60 images) by threshold.policy=youden`, for reports."""
-    target = f", target {choice['target']}" if choice.get("policy") == "sensitivity" else ""
-    images = f" ({choice['val_images']} images)" if choice.get("val_images") else ""
-    if choice.get("chosen_on"):  # an ensemble's: evaluation/ensemble.py
-        return f"chosen on {choice['chosen_on']}{images} by threshold.policy={choice['policy']}"
-    return f"{CHOSEN_ON_VAL}{images} by threshold.policy={choice['policy']}{target}"
-
-
-@dataclass
-class LoadedModel:
-    """A classifier in eval mode with what its checkpoint says about it."""
-
-    model: TBClassifier
-    checkpoint_path: Path
-    image_size: int
-    stored_threshold: dict[str, Any] | None  # train.py's threshold choice, if any
-    hparams_threshold: float
-    pos_weight: float
-    calibration: dict[str, Any] | None = None  # {"temperature": T, "fitted_on": ...} or None
-    # The images' preprocessing (data/preprocess.py preprocess_spec): None, or CLAHE's settings.
-    preprocess: dict[str, Any] | None = None
-    # An ensemble's members' checkpoints (evaluation/ensemble.py); None for one checkpoint.
-    member_checkpoints: list[Path] | None = None
-    # An ensemble's folds: {"num_folds": k, "seeds": [...], "missing_folds": [{"fold", "seed"}]}
-    # (the folds left out with allow_partial=true); None for one checkpoint.
-    ensemble_folds: dict[str, Any] | None = None
-    # The checkpoint's epoch (Lightning's count, from 0) and global step; None for an ensemble,
-    # whose members (`members`) each have theirs.
-    epoch: int | None = None
-    global_step: int | None = None
-    # The network's settings (hyper_parameters["net"]: arch, weights, freeze_features, ...).
-    net: dict[str, Any] | None = None
-    # An ensemble's members, loaded; None for one checkpoint.
-    members: list[LoadedModel] | None = None
-    # An ensemble's figures on the out-of-fold predictions its threshold was chosen on
-    # (evaluation/ensemble.py); None for one checkpoint (its run's metrics.json has them).
-    out_of_fold: dict[str, Any] | None = None
-
-    @property
-    def run_dir(self) -> Path:
-        """The training run directory (checkpoints/<name>.ckpt lives one level below it); an
-        ensemble's first member's."""
-        if self.member_checkpoints:
-            return self.member_checkpoints[0].parent.parent
-        return self.checkpoint_path.parent.parent
-
-
-def load_model(ckpt_path: str | Path | None) -> LoadedModel:
+def load_checkpoint_file(ckpt_path: str | Path | None) -> TrainedModel:
     """The TBClassifier of a checkpoint written by tb_lightning.train, ready for inference."""
     path = Path(ckpt_path).expanduser().resolve()
     checkpoint = load_checkpoint(path)
@@ -113,7 +66,7 @@ def load_model(ckpt_path: str | Path | None) -> LoadedModel:
     if calibration:  # the model's logits are divided by it, as in train's final report
         model.temperature.fill_(float(calibration["temperature"]))
     model.eval()
-    return LoadedModel(
+    return TrainedModel(
         model=model,
         checkpoint_path=path,
         image_size=int(net["image_size"]),
@@ -135,17 +88,26 @@ def checkpoint_int(checkpoint: dict[str, Any], key: str) -> int | None:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def resolve_threshold(loaded: LoadedModel, override: float | None) -> tuple[float, str]:
-    """(threshold, where it came from): threshold.value, else the stored choice, else 0.5."""
-    if override is not None:  # in (0, 1): checked with the config
-        return float(override), "threshold.value (command line)"
-    stored = loaded.stored_threshold
-    if stored:
-        return float(stored["value"]), describe_threshold_choice(stored)
-    log.warning(
-        "Checkpoint %s stores no operating threshold (only best.ckpt gets one, at the end of "
-        "training); using model.threshold=%s. Set one with threshold.value=...",
-        loaded.checkpoint_path,
-        loaded.hparams_threshold,
+def store_operating_threshold(
+    checkpoint_path: str | Path,
+    choice: dict[str, Any],
+    calibration: dict[str, Any] | None = None,
+) -> None:
+    """Add the choice (and the fitted temperature, if any) to the checkpoint file (atomically)
+    so that eval, predict and export use them.
+
+    Only the checkpoint whose weights they were chosen with gets them.
+    """
+    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint[THRESHOLD_KEY] = choice
+    checkpoint.pop(CALIBRATION_KEY, None)
+    if calibration:
+        checkpoint[CALIBRATION_KEY] = calibration
+    atomic_torch_save(checkpoint, checkpoint_path)
+    log.info(
+        "Operating threshold p_tb >= %s (threshold.policy=%s on %d val images), stored in %s",
+        threshold_text(choice["value"]),
+        choice["policy"],
+        choice["val_images"],
+        checkpoint_path,
     )
-    return loaded.hparams_threshold, "model.threshold (no threshold stored in the checkpoint)"

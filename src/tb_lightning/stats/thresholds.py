@@ -1,11 +1,20 @@
-"""Operating-threshold policies, applied to validation predictions at the end of training."""
+"""The operating threshold, in one place: the policies that choose it on validation predictions at
+the end of training, the record stored in checkpoints, and the words every report prints for it.
+(trained/checkpoint.py writes the record into the checkpoint; trained/model.py reads it back.)"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from tb_lightning.core.artefacts import DECIMALS
-from tb_lightning.evaluation.stats import curve_points
+from tb_lightning.stats.metrics import curve_points
+
+# How a choice made on validation is described wherever a figure at it is reported (the reports
+# test for it).
+CHOSEN_ON_VAL = "chosen on the validation split"
 
 
 def choose_threshold(
@@ -57,3 +66,24 @@ def between(low: float, high: float) -> float:
 def clip_threshold(value: float) -> float:
     """Keep a threshold inside (0, 1) (float32 sigmoids saturate at exactly 0 or 1)."""
     return float(min(max(value, 1e-7), np.nextafter(np.float32(1), np.float32(0))))
+
+
+def choose_operating_threshold(
+    val_probs: np.ndarray, val_labels: Sequence[int], policy: str, target: float
+) -> dict[str, Any]:
+    """The threshold.policy's choice on the validation probabilities, as stored in checkpoints."""
+    return {
+        "value": choose_threshold(val_probs, np.asarray(val_labels), policy, target),
+        "policy": policy,
+        "target": float(target),
+        "val_images": len(val_labels),
+    }
+
+
+def describe_threshold_choice(choice: dict[str, Any]) -> str:
+    """`chosen on the validation split (60 images) by threshold.policy=youden`, for reports."""
+    target = f", target {choice['target']}" if choice.get("policy") == "sensitivity" else ""
+    images = f" ({choice['val_images']} images)" if choice.get("val_images") else ""
+    if choice.get("chosen_on"):  # an ensemble's: trained/ensemble.py
+        return f"chosen on {choice['chosen_on']}{images} by threshold.policy={choice['policy']}"
+    return f"{CHOSEN_ON_VAL}{images} by threshold.policy={choice['policy']}{target}"

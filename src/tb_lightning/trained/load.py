@@ -1,0 +1,34 @@
+"""`ckpt_path` as eval, predict and export take it: one checkpoint file, or a k-fold multirun
+directory as one ensemble; both come back as a TrainedModel."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tb_lightning.core.errors import ConfigError
+from tb_lightning.stats.calibration import warnings_of
+from tb_lightning.trained.checkpoint import load_checkpoint_file
+from tb_lightning.trained.ensemble import load_ensemble
+from tb_lightning.trained.model import TrainedModel
+
+log = logging.getLogger(__name__)
+
+
+def load_trained_model(
+    ckpt_path: str | Path, ensemble_refusal: str | None = None, allow_partial: bool = False
+) -> TrainedModel:
+    """`ensemble_refusal`: why this command cannot use an ensemble (the sentence's reason), or
+    None when it can; `allow_partial`: accept an ensemble with folds missing
+    (allow_partial=true)."""
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_dir():
+        trained = load_checkpoint_file(path)
+        # Repeated wherever the temperature is applied (eval, predict, export): its
+        # probabilities are not calibrated ones.
+        for warning in warnings_of(trained.calibration) if trained.calibration else []:
+            log.warning("The checkpoint's calibration temperature: %s", warning)
+        return trained
+    if ensemble_refusal:
+        raise ConfigError(f"ckpt_path={path} is a multirun (an ensemble), but {ensemble_refusal}")
+    return load_ensemble(path, allow_partial)
