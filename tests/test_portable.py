@@ -32,7 +32,7 @@ from tb_lightning.core.artefacts import (
 from tb_lightning.data.transforms import build_transform, load_image
 from tb_lightning.eval import evaluate
 from tb_lightning.export import export
-from tb_lightning.inference.deploy import without_debug_info
+from tb_lightning.inference.deploy import TOLERANCE, without_debug_info
 from tb_lightning.predict import predict
 from tb_lightning.stats.thresholds import between, choose_threshold
 from tb_lightning.sweep.summary import summarise
@@ -194,9 +194,14 @@ def test_an_export_moved_to_another_folder_still_predicts(artefacts, tmp_path):
     images = np.stack([transform(load_image(str(p))).numpy() for p in paths])
     p_tb = session.run([sidecar["output"]["name"]], {sidecar["input"]["name"]: images})[0]
     threshold = sidecar["threshold"]
+    # onnxruntime and PyTorch round float32 operators differently (export's own check allows
+    # TOLERANCE): predict's 6-decimal p_tb may differ from this one in its last digit.
     for row, p in zip(rows, p_tb, strict=True):
-        assert row["p_tb"] == probability_text(p, threshold)
-        assert int(row["predicted_label"]) == int(p >= threshold)
+        assert abs(float(row["p_tb"]) - float(p)) <= TOLERANCE, (row["p_tb"], p)
+        if abs(float(p) - threshold) > TOLERANCE:
+            assert int(row["predicted_label"]) == int(p >= threshold)
+        # The printed p_tb never contradicts the printed call.
+        assert int(row["predicted_label"]) == int(float(row["p_tb"]) >= threshold)
 
 
 @pytest.mark.slow

@@ -295,6 +295,13 @@ def test_a_checkpoint_with_a_calibration_warning_repeats_it_when_loaded(tmp_path
 # --- load_trained_model: a file or a k-fold folder ----------------------------------------------
 
 
+@pytest.mark.parametrize("unset", [None, "", "  "])
+def test_an_unset_ckpt_path_is_one_sentence_not_a_path_named_none(unset):
+    # A new command without the config checks of eval/predict/export still gets the sentence.
+    with pytest.raises(ConfigError, match=r"^ckpt_path is not set; pass ckpt_path="):
+        load_trained_model(unset)
+
+
 @pytest.fixture(scope="module")
 def kfold(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("kfold")

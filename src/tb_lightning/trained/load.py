@@ -16,11 +16,18 @@ log = logging.getLogger(__name__)
 
 
 def load_trained_model(
-    ckpt_path: str | Path, ensemble_refusal: str | None = None, allow_partial: bool = False
+    ckpt_path: str | Path | None, ensemble_refusal: str | None = None, allow_partial: bool = False
 ) -> TrainedModel:
     """`ensemble_refusal`: why this command cannot use an ensemble (the sentence's reason), or
     None when it can; `allow_partial`: accept an ensemble with folds missing
     (allow_partial=true)."""
+    # The entry points' config checks refuse this first; a new command without them still gets
+    # the sentence instead of "Checkpoint <cwd>/None does not exist".
+    if ckpt_path is None or str(ckpt_path).strip() == "":
+        raise ConfigError(
+            "ckpt_path is not set; pass ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt "
+            "(or a k-fold multirun directory)."
+        )
     path = Path(str(ckpt_path)).expanduser()
     if not path.is_dir():
         trained = load_checkpoint_file(path)
