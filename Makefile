@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/python -m tb_lightning.train experiment=quickstart $(ARGS)
 
-## The default test suite, on every core (pytest-xdist): every feature end to end, ~3 minutes on
+## The default test suite, on every core (pytest-xdist): every feature end to end, 1-3 minutes on
 ## 2 idle CPU cores; the tests marked slow are left out (make test-slow).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 -m "not slow" $(ARGS)
