@@ -21,7 +21,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q $(TORCH_PINS)
-	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev,export,mlflow,saliency,sweeps,timm]"
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev,dicom,export,mlflow,saliency,sweeps,timm]"
 	touch $(STAMP)
 
 ## The main job, offline: phantom data (generated on first use), ~4.5 minutes on 2 idle CPU cores.

@@ -206,3 +206,16 @@ def test_eval_calling_every_image_normal_gives_sensitivity_an_upper_bound(traine
     assert "95% CI: rates Wilson score; AUROC, AP, Brier, ECE 2000 bootstrap resamples" in report
     assert "Too few images to say much: 8 Normal, 4 Tuberculosis < 10" in report
     assert "Confusion counts" not in report
+
+
+def test_an_interval_that_prints_as_one_number_is_flagged_like_a_zero_width_one():
+    """[0.130, 0.130] reads as certainty even when the resamples differ past the third decimal."""
+    probs, target = scored(0, 12, 0, 14)
+    summary = screening_summary(probs, target, 0.5, n_bootstrap=200, seed=0)
+    summary["ece"], summary["ci"]["ece"] = 0.1301, [0.13004, 0.13021]
+    summary["brier"], summary["ci"]["brier"] = 0.25, [0.2, 0.3]
+    rows = format_screening_table(summary, 200).splitlines()
+    ece = next(r for r in rows if r.startswith("ECE"))
+    brier = next(r for r in rows if r.startswith("Brier"))
+    assert "[0.130, 0.130]  (zero width" in ece
+    assert "zero width" not in brier

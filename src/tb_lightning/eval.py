@@ -1,6 +1,7 @@
 """`python -m tb_lightning.eval ckpt_path=<run>/checkpoints/best.ckpt`: evaluate without retraining.
 
-Writes metrics.json, report.txt, predictions.csv, figures/*.png and tensorboard/ (and
+Writes metrics.json, report.txt, report.html (the same numbers, the figures and an error
+gallery in one self-contained page), predictions.csv, figures/*.png and tensorboard/ (and
 skipped.csv, the bad files left out with data.on_bad_file=skip) into
 outputs/eval/runs/<timestamp>/ and prints the report. Images the model trained on (rows of a
 member's train split, by bytes, patient or near-duplicate hash: inference/seen.py) are marked in
@@ -77,6 +78,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         device=pick_device(cfg.trainer.accelerator),
         on_bad_file=on_bad_file,
         split_file=split_path,
+        report_images=cfg.eval.report_images,
+        gallery_size=cfg.eval.report_gallery_size,
     )
     log.info("Evaluation of %s:\n%s", loaded.checkpoint_path, report)
     return metrics

@@ -25,6 +25,10 @@ import time
 import warnings
 from pathlib import Path
 
+# What a fork's first backward() raises once the parent's autograd engine has started its
+# threads (conftest.run_cli reruns such a command cold).
+AUTOGRAD_FORK_ERROR = "Unable to handle autograd's threading in combination with fork"
+
 
 def run_in_fork(
     module: str, args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600

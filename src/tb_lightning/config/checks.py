@@ -40,6 +40,7 @@ from tb_lightning.core.choices import (
     FORMATS,
     LEAK_POLICIES,
     LESION_MIXES,
+    MAX_GALLERY_SIZE,
     PHASH_BITS,
     POLICIES,
     PREPROCESS_NAMES,
@@ -666,6 +667,18 @@ def check_eval_values(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.bootstrap={bootstrap!r} must be an integer >= 100 (default 2000).")
     _positive_int("eval.batch_size", cfg.eval.get("batch_size"))
     check_num_workers("eval.num_workers", cfg.eval.num_workers)
+    if not isinstance(cfg.eval.report_images, bool):
+        raise ConfigError(
+            f"eval.report_images={cfg.eval.report_images!r} must be true (report.html shows "
+            "thumbnails and Grad-CAM maps of its error gallery) or false (no image in it)."
+        )
+    gallery = cfg.eval.report_gallery_size
+    if not _is_int(gallery) or not 0 <= gallery <= MAX_GALLERY_SIZE:
+        raise ConfigError(
+            f"eval.report_gallery_size={gallery!r} must be an integer from 0 to "
+            f"{MAX_GALLERY_SIZE}: the most images per group of report.html's error gallery "
+            "(default 12)."
+        )
     if cfg.get("data") is not None:
         _one_of("data.source", cfg.data.get("source"), list(DATA_SOURCES))
         _one_of("data.on_bad_file", cfg.data.on_bad_file, BAD_FILE_POLICIES)

@@ -44,6 +44,10 @@ POLICIES = ("youden", "max_f1", "sensitivity")
 CACHE_MODES = ("auto", True, False)
 # eval.split (evaluation/evaluate.py).
 SPLITS = ("val", "test", "all")
+# eval.report_gallery_size (evaluation/report_html.py): its default and largest value (each
+# gallery image is a thumbnail, an overlay and a Grad-CAM pass).
+GALLERY_SIZE = 12
+MAX_GALLERY_SIZE = 100
 # export's format and the file each writes (inference/deploy.py).
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 

@@ -1,5 +1,6 @@
 """Optional extras: export (ONNX), saliency (captum), sweeps (Optuna, submitit/SLURM), mlflow
-(logger=mlflow) and timm (model.net.arch=timm/<name>) are installed on demand
+(logger=mlflow), timm (model.net.arch=timm/<name>) and dicom (reading DICOM images) are
+installed on demand
 (`pip install -e '.[export]'`; `make install` installs all of them). A feature whose extra is
 missing says so in one sentence with the command, instead of an ImportError."""
 
@@ -18,6 +19,9 @@ EXTRAS = {
     "sweeps": ("hydra_plugins.hydra_optuna_sweeper", "hydra_plugins.hydra_submitit_launcher"),
     "mlflow": ("mlflow",),
     "timm": ("timm",),
+    # pydicom reads every DICOM file; the pylibjpeg plugins decode compressed pixel data, and
+    # their absence is said per file, for the transfer syntax that needs them (data/dicom.py).
+    "dicom": ("pydicom",),
 }
 
 

@@ -343,7 +343,8 @@ class TBDataModule(L.LightningDataModule):
             kept = {s.path for s in good}
             splits = {name: [s for s in side if s.path in kept] for name, side in splits.items()}
         else:
-            splits = self._split(good)
+            # DICOM files: the hashed PatientID is the patient the split keeps on one side.
+            splits = self._split(integrity.with_header_patients(good, infos))
         duplicates = integrity.find_duplicates(splits, infos, checks.near_duplicate_distance)
         dropped = integrity.apply_leak_policy(splits, duplicates, checks.on_leak)
         # The split file's classes were checked up front (config/checks.py) and a new split is
@@ -387,6 +388,15 @@ class TBDataModule(L.LightningDataModule):
             n_dup["exact_groups_across_split"],
             n_dup["near_pairs_across_split"],
         )
+        dicom = self.report["dicom"]
+        if dicom and dicom["flagged"]:
+            log.warning(
+                "%d of %d DICOM image(s) are not frontal chest radiographs by their header "
+                "(modality other than CR/DX/DR, or view other than PA/AP); they are used, and "
+                "listed under dicom.flagged in data_report.json.",
+                len(dicom["flagged"]),
+                dicom["images"],
+            )
         if self.test_samples:
             log.info(
                 "Held-out test split: %d (%s), evaluated once after training",

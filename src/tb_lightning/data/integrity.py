@@ -10,11 +10,13 @@ path, size and modification time), so a rescan of an unchanged folder reads no i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +31,7 @@ from tb_lightning.core.choices import PHASH_BITS, PHASH_SIZE
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.progress import report_progress
 from tb_lightning.core.signals import cancel_pending_on_stop, raise_if_stopped
+from tb_lightning.data.dicom import UnusableDicom, is_patient_key, read_pixels
 from tb_lightning.data.sources import Sample
 from tb_lightning.data.transforms import IMAGE_FORMATS, check_image_file, pil_to_rgb_array
 
@@ -36,7 +39,8 @@ log = logging.getLogger(__name__)
 
 # Bump when inspect_file changes what it stores, so old cache entries are not trusted.
 # 2: the file-size limit and `bytes`; no hash of a file the check refuses.
-CACHE_VERSION = 2
+# 3: DICOM files (format DICOM, with modality, view_position, patient and flags).
+CACHE_VERSION = 3
 # Files are hashed in chunks of this size: a large file never sits in memory whole.
 HASH_CHUNK_BYTES = 2**20
 # Split order: on a leak, `drop` keeps the copy on the earliest side and drops the later ones.
@@ -67,6 +71,14 @@ def inspect_file(path: str) -> dict[str, Any]:
         info["sha256"] = sha256_file(path)
     except OSError as err:
         return {**info, "problem": f"cannot be read ({err.strerror or err})"}
+    if info["format"] == "DICOM":
+        try:
+            pixels = read_pixels(path)  # what load_image decodes; gray as it is, RGB to L
+        except UnusableDicom as err:
+            return {**info, "problem": err.problem}
+        gray = Image.fromarray(pixels).convert("L")
+        info["phash"] = str(imagehash.phash(gray, hash_size=PHASH_SIZE))
+        return info
     try:
         with Image.open(path, formats=IMAGE_FORMATS) as image:
             image.load()  # a truncated PNG/JPEG fails here
@@ -172,6 +184,36 @@ def scan_pool(num_workers: int) -> Executor:
     if num_workers > 0:
         return ProcessPoolExecutor(num_workers)
     return ThreadPoolExecutor(min(16, os.cpu_count() or 1))
+
+
+def with_header_patients(
+    samples: Sequence[Sample], infos: Mapping[str, Mapping[str, Any]]
+) -> list[Sample]:
+    """The samples, each DICOM file's patient taken from its header (the hashed PatientID the
+    scan recorded: data/dicom.py patient_key) where its source gave the file name as the
+    patient, as class folders and a manifest without patient_id do: two studies of one patient
+    then stay on one side of the split. A patient the source states (NLM names, a manifest's
+    patient_id column) is kept. The key comes from the scan's infos, so it is cached with them.
+    """
+    result = []
+    for sample in samples:
+        key = (infos.get(sample.path) or {}).get("patient")
+        if key and sample.patient_id == Path(sample.path).stem:
+            sample = dataclasses.replace(sample, patient_id=key)
+        result.append(sample)
+    keys = Counter(s.patient_id for s in result if is_patient_key(s.patient_id))
+    if keys:
+        _, largest = keys.most_common(1)[0]
+        if largest >= 3 and largest > len(result) / 2:
+            log.warning(
+                "%d of %d images share one DICOM PatientID, so the split keeps them on one "
+                "side as one patient; if an anonymiser gave every file the same PatientID, "
+                "give each patient its own, or list the images in a manifest with a patient_id "
+                "column (data=manifest).",
+                largest,
+                len(result),
+            )
+    return result
 
 
 def apply_bad_file_policy(

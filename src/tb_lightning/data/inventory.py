@@ -86,6 +86,35 @@ def header_sizes(paths: Sequence[str], limit: int = UPSAMPLING_SAMPLE) -> list[t
     return sizes
 
 
+def dicom_report(
+    samples: Sequence[Sample], infos: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any] | None:
+    """What the DICOM images of the run are by their headers (None when there are none):
+    counts of `modalities` and `view_positions` ("" for none given), how many have their
+    `patient_from_header` (the hashed PatientID as the patient), and the `flagged` files: a
+    modality other than CR/DX/DR, or a view other than PA/AP (data/dicom.py flags_of). Only
+    codes and paths: no value that identifies a patient."""
+    dicom = [(s, infos[s.path]) for s in samples if infos.get(s.path, {}).get("format") == "DICOM"]
+    if not dicom:
+        return None
+    return {
+        "images": len(dicom),
+        "modalities": dict(Counter(i.get("modality", "") for _, i in dicom)),
+        "view_positions": dict(Counter(i.get("view_position", "") for _, i in dicom)),
+        "patient_from_header": sum(1 for s, i in dicom if s.patient_id == i.get("patient")),
+        "flagged": [
+            {
+                "path": s.path,
+                "modality": i.get("modality", ""),
+                "view_position": i.get("view_position", ""),
+                "flags": list(i.get("flags", [])),
+            }
+            for s, i in dicom
+            if i.get("flags")
+        ],
+    }
+
+
 def build_data_report(
     splits: Mapping[str, Sequence[Sample]],
     infos: Mapping[str, Mapping[str, Any]],
@@ -125,6 +154,8 @@ def build_data_report(
             "formats": dict(Counter(i["format"] for i in known)),
         },
         "upsampling": dict(upsampled) if upsampled else None,
+        # DICOM images: modalities, views, flags, patients from the header (None: no DICOM).
+        "dicom": dicom_report(used, infos),
         # Class weights of the loss: Normal 1, Tuberculosis #Normal / #TB of the train split.
         "class_weights": {
             "Normal": 1.0,

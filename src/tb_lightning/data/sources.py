@@ -24,10 +24,13 @@ from typing import Any
 
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
+from tb_lightning.data.dicom import is_dicom_file
 
 # Label 0 is the negative class, label 1 the positive one; metric names use these class names.
 # Keys one entry of data.sources may set (the rest come from the top-level data.* keys).
 SOURCE_KEYS = ("source", "root", "class_names", "class_map", "name")
+# PNG and JPEG by extension; DICOM by its .dcm extension or, without one, its content
+# (is_image_file).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
 KAGGLE_URL = "https://www.kaggle.com/datasets/tawsifurrahman/tuberculosis-tb-chest-xray-dataset"
 
@@ -43,10 +46,12 @@ class Sample:
 
 
 def is_image_file(path: Path) -> bool:
-    """True for visible files with a .png/.jpg/.jpeg extension in any case."""
-    return (
-        path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    """True for visible files with a .png/.jpg/.jpeg/.dcm extension in any case, and for DICOM
+    files without an extension (data/dicom.py is_dicom_file: the DICM preamble, read from
+    extension-less files only)."""
+    if not path.is_file() or path.name.startswith("."):
+        return False
+    return path.suffix.lower() in IMAGE_EXTENSIONS or is_dicom_file(path)
 
 
 def find_class_dir(root: Path, class_name: str) -> Path | None:
@@ -122,7 +127,8 @@ def parse_label(value: object, where: str) -> int:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Every visible .png/.jpg/.jpeg under folder, recursively, sorted; hidden folders skipped."""
+    """Every visible image (is_image_file) under folder, recursively, sorted; hidden folders
+    skipped."""
     return sorted(
         p
         for p in folder.rglob("*")
@@ -135,7 +141,9 @@ def class_folder_images(folder: Path, fix: str) -> list[Path]:
     """image_files of one class's folder; an empty one is an error that ends with `fix`."""
     paths = image_files(folder)
     if not paths:
-        raise DataError(f"Class folder {folder} holds no .png/.jpg/.jpeg images; {fix}.")
+        raise DataError(
+            f"Class folder {folder} holds no .png/.jpg/.jpeg images (nor DICOM files); {fix}."
+        )
     return paths
 
 
@@ -169,7 +177,9 @@ def scan_nlm(root: str | Path, source: str | None = None) -> list[Sample]:
             )
         samples.append(Sample(str(path), label, f"{prefix}_{match['number']}", source or prefix))
     if not samples:
-        raise DataError(f"data.root={root} holds no .png/.jpg/.jpeg images; fix data.root.")
+        raise DataError(
+            f"data.root={root} holds no .png/.jpg/.jpeg images (nor DICOM files); fix data.root."
+        )
     return samples
 
 

@@ -15,6 +15,14 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from tb_lightning.core.errors import DataError
+from tb_lightning.data.dicom import (
+    MAGIC,
+    PREAMBLE_BYTES,
+    UnusableDicom,
+    check_header,
+    is_dicom_content,
+    read_pixels,
+)
 from tb_lightning.data.preprocess import preprocess_steps
 
 # The backbones are ImageNet models, so inputs are normalised with ImageNet statistics.
@@ -35,6 +43,8 @@ MAX_FILE_BYTES = 256 * 2**20
 # camera's multi-picture JPEG, as MPO). No other PIL plugin ever sees a file (EPS, for one,
 # hands the file to Ghostscript).
 IMAGE_FORMATS = ("PNG", "JPEG")
+# DICOM files (data/dicom.py: a .dcm name or the DICM preamble) never reach PIL; their header is
+# read by pydicom, and check_image_file's `format` says "DICOM".
 
 
 class BadImageError(DataError):
@@ -52,9 +62,12 @@ def check_image_file(path: str | Path) -> dict[str, Any]:
     The one check of every image, wherever it is decoded: the scan (data/integrity.py), training,
     eval and predict (via load_image). In order: a regular file (a `.png` link to /dev/zero
     would never end); its size from stat, nothing read (at most MAX_FILE_BYTES); its header
-    only (PIL reads no pixel at open): a PNG or JPEG whose sides are within MIN_SIDE..MAX_SIDE.
-    Returns {"problem": None or the reason, "bytes", "width", "height", "mode", "format"} (as
-    far as it got). Truncated pixel data is found only by decoding (load_image, the scan).
+    only (PIL reads no pixel at open; pydicom stops before the pixel data): a PNG, JPEG or
+    DICOM image whose sides are within MIN_SIDE..MAX_SIDE. Returns {"problem": None or the
+    reason, "bytes", "width", "height", "mode", "format"} (as far as it got); a DICOM file's
+    also holds bits_stored, modality, view_position, patient (the hashed PatientID or None) and
+    flags (data/dicom.py check_header). Truncated pixel data is found only by decoding
+    (load_image, the scan).
     """
     try:
         info = os.stat(path)
@@ -79,6 +92,17 @@ def check_image_file(path: str | Path) -> dict[str, Any]:
         return {**result, "problem": f"cannot be read ({err.strerror or err})"}
     with f:
         try:
+            head = f.read(PREAMBLE_BYTES + len(MAGIC))
+            f.seek(0)
+        except OSError as err:
+            return {**result, "problem": f"cannot be read ({err.strerror or err})"}
+        if is_dicom_content(path, head):
+            result.update(check_header(path))
+            if result["problem"]:
+                return result
+            width, height = result["width"], result["height"]
+            return {**result, "problem": side_problem(width, height)}
+        try:
             with Image.open(f, formats=IMAGE_FORMATS) as image:
                 width, height = image.size
                 result.update(width=width, height=height, mode=image.mode, format=image.format)
@@ -93,11 +117,16 @@ def check_image_file(path: str | Path) -> dict[str, Any]:
             }
         except (OSError, SyntaxError, ValueError) as err:
             return {**result, "problem": f"truncated or corrupt image header ({err})"}
+    return {**result, "problem": side_problem(width, height)}
+
+
+def side_problem(width: int, height: int) -> str | None:
+    """Why an image of this size is refused (MIN_SIDE..MAX_SIDE a side), or None."""
     if max(width, height) > MAX_SIDE:
-        result["problem"] = f"huge image ({width}x{height} px, more than {MAX_SIDE} px)"
-    elif min(width, height) < MIN_SIDE:
-        result["problem"] = f"tiny image ({width}x{height} px, less than {MIN_SIDE} px)"
-    return result
+        return f"huge image ({width}x{height} px, more than {MAX_SIDE} px)"
+    if min(width, height) < MIN_SIDE:
+        return f"tiny image ({width}x{height} px, less than {MIN_SIDE} px)"
+    return None
 
 
 def pil_to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -145,12 +174,19 @@ def load_image(path: str | Path) -> torch.Tensor:
     check_image_file runs first, so a huge, tiny or non-image file is refused (BadImageError)
     before any decoder allocates its pixels. PNGs are decoded by PIL (decode_png: torchvision's
     PNG decoder crashes on corrupt data); JPEGs by torchvision.io in C++ (faster than PIL,
-    CMYK included), with PIL as the fallback for what it rejects. A truncated or corrupt file
+    CMYK included), with PIL as the fallback for what it rejects; DICOM files by pydicom, as a
+    viewer shows them, then 8-bit (data/dicom.py read_pixels). A truncated or corrupt file
     fails in the decoders and is refused the same way.
     """
     info = check_image_file(path)
     if info["problem"]:
         raise BadImageError(path, info["problem"])
+    if info["format"] == "DICOM":
+        try:
+            pixels = read_pixels(path)
+        except UnusableDicom as err:
+            raise BadImageError(path, err.problem) from None
+        return array_to_tensor(pixels)
     try:
         if info["format"] == "PNG":
             return decode_png(path)
@@ -164,6 +200,13 @@ def load_image(path: str | Path) -> torch.Tensor:
         problem = f"truncated or corrupt {info['format']} ({err})"
         raise BadImageError(path, problem) from None
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def array_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """A uint8 (H, W) gray or (H, W, 3) RGB array as a (3, H, W) tensor, as decode_png returns."""
+    if pixels.ndim == 2:
+        return torch.from_numpy(np.repeat(pixels[None], 3, axis=0))
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
 def build_transform(image_size: int, preprocess: Mapping[str, Any] | None = None) -> v2.Compose:

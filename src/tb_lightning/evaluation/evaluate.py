@@ -6,6 +6,8 @@ import contextlib
 import csv
 import json
 import logging
+import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,12 @@ from tb_lightning.evaluation.report import (
     format_split_block,
     reference_report_metrics,
     screening_summary,
+)
+from tb_lightning.evaluation.report_html import (
+    GALLERY_SIZE,
+    PageData,
+    build_gallery,
+    write_report_html,
 )
 from tb_lightning.inference.seen import (
     Seen,
@@ -243,8 +251,14 @@ def evaluate_samples(
     device: torch.device | None = None,
     on_bad_file: str = "error",
     split_file: Path | None = None,
+    report_images: bool = True,
+    gallery_size: int = GALLERY_SIZE,
 ) -> tuple[dict[str, Any], str]:
     """Predict, compute every number with its CI, write the run dir; return (metrics, report).
+
+    report.html (evaluation/report_html.py) shows the same numbers with the figures and an
+    error gallery of at most `gallery_size` images per group (eval.report_gallery_size), with
+    thumbnails and Grad-CAM overlays unless `report_images` is false (eval.report_images).
 
     Every image gets the scan's checks (via TrainedModel.predict). Bad files follow `on_bad_file`
     (data.on_bad_file: error stops at the first, skip leaves them out of every number and lists
@@ -306,7 +320,7 @@ def evaluate_samples(
         **scores,
     }
     note = optimism_note(split, threshold_source)
-    report = format_threshold_header(
+    header = format_threshold_header(
         relative_path(loaded.checkpoint_path, output_dir),
         threshold,
         threshold_source,
@@ -315,19 +329,27 @@ def evaluate_samples(
         loaded.ensemble_folds,
         describe_trained(*trained_lists(loaded)),
     )
+    # The lines after the header, as (kind, text): report.txt prints them in this order,
+    # report.html places each where it belongs.
+    notes: list[tuple[str, str]] = []
     seen_line = seen_warning(seen_counts, split)
     if seen_line:
         log.warning("%s", seen_line)
-        report += f"SEEN IN TRAINING: {seen_line}\n"
+        notes.append(("seen", f"SEEN IN TRAINING: {seen_line}\n"))
     if loaded.calibration:  # the model divided its logits by T: T x them are the raw ones
         raw = predictions.logits.astype(np.float64) * loaded.calibration["temperature"]
-        report += describe_calibration(loaded.calibration, raw, labels)
+        notes.append(("calibration", describe_calibration(loaded.calibration, raw, labels)))
     if skipped:
-        report += (
-            f"Left out: {len(skipped)} bad file(s) (data.on_bad_file=skip), listed in skipped.csv\n"
+        notes.append(
+            (
+                "skipped",
+                f"Left out: {len(skipped)} bad file(s) (data.on_bad_file=skip), listed in "
+                "skipped.csv\n",
+            )
         )
     if any(s.source in synthetic_sources() for s in samples):
-        report += SYNTHETIC_BANNER
+        notes.append(("synthetic", SYNTHETIC_BANNER))
+    report = header + "".join(text for _, text in notes)
     report += "\n" + format_split_block(scores, split, n_bootstrap, note)
     atomic_write_json(output_dir / "metrics.json", metrics)
     atomic_write(output_dir / "report.txt", report)
@@ -354,6 +376,37 @@ def evaluate_samples(
     )
     figures = evaluation_figures(probs, labels, overall, uncalibrated, subject)
     write_figures(figures, output_dir, scalars, report)
+    # Last: it embeds the figures just written.
+    started = time.perf_counter()
+    gallery = build_gallery(
+        loaded,
+        [s.path for s in samples],
+        [image_path(s.path, root) for s in samples],
+        [source_of(s) for s in samples],
+        labels,
+        probs,
+        threshold,
+        [mark.role for mark in seen] if seen is not None else None,
+        split,
+        size=gallery_size,
+        images=report_images,
+        device=device,
+    )
+    page = PageData(
+        split_file=relative_path(split_file, output_dir) if split_file is not None else None,
+        sources=dict(sorted(Counter(source_of(s) for s in samples).items())),
+    )
+    html = write_report_html(output_dir, metrics, header, notes, gallery, page, n_bootstrap, note)
+    log.info(
+        "Wrote %s (%d kB; %d gallery cards%s) in %.1f s",
+        html.name,
+        round(html.stat().st_size / 1024),
+        sum(len(cases) for cases, _ in gallery.groups.values()),
+        ", thumbnails and Grad-CAM"
+        if gallery.gradcam
+        else (", thumbnails" if gallery.images else ", no images"),
+        time.perf_counter() - started,
+    )
     return metrics, report
 
 

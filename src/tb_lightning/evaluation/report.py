@@ -40,6 +40,18 @@ MIN_CLASS_IMAGES = 10
 # table, in its order: metrics.json's `ci` and `ci_method` follow it).
 CI_METHODS = {m.key: m.interval for m in SCREENING}
 LABELS = {m.key: m.label for m in SCREENING}
+# Beside a bootstrap interval of zero width as printed (e.g. AUROC 1 when the classes never
+# overlap, or an ECE whose resamples differ only past the third decimal).
+ZERO_WIDTH_NOTE = "zero width: every resample gave this value; not certainty"
+
+
+def looks_zero_width(ci: Sequence[float | None], digits: int = 3) -> bool:
+    """Whether an interval prints as one number ([0.130, 0.130]): it would read as certainty,
+    so the reports mark it with ZERO_WIDTH_NOTE."""
+    low, high = ci[0], ci[1]
+    return low is not None and high is not None and _fmt(low, digits) == _fmt(high, digits)
+
+
 # The headings of the screening table's sections; the one at the threshold names it.
 SECTION_HEADINGS = {
     RANKING_SECTION: "threshold-free:",
@@ -218,15 +230,21 @@ def format_screening_table(summary: Mapping[str, Any], n_bootstrap: int) -> str:
             lines.append(_rate_row(summary, m, fractions[m.key]))
         else:
             lines.append(_bootstrap_row(summary, m))
+    lines.append(who_line(summary))
+    return "\n".join(lines) + "\n"
+
+
+def who_line(summary: Mapping[str, Any]) -> str:
+    """The WHO check of a summary at its threshold, by the point estimates and by the lower
+    ends of the Wilson intervals (report.txt's last table line, report.html's verdict)."""
     who = summary["who_screening_minimum"]
     verdict = "MET" if who["met"] else "NOT met"
     strict = "met" if who["met_by_lower_ci"] else "not met"
-    lines.append(
+    return (
         f"WHO screening minimum (sensitivity >= {who['sensitivity']:.2f}, specificity >= "
         f"{who['specificity']:.2f}) at p_tb >= {threshold_text(summary['threshold'])}: {verdict} "
         f"(by the lower Wilson 95% bounds: {strict})"
     )
-    return "\n".join(lines) + "\n"
 
 
 def _rate_row(summary: Mapping[str, Any], m: Metric, fraction: str) -> str:
@@ -236,12 +254,11 @@ def _rate_row(summary: Mapping[str, Any], m: Metric, fraction: str) -> str:
 
 
 def _bootstrap_row(summary: Mapping[str, Any], m: Metric) -> str:
-    """A bootstrap figure's row; an interval of zero width (every resample gave the same value,
-    e.g. AUROC 1 when the classes never overlap) is marked as no proof of certainty."""
-    low, high = summary["ci"][m.key]
+    """A bootstrap figure's row; an interval of zero width as printed (every resample gave the
+    same value, e.g. AUROC 1 when the classes never overlap) is marked as no proof of certainty."""
     row = f"{m.label:<19}{_fmt(summary[m.key]):>7}   {_interval(summary['ci'][m.key])}"
-    if low is not None and low == high:
-        row += "  (zero width: every resample gave this value; not certainty)"
+    if looks_zero_width(summary["ci"][m.key]):
+        row += f"  ({ZERO_WIDTH_NOTE})"
     return row
 
 

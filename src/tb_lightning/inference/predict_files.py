@@ -19,7 +19,9 @@ from tb_lightning.core.artefacts import (
 from tb_lightning.core.atomic import atomic_write_csv
 from tb_lightning.core.errors import DataError
 from tb_lightning.core.labels import CLASS_NAMES
-from tb_lightning.data.sources import IMAGE_EXTENSIONS
+from tb_lightning.data.dicom import is_dicom_content, read_head
+from tb_lightning.data.sources import is_image_file
+from tb_lightning.data.transforms import check_image_file
 from tb_lightning.inference.saliency import SaliencyMap, write_saliency_maps
 from tb_lightning.inference.seen import Seen, describe_seen, role_counts, seen_in_training
 from tb_lightning.trained.model import TrainedModel
@@ -37,15 +39,20 @@ PREDICTION_COLUMNS = (
     # (sha256, path, patient, phash:<bits>): inference/seen.py.
     "seen_in_training",
     "seen_by",
+    # A DICOM input's Modality and ViewPosition codes (empty for PNG/JPEG, or when the header
+    # has none); a value other than CR/DX/DR or PA/AP is logged as flagged (data/dicom.py).
+    "modality",
+    "view_position",
 )
 
 
 def collect_inputs(input_path: str | Path | None) -> list[str]:
     """The image paths named by `input`: one file, a folder (recursive), or a CSV's path column.
 
-    Folder entries without an image extension are left out (and counted in the log); files that
-    are named but cannot be used (missing, unreadable, not an image, truncated, huge, tiny) are
-    kept here and reported as skipped after prediction.
+    Folder entries that are not images (sources.is_image_file: no .png/.jpg/.jpeg/.dcm
+    extension, and no DICOM preamble in an extension-less file) are left out (and counted in
+    the log); files that are named but cannot be used (missing, unreadable, not an image,
+    truncated, huge, tiny) are kept here and reported as skipped after prediction.
     """
     path = Path(input_path).expanduser().resolve()
     if not path.exists():
@@ -55,11 +62,11 @@ def collect_inputs(input_path: str | Path | None) -> list[str]:
         )
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        images = [str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        images = [str(p) for p in files if is_image_file(p)]
         if len(files) > len(images):
             log.info("Ignored %d non-image file(s) in %s", len(files) - len(images), path)
         if not images:
-            raise DataError(f"input={path} holds no .png/.jpg/.jpeg images.")
+            raise DataError(f"input={path} holds no .png/.jpg/.jpeg images (nor DICOM files).")
         return images
     if path.suffix.lower() == ".csv":
         with path.open(newline="") as f:
@@ -77,6 +84,24 @@ def collect_inputs(input_path: str | Path | None) -> list[str]:
     return [str(path)]
 
 
+def dicom_codes(paths: list[str]) -> dict[str, dict[str, object]]:
+    """path -> {modality, view_position, flags} of each readable DICOM input, from its header
+    (transforms.check_image_file; no pixel decoded); of a PNG or JPEG input only the first 132
+    bytes are read, which tell it is not DICOM."""
+    codes: dict[str, dict[str, object]] = {}
+    for path in paths:
+        if not is_dicom_content(path, read_head(path)):
+            continue
+        info = check_image_file(path)
+        if info.get("format") == "DICOM" and not info["problem"]:
+            codes[path] = {
+                "modality": info["modality"],
+                "view_position": info["view_position"],
+                "flags": info["flags"],
+            }
+    return codes
+
+
 def write_predictions(
     output_dir: Path,
     paths: list[str],
@@ -85,6 +110,7 @@ def write_predictions(
     threshold_source: str,
     saliency: list[SaliencyMap] | None = None,
     seen: list[Seen] | None = None,
+    codes: dict[str, dict[str, object]] | None = None,
 ) -> tuple[Path, Path | None]:
     """predictions.csv for the usable images and skipped.csv (path, reason) for the rest, with
     predictions.json naming once the data root their image paths are relative to (the inputs'
@@ -92,6 +118,7 @@ def write_predictions(
     output_dir, numbers written as core/artefacts.py says.
 
     `seen` (one per path) fills seen_in_training and seen_by; without it they stay empty.
+    `codes` (dicom_codes) fills modality and view_position of DICOM inputs; empty otherwise.
 
     With Grad-CAM figures: their path (`saliency`), the share of the map's mass in the image
     border (`saliency_border_share`, 3 decimals; empty for an empty map) and `saliency_flag`:
@@ -117,6 +144,8 @@ def write_predictions(
         row = [image_path(path, root), probability_text(p, threshold), label, CLASS_NAMES[label]]
         row.append(threshold_text(threshold))
         row += [mark.role, mark.by]
+        dicom = (codes or {}).get(path, {})
+        row += [dicom.get("modality", ""), dicom.get("view_position", "")]
         if saliency is not None:
             figure = next(readable_saliency)
             share = "" if figure.border_share is None else f"{figure.border_share:.3f}"
@@ -182,8 +211,9 @@ def run_prediction(
             device=device,
         )
     seen = seen_in_training(loaded, paths, num_workers=num_workers)
+    codes = dicom_codes(readable)
     predictions_csv, skipped_csv = write_predictions(
-        output_dir, paths, predictions, threshold, threshold_source, maps, seen
+        output_dir, paths, predictions, threshold, threshold_source, maps, seen, codes
     )
     n_tb = int((predictions.probs[predictions.readable] >= threshold).sum())
     log.info(
@@ -194,6 +224,16 @@ def run_prediction(
         threshold_text(threshold),
         predictions_csv,
     )
+    flagged = sum(1 for c in codes.values() if c["flags"])
+    if flagged:
+        log.warning(
+            "%d of %d DICOM input(s) are not frontal chest radiographs by their header "
+            "(modality other than CR/DX/DR, or view other than PA/AP): their p_tb is that of an "
+            "image unlike the training images; see the modality and view_position columns of %s.",
+            flagged,
+            len(codes),
+            predictions_csv,
+        )
     if seen is not None:
         log_seen([s for s, ok in zip(seen, predictions.readable, strict=True) if ok])
     if skipped_csv:

@@ -7,8 +7,10 @@ hash (written by the DataModule); an input matches a row by:
 
 - `sha256`: the same file bytes;
 - `path`: the same file (links resolved), for rows of an older split.csv without hashes;
-- `patient`: the same patient of a known source, from the file name alone (the NLM naming
-  `<PREFIX>_<number>_<0|1>` gives patient `<PREFIX>_<number>`); other names carry no patient;
+- `patient`: the same patient of a known source, from the file name (the NLM naming
+  `<PREFIX>_<number>_<0|1>` gives patient `<PREFIX>_<number>`; other names carry no patient),
+  or for a DICOM file the hashed PatientID of its header (data/dicom.py patient_key), which
+  split.csv's patient_id holds for DICOM rows;
 - `phash:<d>`: a perceptual hash at most the run's `near_duplicate_distance` bits away
   (data_report.json; `d` is the distance), a resized or recompressed copy.
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tb_lightning.data.dicom import is_patient_key
 from tb_lightning.data.integrity import inspect_files, near_pairs
 from tb_lightning.data.sources import NLM_NAME
 from tb_lightning.trained.model import TrainedModel
@@ -137,9 +140,12 @@ def add_split_file(index: TrainingIndex, split_file: Path) -> bool:
                 if phash:
                     phashes[phash] = better_role(phashes.get(phash), role)
                 hashed += bool(sha256 or phash)
-                patient = patient_of(row["path"])
-                if patient is not None:
-                    index.by_patient[patient] = better_role(index.by_patient.get(patient), role)
+                # The NLM name's patient, and a DICOM row's hashed PatientID (split.csv's
+                # patient_id): an input may match either.
+                dicom = row.get("patient_id") if is_patient_key(row.get("patient_id")) else None
+                for patient in (patient_of(row["path"]), dicom):
+                    if patient is not None:
+                        index.by_patient[patient] = better_role(index.by_patient.get(patient), role)
     except (OSError, UnicodeDecodeError, csv.Error):
         return False
     index.split_files.append(split_file)
@@ -194,9 +200,9 @@ def match_inputs(
             key = same_file_key(path)
             if key in index.by_path:
                 offer(i, index.by_path[key], "path")
-        patient = patient_of(path)
-        if patient is not None and patient in index.by_patient:
-            offer(i, index.by_patient[patient], "patient")
+        for patient in (patient_of(path), info.get("patient")):  # NLM name, DICOM PatientID
+            if patient is not None and patient in index.by_patient:
+                offer(i, index.by_patient[patient], "patient")
     # A train row matched by bytes, path or patient cannot be beaten: such inputs skip the
     # perceptual comparison.
     todo = [
