@@ -153,11 +153,14 @@ def tiny_classifier(
     preprocess: Mapping[str, Any] | None = None,
     pos_weight: float = 2.0,
     model_threshold: float = 0.5,
+    tta: str | None = None,
+    loss: str = "bce",
+    focal_gamma: float | None = None,
     **net: Any,
 ):
     """A TBClassifier of TINY_NET (`net` overrides its keys) with weights drawn from `seed`, in
     eval mode, as training leaves one (pos_weight set from the train split); model_threshold is
-    its model.threshold."""
+    its model.threshold; tta, loss and focal_gamma its model.tta, model.loss, model.focal_gamma."""
     import logging
 
     import torch
@@ -175,6 +178,9 @@ def tiny_classifier(
             optimizer=TINY_OPTIMIZER,
             threshold=model_threshold,
             preprocess=preprocess,
+            tta=tta,
+            loss=loss,
+            focal_gamma=focal_gamma,
         )
     finally:
         net_log.setLevel(level)

@@ -34,6 +34,7 @@ from tb_lightning.models.backbones import (
     TIMM_PREFIX,
     backbone,
     check_backbone,
+    imagenet_refusal,
 )
 from tb_lightning.models.classifier import TBClassifier
 from tb_lightning.models.net import build_net
@@ -145,7 +146,10 @@ def test_every_backbone_trains_with_the_default_feature_cache(arch, phantom_root
 def test_the_registry_is_the_one_list_of_backbones():
     assert tuple(REGISTRY) == ARCHS and MIN_IMAGE_SIZE.keys() == set(ARCHS)
     for name, record in REGISTRY.items():
-        assert record.name == name and record.imagenet  # torchvision's, ImageNet offered
+        assert record.name == name
+        # ImageNet weights offered for torchvision's backbones; refused in one sentence otherwise.
+        assert record.imagenet == (record.library == "torchvision")
+        assert (imagenet_refusal(name) is None) == record.imagenet
         check_image_size(record.min_image_size, name)
         with pytest.raises(ConfigError, match=f"too small for {name}"):
             check_image_size(record.min_image_size - 1, name)
@@ -326,3 +330,25 @@ def test_timm_channels_are_those_the_model_gives():
     assert net.head[1].in_features == 1024
     assert net.eval()(torch.randn(1, 3, 64, 64)).shape == (1,)
     assert net.batchnorm  # read from the trunk: timm records cannot know it without torch
+
+
+# --- compact_tb: the project's own network ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "params"), [(128, 681_841), (256, 1_468_273)])
+def test_compact_tb_has_the_published_size_and_one_logit(size, params):
+    # LightTBNet's ~1.5 M parameters at 256 px: the head reads the whole 16-channel map.
+    net = build_net(
+        arch="compact_tb", weights=None, freeze_features=False, hidden_dim=256, image_size=size
+    )
+    assert sum(p.numel() for p in net.parameters()) == params
+    features = net.features(torch.randn(2, 3, size, size))
+    assert features.shape == (2, 16, size // 16, size // 16)
+    assert net(torch.randn(2, 3, size, size)).shape == (2,)
+    # One input channel: the 3 repeated ones are averaged first.
+    assert net.features.stem[0].in_channels == 1
+
+
+def test_compact_tb_refuses_imagenet_weights_in_one_sentence():
+    with pytest.raises(WeightsError, match=r"^model.net.weights=imagenet is not offered for "):
+        build_net(arch="compact_tb", weights="imagenet", image_size=128)

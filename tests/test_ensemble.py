@@ -28,6 +28,7 @@ from conftest import (
     run_cli,
 )
 from tb_lightning.core.artefacts import read_data_root
+from tb_lightning.core.errors import ConfigError
 from tb_lightning.core.tasks import run_task
 from tb_lightning.data.split import read_split_csv
 from tb_lightning.data.transforms import build_transform, load_image
@@ -151,6 +152,51 @@ def test_eval_of_a_kfold_directory_scores_the_shared_test_split(
     assert refused.value.code == 1
     assert "eval.split=val of the ensemble" in caplog.text
     assert not (tmp_path / "v" / "metrics.json").exists()
+
+
+def test_a_screening_policy_on_the_command_line_rechooses_the_ensembles_threshold(
+    kfold_dir, members, tmp_path, caplog
+):
+    """threshold.policy=sensitivity on eval's (and predict's) command line: the ensemble's
+    threshold chosen on the same out-of-fold predictions by that policy, said so in the report;
+    a single checkpoint, whose threshold was chosen in training, is refused in one sentence."""
+    from tb_lightning.trained.load import load_trained_model
+
+    oof_probs, oof_labels = [], []
+    for k, member in enumerate(members):
+        _, val = read_split_csv(kfold_dir / str(k) / "split.csv")
+        oof_probs.append(1 / (1 + np.exp(-logits_of(member.model, [s.path for s in val], 64))))
+        oof_labels += [s.label for s in val]
+    expected = choose_threshold(
+        np.concatenate(oof_probs), np.array(oof_labels), "sensitivity", 0.75
+    )
+    policy = ["threshold.policy=sensitivity", "threshold.target=0.75"]
+    out = tmp_path / "eval"
+    evaluate(eval_config(kfold_dir, out, "eval.split=test", "eval.report_images=false", *policy))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["threshold"]["value"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["threshold"]["source"].endswith(
+        "by threshold.policy=sensitivity, target 0.75 (given on the command line; the members "
+        "were trained with threshold.policy=youden)"
+    )
+    # predict, export and eval load through one function: the same threshold.
+    loaded = load_trained_model(kfold_dir, policy="sensitivity", target=0.75)
+    assert loaded.stored_threshold["value"] == metrics["threshold"]["value"]
+
+    with pytest.raises(ConfigError, match="is one checkpoint, whose threshold was chosen"):
+        load_trained_model(kfold_dir / "0" / "checkpoints" / "best.ckpt", policy="sensitivity")
+    cfg = eval_config(kfold_dir, tmp_path / "both", "threshold.value=0.4", *policy)
+    with pytest.raises(SystemExit):
+        run_task(check_and_evaluate, cfg)
+    assert "both set the operating threshold: keep one" in caplog.text
+
+
+def check_and_evaluate(cfg) -> None:
+    """What the entry point does: the config checks, then the evaluation."""
+    from tb_lightning.config.checks import check_eval_values
+
+    check_eval_values(cfg)
+    evaluate(cfg)
 
 
 def test_the_kfold_multirun_summarises_its_folds_as_one_configuration(kfold_dir):

@@ -81,7 +81,7 @@ def test_seed_report_format():
     }
     report = format_reference_report(values, "val", threshold=0.4321)
     assert report.startswith(
-        "At p_tb >= 0.432100 (the loss is threshold-free):\n"
+        "At p_tb >= 0.432100 (the loss, weighted BCE, is threshold-free):\n"
         "Validation loss: 0.019457, Validation acc: 99.333333,\n"
         "for class Normal:\n"
         " validation precision: 0.994024, validation recall: 0.998000 , validation F1: 0.996008\n"

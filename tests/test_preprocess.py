@@ -93,7 +93,16 @@ def test_the_classifier_takes_the_preprocessing_from_the_data_module(phantom_roo
     model.setup("fit")
     assert model.hparams["preprocess"] == SPEC == datamodule.preprocess
     assert model.hparams_initial["preprocess"] == SPEC
-    assert list(model.hparams) == ["net", "optimizer", "threshold", "scheduler", "preprocess"]
+    assert list(model.hparams) == [
+        "net",
+        "optimizer",
+        "threshold",
+        "scheduler",
+        "preprocess",
+        "tta",
+        "loss",
+        "focal_gamma",
+    ]
 
 
 @pytest.fixture(scope="module")

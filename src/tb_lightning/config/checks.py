@@ -40,12 +40,14 @@ from tb_lightning.core.choices import (
     FORMATS,
     LEAK_POLICIES,
     LESION_MIXES,
+    LOSSES,
     MAX_GALLERY_SIZE,
     PHASH_BITS,
     POLICIES,
     PREPROCESS_NAMES,
     SCHEDULERS,
     SPLITS,
+    TTA_MODES,
 )
 from tb_lightning.core.errors import ConfigError, WeightsError
 from tb_lightning.core.extras import require as require_extra
@@ -170,6 +172,21 @@ def check_threshold_value(value: Any) -> None:
         raise ConfigError(f"threshold.value={value} must be in (0, 1), e.g. 0.3.")
 
 
+def check_threshold_override(threshold: Mapping[str, Any]) -> None:
+    """eval's, predict's and export's threshold.value or threshold.policy (an ensemble's
+    threshold re-chosen on its out-of-fold predictions): one of them at most."""
+    check_threshold_value(threshold.get("value"))
+    policy = threshold.get("policy")
+    if policy is None:
+        return
+    check_policy(policy, threshold.get("target"))
+    if threshold.get("value") is not None:
+        raise ConfigError(
+            f"threshold.value={threshold.get('value')} and threshold.policy={policy} both set the "
+            "operating threshold: keep one."
+        )
+
+
 def check_policy(policy: Any, target: Any = None) -> None:
     """threshold.policy and, for the sensitivity policy, threshold.target."""
     _one_of("threshold.policy", policy, POLICIES)
@@ -177,6 +194,24 @@ def check_policy(policy: Any, target: Any = None) -> None:
         raise ConfigError(
             f"threshold.target={target!r} must be a sensitivity in (0, 1], e.g. 0.95, "
             "for threshold.policy=sensitivity."
+        )
+
+
+def check_loss(loss: Any, focal_gamma: Any) -> None:
+    """model.loss and model.focal_gamma: a gamma with the BCE would be a sweep of identical
+    runs, so it is refused rather than ignored."""
+    _one_of("model.loss", loss, LOSSES)
+    if focal_gamma is None:
+        return
+    if loss != "focal":
+        raise ConfigError(
+            f"model.focal_gamma={focal_gamma!r} is only used by the focal loss: add "
+            "model.loss=focal, or drop model.focal_gamma (model.loss=bce has no gamma)."
+        )
+    if not _is_number(focal_gamma) or not 0 <= focal_gamma <= 10:
+        raise ConfigError(
+            f"model.focal_gamma={focal_gamma!r} must be a number from 0 to 10 (0 is the "
+            "weighted BCE; 2 is the usual choice)."
         )
 
 
@@ -220,6 +255,13 @@ def check_model(model: Mapping[str, Any], max_epochs: Any = None) -> None:
     threshold = model["threshold"]
     if not _is_number(threshold) or not 0 < threshold < 1:
         raise ConfigError(f"model.threshold={threshold!r} must be a number in (0, 1).")
+    tta = model.get("tta")
+    if tta is not None and tta not in TTA_MODES:
+        raise ConfigError(
+            f"model.tta={tta!r} must be null (no test-time augmentation) or one of "
+            f"{list(TTA_MODES)}."
+        )
+    check_loss(model.get("loss", "bce"), model.get("focal_gamma"))
     check_scheduler(model["scheduler"], max_epochs)
 
 
@@ -233,6 +275,56 @@ def check_fused_option(optimizer: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"model.optimizer._target_={optimizer['_target_']} has no `fused` argument; "
             "add ~model.optimizer.fused to the command line."
+        )
+
+
+# The callbacks.* key of callbacks=swa (conf/callbacks/swa.yaml, engine/averaging.py).
+WEIGHT_AVERAGING_KEY = "weight_averaging"
+
+
+def check_weight_averaging(callbacks: Mapping[str, Any] | None, max_epochs: Any) -> None:
+    """callbacks=swa: when averaging starts, and no callback that would report or stop on an
+    unaveraged epoch (a monitored best.ckpt, early stopping)."""
+    callbacks = callbacks or {}
+    averaging = callbacks.get(WEIGHT_AVERAGING_KEY)
+    if not averaging:
+        return
+    for key, why in (
+        (
+            "model_checkpoint",
+            "its best.ckpt, chosen on the validation split, would be an unaveraged epoch",
+        ),
+        ("early_stopping", "it would stop training before the average is made"),
+    ):
+        if callbacks.get(key):
+            raise ConfigError(
+                f"callbacks.{key} cannot be used with callbacks=swa: {why}; drop it "
+                f"(callbacks.{key}=null), or train without weight averaging."
+            )
+    swa_lrs = averaging.get("swa_lrs")
+    if not _is_number(swa_lrs) or swa_lrs <= 0:
+        raise ConfigError(
+            f"callbacks.weight_averaging.swa_lrs={swa_lrs!r} must be a number > 0: the learning "
+            "rate of the averaged epochs."
+        )
+    start = averaging.get("swa_epoch_start", 0.75)
+    if not _is_int(max_epochs) or max_epochs < 3:
+        raise ConfigError(
+            f"callbacks=swa needs trainer.max_epochs of 3 or more (it is {max_epochs!r}): the "
+            "weights of several epochs are averaged."
+        )
+    # Lightning counts swa_epoch_start from 1 and adds the weights at the start of epochs
+    # swa_epoch_start .. max_epochs (from 1): starting at 1 would add the random initial
+    # weights, starting at max_epochs would average one epoch.
+    first = int(max_epochs * start) if isinstance(start, float) else start
+    if not (_is_number(start) and _is_int(first) and 2 <= first <= max_epochs - 1) or (
+        isinstance(start, float) and not 0 < start < 1
+    ):
+        raise ConfigError(
+            f"callbacks.weight_averaging.swa_epoch_start={start!r} must be a share of "
+            f"trainer.max_epochs in (0, 1) (e.g. 0.75) or an epoch from 2 to {max_epochs - 1} "
+            f"(counted from 1, as Lightning counts it), so that at least two epochs are averaged "
+            f"and not the initial weights (with max_epochs={max_epochs} it is epoch {first!r})."
         )
 
 
@@ -591,6 +683,7 @@ def check_train_values(cfg: DictConfig) -> None:
         raise ConfigError(f"seed={seed!r} must be an integer, or null for an unseeded run.")
     check_trainer(cfg.trainer)
     check_model(cfg.model, cfg.trainer.get("max_epochs"))
+    check_weight_averaging(cfg.get("callbacks"), cfg.trainer.get("max_epochs"))
     check_data(cfg.data, cfg.model.get("net", {}).get("arch", "alexnet"))
     check_policy(cfg.threshold.policy, cfg.threshold.target)
     _one_of("calibration", cfg.get("calibration") or "none", ("none", "temperature"))
@@ -649,7 +742,7 @@ def check_eval_values(cfg: DictConfig) -> None:
     check_finite(cfg)
     _check_allow_partial(cfg)
     check_accelerator_name(cfg.trainer.accelerator)
-    check_threshold_value(cfg.threshold.value)
+    check_threshold_override(cfg.threshold)
     if not isinstance(cfg.eval.allow_outside_paths, bool):
         raise ConfigError(
             f"eval.allow_outside_paths={cfg.eval.allow_outside_paths!r} must be true or false."
@@ -700,7 +793,7 @@ def check_predict_values(cfg: DictConfig) -> None:
     if not cfg.get("input"):
         raise ConfigError("input is not set; pass input=<image file, folder or CSV of paths>.")
     check_accelerator_name(cfg.trainer.accelerator)
-    check_threshold_value(cfg.threshold.value)
+    check_threshold_override(cfg.threshold)
     _positive_int("batch_size", cfg.get("batch_size"))
     check_num_workers("num_workers", cfg.num_workers)
     if cfg.get("saliency"):
@@ -722,7 +815,7 @@ def check_export_config(cfg: DictConfig) -> None:
     if cfg.get("format") == "onnx":
         require_extra("export", "export format=onnx")
     _positive_int("check_images", cfg.get("check_images"))
-    check_threshold_value(cfg.threshold.get("value"))
+    check_threshold_override(cfg.threshold)
     check_ckpt_exists(cfg)
 
 

@@ -47,11 +47,16 @@ def trained_model_of(
 ) -> tuple[TrainedModel, float, str]:
     """(the model of `ckpt_path`, its operating threshold, where that threshold comes from):
     one checkpoint, or a k-fold folder unless `ensemble_refusal` says why this command cannot
-    take one; `threshold.value` overrides the stored threshold."""
+    take one; `threshold.value` overrides the stored threshold, `threshold.policy` (and
+    `threshold.target`) re-chooses an ensemble's on its out-of-fold predictions."""
     from tb_lightning.trained.load import load_trained_model
 
     trained = load_trained_model(
-        cfg.get("ckpt_path"), ensemble_refusal, allow_partial=cfg.get("allow_partial", False)
+        cfg.get("ckpt_path"),
+        ensemble_refusal,
+        allow_partial=cfg.get("allow_partial", False),
+        policy=cfg.threshold.get("policy"),
+        target=cfg.threshold.get("target"),
     )
     threshold, source = trained.threshold_for(cfg.threshold.get("value"))
     return trained, threshold, source

@@ -26,6 +26,29 @@ AUGMENT_KEYS = {
     "contrast",
     "horizontal_flip",
 }
+# model.tta (models/net.py): test-time augmentation out of training; null for none.
+TTA_MODES = ("hflip",)
+# model.loss (models/classifier.py, stats/loss.py).
+LOSSES = ("bce", "focal")
+# model.focal_gamma when model.loss=focal and it is not set: the paper's choice.
+DEFAULT_FOCAL_GAMMA = 2.0
+
+
+def focal_gamma_of(loss: str | None, focal_gamma: float | None) -> float:
+    """The gamma a model was trained with: 0 for `bce` (and for a checkpoint written before
+    model.loss existed), model.focal_gamma (default 2) for `focal`."""
+    if loss == "focal":
+        return DEFAULT_FOCAL_GAMMA if focal_gamma is None else float(focal_gamma)
+    return 0.0
+
+
+def loss_label(focal_gamma: float) -> str:
+    """What the reported loss is, in words: printed beside every loss figure."""
+    if focal_gamma == 0:
+        return "weighted BCE"
+    return f"focal loss, gamma {focal_gamma:g}, class-weighted"
+
+
 # data.preprocess (data/preprocess.py).
 PREPROCESS_NAMES = ("none", "clahe")
 # data.on_bad_file and data.on_leak (data/integrity.py).

@@ -91,6 +91,9 @@ def cache_blockers(net: nn.Module, train_transform: Callable) -> list[str]:
     reasons = []
     if not getattr(net, "freeze_features", False):
         reasons.append("the backbone is trainable (model.net.freeze_features=false)")
+    if getattr(net, "tta", None):
+        # The cache holds the features of the images as they are, not of their mirrors.
+        reasons.append(f"model.tta={net.tta} runs the backbone on mirrored images too")
     randomised = random_steps(train_transform)
     if randomised:
         # The steps by name: the transform's repr is a multi-line dump of every argument.

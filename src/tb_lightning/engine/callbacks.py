@@ -204,10 +204,12 @@ class OneLineModelSummary(ModelSummary):
     """
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        net = dict(getattr(pl_module, "hparams", {}).get("net") or {})
+        hparams = getattr(pl_module, "hparams", {})
+        net = dict(hparams.get("net") or {})
         features = "frozen" if net.get("freeze_features", True) else "trained"
+        tta = f", model.tta={hparams['tta']} out of training" if hparams.get("tta") else ""
         self.network = (
-            f"{net.get('arch', 'alexnet')} (weights={net.get('weights')}, {features} features)"
+            f"{net.get('arch', 'alexnet')} (weights={net.get('weights')}, {features} features{tta})"
         )
         super().on_fit_start(trainer, pl_module)
 

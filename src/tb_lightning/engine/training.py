@@ -51,7 +51,7 @@ from tb_lightning.models.classifier import TBClassifier, to_plain_dict
 from tb_lightning.models.torch_file import describe_key_mismatch, load_checkpoint
 from tb_lightning.stats.calibration import calibration_refusal
 from tb_lightning.sweep.naming import current_swept_keys, trial_id
-from tb_lightning.trained.checkpoint import checkpoint_int
+from tb_lightning.trained.checkpoint import WEIGHT_AVERAGING_KEY, checkpoint_int
 from tb_lightning.trained.runner import pick_device, run_over_images
 
 log = logging.getLogger(__name__)
@@ -166,12 +166,13 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     set_phase("the final scoring")
     checkpoint = chosen_checkpoint(trainer)
     # The step of the chosen checkpoint's epoch: the final figures are drawn on the curves there.
-    chosen_step, chosen_epoch = trainer.global_step, None
+    chosen_step, chosen_epoch, averaging = trainer.global_step, None, None
     if checkpoint:
         state = load_checkpoint(checkpoint)
         model.load_state_dict(state["state_dict"])
         chosen_step = int(state.get("global_step", chosen_step))
         chosen_epoch = checkpoint_int(state, "epoch")
+        averaging = state.get(WEIGHT_AVERAGING_KEY)  # callbacks=swa
     final = final_report(
         model,
         checkpoint,
@@ -187,6 +188,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         calibration=cfg.get("calibration") or "none",
         epoch=chosen_epoch,
         step=chosen_step if checkpoint else None,
+        weight_averaging=averaging,
     )
     log.info("Final figures of %s:\n%s", checkpoint or "the final weights", final.report)
     log_final_figures(trainer, cfg, final, epoch_end_step(chosen_step))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tb_lightning.stats.bootstrap import CHUNK, bootstrap_weights
+from tb_lightning.stats.loss import per_image_loss
 from tb_lightning.stats.metrics import ranking_metrics
 
 PAIRED_RESAMPLES = 2000
@@ -43,6 +44,7 @@ class Scored:
     logits: np.ndarray
     probs: np.ndarray
     pos_weight: float = 1.0
+    focal_gamma: float = 0.0  # the training loss's (stats/loss.py); 0: the weighted BCE
 
     def __post_init__(self) -> None:
         if not len(self.keys) == len(self.labels) == len(self.logits) == len(self.probs):
@@ -57,15 +59,13 @@ def pooled(parts: Sequence[Scored]) -> Scored:
         np.concatenate([p.logits for p in parts]),
         np.concatenate([p.probs for p in parts]),
         float(np.mean([p.pos_weight for p in parts])),
+        parts[0].focal_gamma,  # the folds of one configuration: one loss
     )
 
 
 def weighted_loss(scored: Scored, weights: np.ndarray) -> np.ndarray:
-    """The training loss (binary cross-entropy with the class weight on TB) per weighting."""
-    z = scored.logits.astype(np.float64)
-    y = scored.labels.astype(np.float64)
-    # -log(sigmoid(z)) = logaddexp(0, -z); -log(1 - sigmoid(z)) = logaddexp(0, z).
-    per_image = scored.pos_weight * y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z)
+    """The training loss (stats/loss.py: the weighted BCE, or the focal loss) per weighting."""
+    per_image = per_image_loss(scored.logits, scored.labels, scored.pos_weight, scored.focal_gamma)
     return (weights @ per_image) / weights.sum(axis=1)
 
 
@@ -134,7 +134,9 @@ def _aligned(b: Scored, keys: Sequence[str]) -> Scored:
     """b's predictions in the order of `keys`."""
     index = {k: i for i, k in enumerate(b.keys)}
     order = np.array([index[k] for k in keys])
-    return Scored(tuple(keys), b.labels[order], b.logits[order], b.probs[order], b.pos_weight)
+    return Scored(
+        tuple(keys), b.labels[order], b.logits[order], b.probs[order], b.pos_weight, b.focal_gamma
+    )
 
 
 def _resampled_figures(

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,11 @@ from tb_lightning.data.split import read_split_sides
 from tb_lightning.evaluation.figures import evaluation_figures, write_figures
 from tb_lightning.evaluation.populations import source_groups, source_of
 from tb_lightning.evaluation.report import (
+    TRAINING_LOSS_KEY,
     format_split_block,
     reference_report_metrics,
     screening_summary,
+    training_loss_record,
 )
 from tb_lightning.evaluation.report_html import (
     GALLERY_SIZE,
@@ -203,6 +205,7 @@ def score_split(
     pos_weight: float,
     n_bootstrap: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
+    focal_gamma: float = 0.0,
 ) -> dict[str, Any]:
     """Every number for one split at one threshold, from the model's logits.
 
@@ -226,7 +229,10 @@ def score_split(
         for name, idx in source_groups(samples).items()
         if len(set(labels[idx].tolist())) == 2  # a one-class source has no AUROC/spec pair
     }
-    scores = reference_report_metrics(logits, probs, labels, threshold, pos_weight, split)
+    scores = reference_report_metrics(
+        logits, probs, labels, threshold, pos_weight, split, focal_gamma
+    )
+    scores[TRAINING_LOSS_KEY] = training_loss_record(pos_weight, focal_gamma)
     # One flat key per figure of stats/metrics.py's table that has one (accuracy's is already
     # the reference report's `<split>/acc`).
     for m in SCREENING:
@@ -298,7 +304,14 @@ def evaluate_samples(
     seen = seen_in_training(loaded, [s.path for s in samples], num_workers=num_workers)
     seen_counts = role_counts(seen) if seen is not None else None
     scores = score_split(
-        split, samples, predictions.logits, threshold, loaded.pos_weight, n_bootstrap, seed
+        split,
+        samples,
+        predictions.logits,
+        threshold,
+        loaded.pos_weight,
+        n_bootstrap,
+        seed,
+        focal_gamma=loaded.focal_gamma,
     )
     metrics: dict[str, Any] = {
         # Relative to this run directory (core/artefacts.py); an ensemble's members relative
@@ -313,6 +326,7 @@ def evaluate_samples(
         "ensemble_missing_folds": (loaded.ensemble_folds or {}).get("missing_folds", []),
         # The epoch (from 0) and global step of the checkpoint (or of each member) scored.
         **trained_at(loaded),
+        "weight_averaging": averaging_of(loaded),
         "bootstrap": bootstrap_settings(n_bootstrap, seed),
         "skipped_files": len(skipped),
         # {"train", "val", "test", "unseen"} counts; None without the training split.csv.
@@ -327,7 +341,7 @@ def evaluate_samples(
         loaded.preprocess,
         member_paths(loaded),
         loaded.ensemble_folds,
-        describe_trained(*trained_lists(loaded)),
+        describe_trained(*trained_lists(loaded), averaging_of(loaded)),
     )
     # The lines after the header, as (kind, text): report.txt prints them in this order,
     # report.html places each where it belongs.
@@ -503,20 +517,38 @@ def format_threshold_header(
     return header + f"Operating threshold: p_tb >= {threshold_text(threshold)} ({source})\n"
 
 
-def describe_trained(epochs: Sequence[int | None], steps: Sequence[int | None]) -> str | None:
+def describe_trained(
+    epochs: Sequence[int | None],
+    steps: Sequence[int | None],
+    averaging: Mapping[str, Any] | None = None,
+) -> str | None:
     """The header line naming the epoch (Lightning's count, from 0) and global step of the
-    checkpoint scored, or of each member of an ensemble; None when the checkpoints lack them."""
+    checkpoint scored, or of each member of an ensemble; None when the checkpoints lack them.
+    With averaged weights (callbacks=swa; `averaging`, the checkpoint's record), a line saying
+    which epochs' weights they are the mean of."""
     if not epochs or any(e is None for e in epochs) or any(s is None for s in steps):
         return None
     if len(epochs) == 1:
-        return (
+        text = (
             f"Checkpoint epoch: {epochs[0]} (counted from 0, as Lightning counts), "
             f"global step {steps[0]}\n"
         )
-    return (
-        f"Members' epochs: {', '.join(map(str, epochs))} (counted from 0, as Lightning counts), "
-        f"global steps {', '.join(map(str, steps))}\n"
-    )
+    else:
+        text = (
+            f"Members' epochs: {', '.join(map(str, epochs))} (counted from 0, as Lightning "
+            f"counts), global steps {', '.join(map(str, steps))}\n"
+        )
+    if averaging:
+        first, last = averaging["epochs"]
+        bn = (
+            ", BatchNorm statistics recomputed for them"
+            if averaging.get("batchnorm_recomputed")
+            else ""
+        )
+        text += (
+            f"Weights: the mean of the weights after epochs {first}-{last} (callbacks=swa){bn}\n"
+        )
+    return text
 
 
 def trained_at(loaded: TrainedModel) -> dict[str, Any]:
@@ -529,6 +561,12 @@ def trained_at(loaded: TrainedModel) -> dict[str, Any]:
             "ensemble_member_steps": [m.global_step for m in loaded.members],
         }
     return {"epoch": loaded.epoch, "step": loaded.global_step}
+
+
+def averaging_of(loaded: TrainedModel) -> dict[str, Any] | None:
+    """The weight averaging of the checkpoint scored (an ensemble's: its first member's, the
+    folds being one configuration)."""
+    return (loaded.members or [loaded])[0].weight_averaging
 
 
 def trained_lists(loaded: TrainedModel) -> tuple[list[int | None], list[int | None]]:

@@ -78,6 +78,7 @@ def final_report(
     calibration: str = "none",
     epoch: int | None = None,
     step: int | None = None,
+    weight_averaging: dict[str, Any] | None = None,
 ) -> FinalReport:
     """Score `model` (holding the checkpoint's weights) on the val and test splits, choose and
     store the operating threshold, write metrics.json, report.txt and predictions.csv; return
@@ -87,7 +88,8 @@ def final_report(
     model; the threshold is then chosen on, and every figure computed from, the calibrated
     probabilities, which eval, predict and export reproduce from the stored temperature. The
     temperature is stored with its warnings (calibration_warnings: [] when it may be trusted).
-    `epoch` (from 0) and `step`: the checkpoint's, named in the report and metrics.json.
+    `epoch` (from 0) and `step`: the checkpoint's, named in the report and metrics.json;
+    `weight_averaging`: its record of averaged weights (callbacks=swa), None else.
     """
     val, test = list(datamodule.val_samples or []), list(datamodule.test_samples)
     # The same TrainedModel.predict as eval's: the same checkpoint gives the same numbers.
@@ -126,10 +128,12 @@ def final_report(
     choice = choose_operating_threshold(probabilities(val_logits), val_labels, policy, target)
     source = describe_threshold_choice(choice)
     threshold = choice["value"]
-    pos_weight = float(model.pos_weight)
-    scores = score_split("val", val, val_logits, threshold, pos_weight)
+    pos_weight, gamma = float(model.pos_weight), model.focal_gamma
+    scores = score_split("val", val, val_logits, threshold, pos_weight, focal_gamma=gamma)
     if test:
-        scores.update(score_split("test", test, test_logits, threshold, pos_weight))
+        scores.update(
+            score_split("test", test, test_logits, threshold, pos_weight, focal_gamma=gamma)
+        )
     if fitted:
         # Stored with T (so stored after the scoring): the val AUROC's interval is the same
         # before and after T, which changes no ranking.
@@ -163,6 +167,7 @@ def final_report(
         "data.num_folds": datamodule.split.num_folds,
         **counts,
         "pos_weight": pos_weight,
+        "weight_averaging": weight_averaging,
         **(extra or {}),
     }
     report = format_threshold_header(
@@ -170,7 +175,7 @@ def final_report(
         threshold,
         source,
         datamodule.preprocess,
-        trained=describe_trained([epoch], [step]),
+        trained=describe_trained([epoch], [step], weight_averaging),
     )
     if fitted:
         raw = np.concatenate([val_logits, test_logits]) * fitted["temperature"]

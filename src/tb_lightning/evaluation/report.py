@@ -15,8 +15,10 @@ import numpy as np
 from scipy.stats import binomtest
 
 from tb_lightning.core.artefacts import threshold_text
+from tb_lightning.core.choices import loss_label
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.stats.bootstrap import bootstrap_ci
+from tb_lightning.stats.loss import mean_loss
 from tb_lightning.stats.metrics import (
     CALIBRATION_SECTION,
     COUNTS,
@@ -150,17 +152,16 @@ def reference_report_metrics(
     threshold: float,
     pos_weight: float,
     prefix: str,
+    focal_gamma: float = 0.0,
 ) -> dict[str, Any]:
     """The numbers of the reference report (format_reference_report) at the given threshold.
 
-    The loss is the training loss: binary cross-entropy on the logit with the checkpoint's
-    pos_weight, averaged over images.
+    The loss is the training loss (stats/loss.py): the weighted BCE on the logit with the
+    checkpoint's pos_weight (or its focal loss, focal_gamma > 0), averaged over images.
     """
     logits = np.asarray(logits, dtype=np.float64)
     target = np.asarray(target).astype(int)
-    # log(sigmoid(x)) = -log1p(exp(-x)), written stably with logaddexp.
-    log_p, log_not_p = -np.logaddexp(0, -logits), -np.logaddexp(0, logits)
-    loss = -np.mean(pos_weight * target * log_p + (1 - target) * log_not_p)
+    loss = mean_loss(logits, target, pos_weight, focal_gamma)
     called = np.asarray(probs) >= threshold  # the same probabilities as every other metric
     metrics: dict[str, Any] = {
         f"{prefix}/loss": float(loss),
@@ -283,18 +284,30 @@ def format_per_source(per_source: Mapping[str, Mapping[str, Any]], threshold: fl
     return "\n".join(lines) + "\n"
 
 
+# metrics.json's record of the loss that `<split>/loss` is: {name, focal_gamma, pos_weight}.
+TRAINING_LOSS_KEY = "training_loss"
+
+
+def training_loss_record(pos_weight: float, focal_gamma: float) -> dict[str, Any]:
+    """What `<split>/loss` is, for metrics.json and the reports (stats/loss.py)."""
+    return {"name": loss_label(focal_gamma), "focal_gamma": focal_gamma, "pos_weight": pos_weight}
+
+
 # How each split is named in the reference-format lines ("Validation loss: ...").
 SPLIT_WORDS = {"val": "Validation", "test": "Test", "all": "Evaluation"}
 SPLIT_TITLES = {"val": "Validation split", "test": "Held-out test split", "all": "All images"}
 
 
-def format_reference_report(metrics: Mapping[str, Any], prefix: str, threshold: float) -> str:
+def format_reference_report(
+    metrics: Mapping[str, Any], prefix: str, threshold: float, loss_name: str = "weighted BCE"
+) -> str:
     """The seed README's report (loss, accuracy, per-class precision/recall/F1) at `threshold`,
-    followed by the confusion matrix; `prefix` is the split whose keys are read (val, test)."""
+    followed by the confusion matrix; `prefix` is the split whose keys are read (val, test);
+    `loss_name` says which training loss the loss is (stats/loss.py loss_label)."""
     word = SPLIT_WORDS.get(prefix, prefix.capitalize())
     lower = word.lower()
     lines = [
-        f"At p_tb >= {threshold_text(threshold)} (the loss is threshold-free):",
+        f"At p_tb >= {threshold_text(threshold)} (the loss, {loss_name}, is threshold-free):",
         f"{word} loss: {metrics[f'{prefix}/loss']:.6f}, "
         f"{word} acc: {100 * metrics[f'{prefix}/acc']:.6f},",
     ]
@@ -330,7 +343,8 @@ def format_split_block(
     parts = [title + "\n"]
     if note:
         parts.append(note + "\n")
-    parts.append(format_reference_report(scores, split, summary["threshold"]))
+    loss_name = (scores.get(TRAINING_LOSS_KEY) or {}).get("name", loss_label(0.0))
+    parts.append(format_reference_report(scores, split, summary["threshold"], loss_name))
     parts.append(format_screening_table(summary, n_bootstrap))
     if scores[split]["per_source"]:
         parts.append(format_per_source(scores[split]["per_source"], summary["threshold"]))

@@ -36,7 +36,7 @@ from PIL import Image
 
 from tb_lightning.core.artefacts import probability_text, threshold_text
 from tb_lightning.core.atomic import atomic_write, finite_json
-from tb_lightning.core.choices import GALLERY_SIZE
+from tb_lightning.core.choices import GALLERY_SIZE, loss_label
 from tb_lightning.core.extras import missing
 from tb_lightning.core.labels import CLASS_NAMES
 from tb_lightning.data.preprocess import describe_preprocess
@@ -45,6 +45,7 @@ from tb_lightning.evaluation.report import (
     CI_LEVEL,
     SECTION_HEADINGS,
     SPLIT_TITLES,
+    TRAINING_LOSS_KEY,
     ZERO_WIDTH_NOTE,
     _fmt,
     _interval,
@@ -624,12 +625,14 @@ def confusion_and_classes(metrics: Mapping[str, Any], split: str, threshold: str
         for name in CLASS_NAMES
     )
     loss_key = f"{split}/loss"
+    loss_name = (metrics.get(TRAINING_LOSS_KEY) or {}).get("name", loss_label(0.0))
     classes = (
         f"<h3>Per class at p_tb &gt;= {esc(threshold)} (the seed's report)</h3>"
         '<table id="per-class"><thead><tr><th>class</th><th class="num">precision</th>'
         '<th class="num">recall</th><th class="num">F1</th></tr></thead>'
         f"<tbody>{rows}</tbody></table>"
-        f'<p>Loss (threshold-free, the training loss with its class weight): <span class="mono" '
+        f"<p>Loss (threshold-free, the training loss: {esc(loss_name)}): "
+        f'<span class="mono" '
         f'data-key="{esc(loss_key)}" data-value="{json_attr(metrics[loss_key])}">'
         f"{metrics[loss_key]:.6f}</span></p>"
     )

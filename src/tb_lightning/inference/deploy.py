@@ -140,6 +140,8 @@ def model_record(loaded: TrainedModel) -> dict[str, Any]:
         "head": {k: net.get(k) for k in ("hidden_dim", "dropout", "pool_size")},
         "image_size": loaded.image_size,
         "preprocess": describe_preprocess(loaded.preprocess),
+        # model.tta: inside the exported graph already (the mean logit of image and mirror).
+        "tta": sorted({str(m.model.net.tta) for m in models if m.model.net.tta}) or None,
         "epoch": [m.epoch for m in models] if loaded.members else loaded.epoch,
         "step": [m.global_step for m in models] if loaded.members else loaded.global_step,
     }

@@ -43,13 +43,20 @@ def gradcam_layer(net: nn.Module) -> nn.Module:
 def gradcam(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Heatmaps (N, H, W) in [0, 1], one per image, upsampled to the input size.
 
-    Positive evidence for TB only (ReLU of the weighted activations), scaled per image.
+    Positive evidence for TB only (ReLU of the weighted activations), scaled per image. With
+    model.tta=hflip the map is of the image as it is (its own pass, not its mirror's): a map of
+    the mean of two passes would overlay two mirrored maps.
     """
     from captum.attr import LayerAttribution, LayerGradCam  # the optional 'saliency' extra
 
     cam = LayerGradCam(net, gradcam_layer(net))
-    with torch.enable_grad():
-        maps = cam.attribute(images, relu_attributions=True)
+    tta = getattr(net, "tta", None)
+    net.tta = None
+    try:
+        with torch.enable_grad():
+            maps = cam.attribute(images, relu_attributions=True)
+    finally:
+        net.tta = tta
     maps = LayerAttribution.interpolate(maps.detach(), images.shape[-2:], "bilinear")[:, 0]
     peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
     return (maps / peak).clamp(0, 1)

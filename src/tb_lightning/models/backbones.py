@@ -117,6 +117,25 @@ def _efficientnet_trunk(name: str, image_size: int, load: Loader | None) -> tupl
     return model.features, model.classifier[-1].in_features
 
 
+def _compact_trunk(image_size: int, load: Loader | None) -> tuple[nn.Module, int]:
+    from tb_lightning.models.compact import compact_trunk
+
+    trunk, channels = compact_trunk()
+    if load is not None:  # a state dict of the trunk itself (this project's layout)
+        load(trunk)
+    return trunk, channels
+
+
+def _compact_map_size(image_size: int) -> int:
+    from tb_lightning.models.compact import compact_map_size
+
+    return compact_map_size(image_size)
+
+
+def _compact_gradcam_layer(features: nn.Module) -> nn.Module:
+    return features.reduce
+
+
 def alexnet_feature_size(image_size: int) -> int:
     """Side of AlexNet's last feature map for a square input (15 at 512, 6 at 224)."""
     side = (image_size + 2 * 2 - 11) // 4 + 1  # conv1
@@ -212,6 +231,17 @@ REGISTRY: dict[str, Backbone] = {
             min_image_size=32,
             gradcam_layer=_last_child,
             has_batchnorm=True,
+        ),
+        Backbone(
+            name="compact_tb",
+            build=_compact_trunk,
+            # Four 2x2 max-pools: from 32 px the head gets a 2 x 2 map.
+            min_image_size=32,
+            gradcam_layer=_compact_gradcam_layer,
+            has_batchnorm=True,
+            # The head takes the whole 16-channel map (image_size / 16 a side), as published.
+            native_pool_size=_compact_map_size,
+            library="tb_lightning",
         ),
     )
 }
@@ -339,7 +369,7 @@ def backbone(arch: Any) -> Backbone:
         require("timm", f"model.net.arch={arch}")  # find_spec only: no import of timm
         return timm_backbone(arch.removeprefix(TIMM_PREFIX))
     raise ConfigError(
-        f"model.net.arch={arch!r} is not one of {list(ARCHS)} (torchvision backbones) or "
+        f"model.net.arch={arch!r} is not one of {list(ARCHS)} or "
         "timm/<name> (any convolutional timm model, e.g. timm/convnext_nano)."
     )
 
@@ -367,6 +397,13 @@ def imagenet_refusal(arch: Any) -> str | None:
     record = backbone(arch)
     if record.imagenet:
         return None
+    if record.library != "timm":
+        return (
+            f"model.net.weights=imagenet is not offered for model.net.arch={record.name}: it is "
+            "this project's own network, with no ImageNet weights; train it from random weights "
+            "(model.net.weights=null model.net.freeze_features=false) or pass a state dict of it "
+            "(model.net.weights=/path/to/weights.pth)."
+        )
     name = record.name.removeprefix(TIMM_PREFIX)
     return (
         f"model.net.weights=imagenet is not offered for model.net.arch={record.name}: this "

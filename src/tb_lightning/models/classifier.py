@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric
 
+from tb_lightning.core.choices import focal_gamma_of, loss_label
 from tb_lightning.models.metrics import ClassificationMetrics
 from tb_lightning.models.net import build_net
 from tb_lightning.models.schedules import build_scheduler, scheduler_name
@@ -28,7 +29,8 @@ def to_plain_dict(value: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class TBClassifier(L.LightningModule):
-    """Binary TB classifier on one logit, trained with pos_weight-balanced BCE.
+    """Binary TB classifier on one logit, trained with a pos_weight-balanced loss: BCE, or the
+    focal loss (model.loss=focal; stats/loss.py has the formula the reports recompute).
 
     Args (`model.*`, stated with their defaults in conf/model/alexnet.yaml):
         net: keyword arguments of `build_net` (`model.net.*`).
@@ -39,6 +41,12 @@ class TBClassifier(L.LightningModule):
         preprocess: the images' preprocessing, {name, clip_limit, tile_grid}. Not a `model.*`
             key: the data module hands it over at setup (data.preprocess, data.clahe); given
             here only when a checkpoint's module is rebuilt (trained/checkpoint.py).
+        tta: test-time augmentation (`model.tta`): None, or "hflip" for the mean logit of each
+            image and its mirror wherever the model is used out of training (models/net.py).
+        loss: `model.loss`: "bce" (binary cross-entropy) or "focal" (torchvision's
+            sigmoid_focal_loss), both with the class weight on TB.
+        focal_gamma: `model.focal_gamma`, the focal loss's gamma (2 when None); only with
+            loss="focal" (config/checks.py refuses it with bce).
     """
 
     def __init__(
@@ -48,6 +56,9 @@ class TBClassifier(L.LightningModule):
         threshold: float,
         scheduler: Mapping[str, Any] | None = None,
         preprocess: Mapping[str, Any] | None = None,
+        tta: str | None = None,
+        loss: str = "bce",
+        focal_gamma: float | None = None,
     ) -> None:
         super().__init__()
         net, optimizer = to_plain_dict(net), to_plain_dict(optimizer)
@@ -62,9 +73,15 @@ class TBClassifier(L.LightningModule):
                 "threshold": threshold,
                 "scheduler": scheduler,
                 "preprocess": preprocess,
+                "tta": tta,
+                "loss": loss,
+                "focal_gamma": focal_gamma,
             }
         )
+        # 0 for BCE: the focal loss at gamma 0 is the weighted BCE (stats/loss.py).
+        self.focal_gamma = focal_gamma_of(loss, focal_gamma)
         self.net = build_net(**net)
+        self.net.tta = tta
         # Set from the DataModule's train split in setup(); saved in checkpoints with the weights.
         self.register_buffer("pos_weight", torch.tensor(1.0))
         # Temperature scaling (calibration=temperature): logits are divided by it. 1 while
@@ -95,10 +112,11 @@ class TBClassifier(L.LightningModule):
             n_normal, n_tb = datamodule.class_counts("train")
             log.info(
                 "Class weights from the train split (%d Normal, %d Tuberculosis): "
-                "Normal 1.0, Tuberculosis %.4f (BCE pos_weight)",
+                "Normal 1.0, Tuberculosis %.4f (the loss: %s)",
                 n_normal,
                 n_tb,
                 self.pos_weight.item(),
+                loss_label(self.focal_gamma),
             )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -107,14 +125,27 @@ class TBClassifier(L.LightningModule):
             return self.net.forward_head(images) / self.temperature
         return self.net(images) / self.temperature
 
+    def training_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss over a batch: the mean over images of the class-weighted BCE
+        (gamma 0) or focal loss (stats/loss.py has the same formula in NumPy)."""
+        if self.focal_gamma == 0:
+            return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight)
+        from torchvision.ops import sigmoid_focal_loss
+
+        # alpha=-1: no alpha balancing inside; the class weight is applied as BCE's pos_weight
+        # is, so that gamma 0 gives the weighted BCE exactly.
+        per_image = sigmoid_focal_loss(
+            logits, targets, alpha=-1, gamma=self.focal_gamma, reduction="none"
+        )
+        weights = torch.where(targets == 1, self.pos_weight, torch.ones_like(self.pos_weight))
+        return (per_image * weights).mean()
+
     def _shared_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], loss_metric: MeanMetric, metrics: Any
     ) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.binary_cross_entropy_with_logits(
-            logits, labels.float(), pos_weight=self.pos_weight
-        )
+        loss = self.training_loss(logits, labels.float())
         loss_metric.update(loss.detach(), weight=labels.numel())
         metrics.update(torch.sigmoid(logits.detach()), labels)
         return loss

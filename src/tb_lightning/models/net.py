@@ -36,6 +36,9 @@ class TBNet(nn.Module):
         # layer to weigh. Plain attributes, not in the state dict.
         self.arch = arch
         self.batchnorm = batchnorm
+        # Test-time augmentation out of training (model.tta): None or "hflip". Set by the
+        # LightningModule from its hyper-parameters, so that checkpoints carry it.
+        self.tta: str | None = None
         self._warned_single_image = False
         self.features = features
         # At the native feature size this pool is the identity; it is kept because the reference
@@ -81,7 +84,18 @@ class TBNet(nn.Module):
         return self.head(features).squeeze(1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """TB logits, shape (N,)."""
+        """TB logits, shape (N,); with tta="hflip", out of training, the mean logit of each
+        image and its mirror (model.tta)."""
+        if self.tta == "hflip" and not self.training:
+            # One pass over the images and their mirrors: BatchNorm out of training treats each
+            # image alone, so this is the two passes' result, at one pass's overhead. In
+            # forward itself, so that every user of the network (train's final scoring, eval,
+            # predict, ensembles, the exported graph) averages the same way.
+            both = self.forward_head(self.forward_features(torch.cat([images, images.flip(-1)])))
+            # Sliced at the batch size rather than chunk(2), which the ONNX exporter would fix
+            # to the example's batch size.
+            count = images.shape[0]
+            return (both[:count] + both[count:]) / 2
         return self.forward_head(self.forward_features(images))
 
 

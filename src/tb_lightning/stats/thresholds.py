@@ -85,5 +85,14 @@ def describe_threshold_choice(choice: dict[str, Any]) -> str:
     target = f", target {choice['target']}" if choice.get("policy") == "sensitivity" else ""
     images = f" ({choice['val_images']} images)" if choice.get("val_images") else ""
     if choice.get("chosen_on"):  # an ensemble's: trained/ensemble.py
-        return f"chosen on {choice['chosen_on']}{images} by threshold.policy={choice['policy']}"
+        given = (
+            f" (given on the command line; the members were trained with "
+            f"threshold.policy={choice['trained_policy']})"
+            if choice.get("trained_policy")
+            else ""
+        )
+        return (
+            f"chosen on {choice['chosen_on']}{images} by threshold.policy={choice['policy']}"
+            f"{target}{given}"
+        )
     return f"{CHOSEN_ON_VAL}{images} by threshold.policy={choice['policy']}{target}"

@@ -41,9 +41,11 @@ from omegaconf import OmegaConf
 
 from tb_lightning.core.artefacts import read_data_root, relative_path
 from tb_lightning.core.atomic import atomic_write
+from tb_lightning.core.choices import loss_label
 from tb_lightning.core.tasks import ERROR_FILE
 from tb_lightning.evaluation import compare
 from tb_lightning.evaluation.compare import Difference, Scored
+from tb_lightning.evaluation.report import TRAINING_LOSS_KEY
 from tb_lightning.stats.metrics import METRICS
 from tb_lightning.sweep.naming import REPEAT_KEYS, parse_overrides
 
@@ -88,6 +90,7 @@ class JobResult:
     intervals: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
     threshold_policy: str = ""  # how its operating threshold was chosen (threshold.policy)
     pos_weight: float = 1.0
+    focal_gamma: float = 0.0  # its training loss (stats/loss.py); 0: the weighted BCE
     error: str = ""
     configuration: str = ""
     # The verdict of the job's configuration when it is that configuration's only run ("" for
@@ -140,6 +143,16 @@ class Summary:
     sweep_dir: Path = Path(".")  # the multirun folder: run_dir columns are relative to it
 
     @property
+    def losses(self) -> list[str]:
+        """The training losses of the finished jobs (stats/loss.py loss_label), in order."""
+        return sorted({loss_label(j.focal_gamma) for j in self.jobs if j.status == "ok"})
+
+    @property
+    def losses_differ(self) -> bool:
+        """Jobs trained with different losses: their val losses measure different things."""
+        return len(self.losses) > 1
+
+    @property
     def has_repeats(self) -> bool:
         return any(len(c.ok) > 1 for c in self.configurations)
 
@@ -178,6 +191,9 @@ def collect_jobs(sweep_dir: str | Path) -> list[JobResult]:
             job = JobResult(run_dir.name, run_dir, overrides, "ok", metrics, _intervals(stored))
             job.threshold_policy = str(choice.get("policy", "")) if isinstance(choice, dict) else ""
             job.pos_weight = float(stored.get("pos_weight") or 1.0)
+            # A run written before model.loss existed was trained with the weighted BCE.
+            loss = stored.get(TRAINING_LOSS_KEY) or {}
+            job.focal_gamma = float(loss.get("focal_gamma") or 0.0)
         else:
             job = JobResult(run_dir.name, run_dir, overrides, "incomplete")
         jobs.append(job)
@@ -221,6 +237,7 @@ def val_predictions(job: JobResult) -> Scored | None:
         logits,
         probabilities(logits),
         job.pos_weight,
+        job.focal_gamma,
     )
 
 
@@ -266,6 +283,9 @@ def summarise(sweep_dir: str | Path, metric: str = "val/auroc") -> Summary:
         groups.setdefault(job.configuration, []).append(job)
     configurations = [Configuration(name, members) for name, members in groups.items()]
     summary = Summary(jobs, keys, configurations, compared, metric, sweep_dir=Path(sweep_dir))
+    if compared == "val/loss" and summary.losses_differ:
+        # Each job's val loss is its own training loss: no common scale to rank on.
+        summary.metric = compared = "val/auroc"
     for configuration in configurations:
         if not configuration.ok:
             continue
@@ -282,10 +302,11 @@ def summarise(sweep_dir: str | Path, metric: str = "val/auroc") -> Summary:
     return summary
 
 
-def _tie_key(configuration: Configuration) -> tuple[float, float, int]:
-    """The documented tie rule: higher val AP, then lower val loss, then the earlier job."""
+def _tie_key(configuration: Configuration, use_loss: bool = True) -> tuple[float, float, int]:
+    """The documented tie rule: higher val AP, then lower val loss (not when the jobs' training
+    losses differ), then the earlier job."""
     ap = column_stats(configuration, "val/average_precision")[0]
-    loss = column_stats(configuration, "val/loss")[0]
+    loss = column_stats(configuration, "val/loss")[0] if use_loss else math.nan
     first = min(job_sort_key(j.run_dir) for j in configuration.jobs)[0]
     return (
         -(ap if not math.isnan(ap) else -math.inf),
@@ -301,7 +322,10 @@ def rank(summary: Summary) -> None:
         return  # one configuration (repeats, k-fold): nothing to rank
     sign = 1 if compare.HIGHER_IS_BETTER[summary.metric] else -1
     best_value = max(sign * c.value for c in ranked)
-    leaders = sorted((c for c in ranked if sign * c.value == best_value), key=_tie_key)
+    leaders = sorted(
+        (c for c in ranked if sign * c.value == best_value),
+        key=lambda c: _tie_key(c, use_loss=not summary.losses_differ),
+    )
     top = leaders[0]
     summary.top = top
     top.verdict = "best"
@@ -310,7 +334,11 @@ def rank(summary: Summary) -> None:
         summary.tie_note = (
             f"{_label(top, summary)} and {others} tie exactly on {_title(summary.metric)} "
             f"({top.value:.4f}); {_label(top, summary)} is put first by the tie rule (higher val "
-            "AP, then lower val loss, then the earlier job)."
+            + (
+                "AP, then the earlier job)."
+                if summary.losses_differ
+                else "AP, then lower val loss, then the earlier job)."
+            )
         )
     for configuration in ranked:
         if configuration is top:
@@ -458,9 +486,20 @@ def conclusion(summary: Summary) -> list[str]:
     metric = _title(summary.metric)
     lines = []
     if summary.requested_metric != summary.metric:
+        why = (
+            "compares different training losses here"
+            if summary.requested_metric == "val/loss"
+            else "is not threshold-free"
+        )
         lines.append(
-            f"optimized_metric={summary.requested_metric} is not threshold-free, so the "
+            f"optimized_metric={summary.requested_metric} {why}, so the "
             f"configurations are ranked and compared by {metric} instead."
+        )
+    if summary.losses_differ:
+        lines.append(
+            "The jobs were trained with different losses (" + ", ".join(summary.losses) + "): "
+            "each val loss is its job's own training loss, so the val loss columns do not "
+            "compare between them and break no tie."
         )
     ranked = [c for c in summary.configurations if c.ok and not math.isnan(c.value)]
     if summary.top is None:

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 THRESHOLD_KEY = "operating_threshold"
 # Where training stores the temperature of calibration=temperature (with what it was fitted on).
 CALIBRATION_KEY = "calibration"
+# Averaged weights (callbacks=swa, engine/averaging.py): {"method", "epochs", ...}; absent else.
+WEIGHT_AVERAGING_KEY = "weight_averaging"
 
 
 def load_checkpoint_file(ckpt_path: str | Path | None) -> TrainedModel:
@@ -48,6 +50,9 @@ def load_checkpoint_file(ckpt_path: str | Path | None) -> TrainedModel:
             optimizer=hparams["optimizer"],
             threshold=hparams["threshold"],
             preprocess=hparams.get("preprocess"),
+            tta=hparams.get("tta"),
+            loss=hparams.get("loss") or "bce",  # checkpoints older than model.loss: BCE
+            focal_gamma=hparams.get("focal_gamma"),
         )
     finally:
         net_log.setLevel(level)
@@ -73,12 +78,14 @@ def load_checkpoint_file(ckpt_path: str | Path | None) -> TrainedModel:
         stored_threshold=checkpoint.get(THRESHOLD_KEY),
         hparams_threshold=float(hparams["threshold"]),
         pos_weight=float(model.pos_weight),
+        focal_gamma=model.focal_gamma,
         calibration=calibration,
         # Checkpoints written before data.preprocess existed have none: no preprocessing.
         preprocess=preprocess_spec(hparams.get("preprocess")),
         epoch=checkpoint_int(checkpoint, "epoch"),
         global_step=checkpoint_int(checkpoint, "global_step"),
         net=dict(hparams["net"]),
+        weight_averaging=checkpoint.get(WEIGHT_AVERAGING_KEY),
     )
 
 

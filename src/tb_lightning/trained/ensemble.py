@@ -278,9 +278,16 @@ def out_of_fold(
     return logits, np.array([label for label, _ in pooled.values()])
 
 
-def load_ensemble(folder: str | Path, allow_partial: bool = False) -> TrainedModel:
+def load_ensemble(
+    folder: str | Path,
+    allow_partial: bool = False,
+    policy: str | None = None,
+    target: float | None = None,
+) -> TrainedModel:
     """The members of a k-fold multirun (over seeds at most) as one model, with its out-of-fold
-    threshold; allow_partial accepts missing folds (ensemble_folds names them)."""
+    threshold; allow_partial accepts missing folds (ensemble_folds names them). The threshold is
+    chosen by the members' threshold.policy, or by `policy` (and `target`) when given
+    (threshold.policy on eval's, predict's and export's command line)."""
     folder = Path(folder).expanduser().resolve()
     checkpoints = member_checkpoints(folder)
     members = [load_checkpoint_file(path) for path in checkpoints]
@@ -351,7 +358,10 @@ def load_ensemble(folder: str | Path, allow_partial: bool = False) -> TrainedMod
             log.warning("The ensemble's calibration temperature: %s", warning)
         # In float32, as the ensemble's forward divides.
         logits = (torch.from_numpy(logits.astype(np.float32)) / calibration["temperature"]).numpy()
-    policy, target = policies.pop(), targets.pop()
+    trained_policy, trained_target = policies.pop(), targets.pop()
+    given = policy is not None
+    if not given:
+        policy, target = trained_policy, trained_target
     choice = {
         "value": choose_threshold(probabilities(logits), labels, policy, target),
         "policy": policy,
@@ -359,6 +369,8 @@ def load_ensemble(folder: str | Path, allow_partial: bool = False) -> TrainedMod
         "val_images": int(len(labels)),
         "chosen_on": chosen_on,
     }
+    if given:  # said in the reports beside the choice (stats/thresholds.py)
+        choice["trained_policy"] = trained_policy
     log.info(
         "Ensemble of %s (%s%s), threshold p_tb >= %s chosen on %d out-of-fold predictions",
         describe_members(len(members), folds),
@@ -377,6 +389,8 @@ def load_ensemble(folder: str | Path, allow_partial: bool = False) -> TrainedMod
         # The reference report's weighted loss: the first fold's class weight (the folds' train
         # splits hold nearly the same class shares).
         pos_weight=members[0].pos_weight,
+        # The folds' loss: one config (the jobs may differ only in fold and seed).
+        focal_gamma=members[0].focal_gamma,
         calibration=calibration,
         preprocess=members[0].preprocess,
         member_checkpoints=checkpoints,

@@ -36,6 +36,9 @@ class TrainedModel:
     stored_threshold: dict[str, Any] | None  # train.py's threshold choice, if any
     hparams_threshold: float
     pos_weight: float
+    # The training loss's focal gamma (stats/loss.py): 0 for the weighted BCE. The reports'
+    # loss is this loss, with pos_weight.
+    focal_gamma: float = 0.0
     calibration: dict[str, Any] | None = None  # {"temperature": T, "fitted_on": ...} or None
     # The images' preprocessing (data/preprocess.py preprocess_spec): None, or CLAHE's settings.
     preprocess: dict[str, Any] | None = None
@@ -55,6 +58,8 @@ class TrainedModel:
     # An ensemble's figures on the out-of-fold predictions its threshold was chosen on
     # (trained/ensemble.py); None for one checkpoint (its run's metrics.json has them).
     out_of_fold: dict[str, Any] | None = None
+    # Averaged weights (callbacks=swa): {"method", "epochs": [first, last], ...}; None else.
+    weight_averaging: dict[str, Any] | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -81,6 +86,7 @@ class TrainedModel:
             stored_threshold=None,
             hparams_threshold=float(model.hparams["threshold"]),
             pos_weight=float(model.pos_weight),
+            focal_gamma=model.focal_gamma,
             preprocess=preprocess_spec(preprocess),
         )
 
