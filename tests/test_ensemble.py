@@ -179,6 +179,21 @@ def test_a_screening_policy_on_the_command_line_rechooses_the_ensembles_threshol
         "by threshold.policy=sensitivity, target 0.75 (given on the command line; the members "
         "were trained with threshold.policy=youden)"
     )
+    # scripts/paired_test.py (docs/experiments.md's comparison table) reads the eval folder:
+    # its AUROC is eval's, its oracle specificity at sensitivity >= 0.90 scikit-learn's ROC's.
+    from sklearn.metrics import roc_curve
+
+    table = subprocess.run(
+        [sys.executable, "scripts/paired_test.py", f"a={out}", f"b={out}"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, check=True,
+    ).stdout  # fmt: skip
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines()[2:]}
+    assert rows["a"][1].startswith(f"{metrics['test/auroc']:.3f} [")
+    probs = [float(r["p_tb"]) for r in csv.DictReader((out / "predictions.csv").open())]
+    labels = [int(r["label"]) for r in csv.DictReader((out / "predictions.csv").open())]
+    fpr, tpr, _ = roc_curve(labels, probs)
+    assert float(rows["a"][3]) == pytest.approx(max(1 - fpr[tpr >= 0.9]), abs=1e-3)
+    assert rows["b"][4].startswith("+0.000 [+0.000, +0.000]")
     # predict, export and eval load through one function: the same threshold.
     loaded = load_trained_model(kfold_dir, policy="sensitivity", target=0.75)
     assert loaded.stored_threshold["value"] == metrics["threshold"]["value"]

@@ -112,6 +112,11 @@ def test_a_batchnorm_network_gets_its_statistics_recomputed(phantom_root, tmp_pa
         other = state(epoch_file(run, epoch))
         assert any(not torch.allclose(weights[k], other[k]) for k in stats)
     assert "BatchNorm statistics recomputed for them" in (run / "report.txt").read_text()
+    # The progress log names Lightning's extra epoch for what it is.
+    assert (
+        "Epoch 4/4 (callbacks=swa: the averaged weights, BatchNorm statistics recomputed)"
+        in (run / "train.log").read_text()
+    )
 
 
 @pytest.mark.parametrize(

@@ -94,6 +94,18 @@ class WeightAveraging(StochasticWeightAveraging):
             }
 
 
+def is_batchnorm_pass(trainer: L.Trainer, epoch: int) -> bool:
+    """Whether `epoch` is the one Lightning's StochasticWeightAveraging adds after the last for
+    a network with BatchNorm: no backward pass, BatchNorm's statistics recomputed for the
+    averaged weights (the progress log says so)."""
+    return any(
+        isinstance(cb, StochasticWeightAveraging)
+        and getattr(cb, "_model_contains_batch_norm", False)
+        and epoch == cb.swa_end + 1
+        for cb in trainer.callbacks
+    )
+
+
 def last_checkpoint_path(trainer: L.Trainer) -> str | None:
     """The path of the unmonitored ModelCheckpoint's file (callbacks.last_checkpoint:
     checkpoints/last.ckpt), that named `last` first if there are several."""

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary,
 
 from tb_lightning.core.errors import UserError
 from tb_lightning.core.progress import format_duration, interactive
+from tb_lightning.engine.averaging import is_batchnorm_pass
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,8 @@ class EpochProgressLog(Callback):
         metrics = trainer.callback_metrics
         max_epochs = trainer.max_epochs if (trainer.max_epochs or -1) > 0 else None
         head = f"Epoch {epoch + 1}/{max_epochs}" if max_epochs else f"Epoch {epoch + 1}"
+        if is_batchnorm_pass(trainer, epoch):
+            head += " (callbacks=swa: the averaged weights, BatchNorm statistics recomputed)"
         shown = [("train loss", "train/loss")]
         if self.validated:  # else the val figures are an earlier epoch's
             shown += [("val loss", "val/loss"), ("val AUROC", "val/auroc")]
