@@ -52,7 +52,9 @@ def pause_overrides(flag: Path) -> list[str]:
     ]
 
 
-def start_run(overrides: list[str]) -> subprocess.Popen:
+def start_run(overrides: list[str], own_group: bool = False) -> subprocess.Popen:
+    """`python -m tb_lightning.train` in a subprocess; own_group: in a process group of its
+    own (with its DataLoader workers), so that a test can signal the group as scancel does."""
     env = {
         **os.environ,
         "PYTHONWARNINGS": "ignore::DeprecationWarning",
@@ -65,6 +67,7 @@ def start_run(overrides: list[str]) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=own_group,
     )
 
 
@@ -137,6 +140,28 @@ def test_sigkill_mid_epoch_then_resume_with_workers_equals_uninterrupted(
     a = load_checkpoint(last)["state_dict"]
     b = load_checkpoint(finished_run / "checkpoints" / "last.ckpt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_workers_stops_like_sigterm_to_the_run(
+    phantom_root, tmp_path
+):
+    """SLURM's scancel (or `kill -- -PGID`) signals the DataLoader workers too: torch's handler
+    used to end them at once, and the run then died with a traceback ("DataLoader worker ... is
+    killed by signal"), at times mid-way through writing a checkpoint."""
+    log_dir, flag = tmp_path / "logs", tmp_path / "paused"
+    run_dir = log_dir / "train" / "runs" / "scancelled"
+    overrides = [*workers_overrides(phantom_root, log_dir), *pause_overrides(flag)]
+    process = start_run([*overrides, f"hydra.run.dir={run_dir}"], own_group=True)
+    wait_for(flag, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert process.returncode == 143, output[-3000:]
+    assert "Stopped by SIGTERM during training." in output
+    assert f"Kept: {last} (the end of the last finished epoch)" in output
+    assert "Traceback" not in output and "DataLoader worker" not in output, output[-3000:]
+    assert load_checkpoint(last)["epoch"] == 0
 
 
 def test_sigterm_in_training_exits_143_with_the_resume_command(phantom_root, tmp_path, caplog):

@@ -71,6 +71,40 @@ def cancel_pending_on_stop(pool: Any) -> Iterator[None]:
         raise
 
 
+def init_worker(worker_id: int) -> None:
+    """Every DataLoader's `worker_init_fn`: the worker ignores SIGINT and SIGTERM.
+
+    A stop signal sent to the whole process group (Ctrl-C at a terminal, `kill -- -PGID`,
+    SLURM's scancel) reaches the workers too; torch's own SIGTERM handler would end them at
+    once, and the main process would then fail wherever it stands (even in the middle of writing
+    a checkpoint) instead of stopping at its next safe point. Ignoring it, they keep serving
+    batches until the main process shuts them down as it stops (or, should it die, until torch's
+    watchdog sees their parent gone). Lightning's seeding of the workers, which it adds only to
+    a DataLoader without a worker_init_fn, is done here as Lightning would
+    (`seed_everything(workers=True)` sets PL_SEED_WORKERS).
+    """
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
+    for signum in SIGNAL_NAMES:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def workers_end_with_the_run() -> Iterator[None]:
+    """Around a loop over a DataLoader: a stop signal sent to the whole process group
+    (`kill -- -PGID`, SLURM's scancel) also ends its worker processes, and torch then raises a
+    RuntimeError ("DataLoader worker ... is killed by signal") before the run reaches a safe
+    point; that error is the stop (`Stopped`), not a crash. Without a signal it stays an error."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if _State.received is not None and "DataLoader worker" in str(exc):
+            raise Stopped(_State.received, _State.phase) from None
+        raise
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM stop the run at the next safe point."""
@@ -95,7 +129,8 @@ def lightning_fit() -> Iterator[None]:
     set_phase("training")
     _State.in_fit = True
     try:
-        yield
+        with workers_end_with_the_run():
+            yield
     except SIGTERMException:
         raise Stopped(signal.SIGTERM, "training") from None
     except (SystemExit, KeyboardInterrupt):

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from tb_lightning.core.errors import ConfigError, DataError
 from tb_lightning.core.labels import CLASS_NAMES
+from tb_lightning.core.signals import init_worker
 from tb_lightning.data import integrity
 from tb_lightning.data.augment import build_train_transform
 from tb_lightning.data.dataset import ImageDataset
@@ -534,6 +535,7 @@ class TBDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             # Shuffled epochs start fresh workers, whose random streams then depend on the epoch.
             persistent_workers=num_workers > 0 and not shuffle,
+            worker_init_fn=init_worker,  # workers leave stop signals to the run (core/signals.py)
             seed=seed,
             current_epoch=self._current_epoch,
         )

@@ -683,6 +683,9 @@ def _generate(jobs: list[tuple[str, int, int, int, int]], progress: bool, worker
                         bar.update(1)
                 return
             except (OSError, RuntimeError, concurrent.futures.process.BrokenProcessPool) as exc:
+                # A stop signal sent to the whole process group (kill -- -PGID, scancel) also
+                # ends the pool's workers: that is the stop, not a reason to go on serially.
+                raise_if_stopped()
                 # e.g. no __main__ guard under spawn, or no /dev/shm: finish serially instead.
                 log.warning("Parallel phantom generation failed (%s); continuing serially", exc)
                 jobs = [j for j in jobs if not phantom_path(Path(j[0]), j[1], j[2]).is_file()]

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tb_lightning.core.progress import report_progress
-from tb_lightning.core.signals import raise_if_stopped
+from tb_lightning.core.signals import init_worker, raise_if_stopped, workers_end_with_the_run
 from tb_lightning.data.dataset import BAD_FILE, ImageDataset
 from tb_lightning.data.inventory import describe_upsampling, header_sizes, upsampling
 from tb_lightning.data.transforms import BadImageError, build_transform, load_image
@@ -69,6 +69,7 @@ def run_over_images(
         ImageDataset(paths, None, transform, image_size=image_size, tolerant=tolerant),
         batch_size=batch_size,
         num_workers=num_workers,
+        worker_init_fn=init_worker,  # workers leave stop signals to the run (core/signals.py)
         pin_memory=device.type == "cuda",
     )
     autocast = (
@@ -78,6 +79,7 @@ def run_over_images(
     )
     chunks, readable, start = [], [], 0
     with (
+        workers_end_with_the_run(),  # a stop signal that also ended the workers is a stop
         # A rich bar at a terminal, a log line every 10 % elsewhere (core/progress.py).
         report_progress(description, len(paths), enabled=progress, logger=log) as bar,
         torch.inference_mode(),
