@@ -199,3 +199,31 @@ def test_compact_yaml_loads_back_and_puts_short_collections_on_one_line():
     assert "  c: [1, 2]\n" in text
     assert "long:\n  key_0: xxxxxxxxxx\n" in text  # too long for one line
     assert "  inner: {x: 1}\n" in text
+
+
+@pytest.mark.parametrize(
+    "overrides, warned",
+    [
+        (["data.test_size=8"], True),  # data.split_seed follows seed: two test splits
+        (["data.test_size=8", "data.split_seed=42"], False),  # one test split, one ensemble
+        ([], False),  # no held-out test split: each seed's folds cover every image once
+    ],
+)
+def test_a_kfold_sweep_over_seeds_is_warned_when_its_test_splits_would_differ(overrides, warned):
+    """`-m sweep=kfold seed=0,1` with a held-out test split: the folder would not load as one
+    ensemble (each seed another test split), which eval says only after the training."""
+    from hydra import compose, initialize_config_dir
+
+    from tb_lightning.config.callback import seed_split_warning
+
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base=None):
+        cfg = compose(
+            "train",
+            ["sweep=kfold", "data=phantom", "+hydra.sweeper.params.seed='0,1'", *overrides],
+            return_hydra_config=True,
+        )
+        warning = seed_split_warning(cfg, "train")
+    if warned:
+        assert warning is not None and "add data.split_seed=42" in warning
+    else:
+        assert warning is None

@@ -103,6 +103,35 @@ def multirun_mistake(config: DictConfig, task: str | None) -> str | None:
     return f"{count}job {number} ({' '.join(overrides)}): {message}"
 
 
+def seed_split_warning(config: DictConfig, task: str | None) -> str | None:
+    """A k-fold training sweep over seeds whose jobs would hold out different test images (the
+    default data.split_seed follows seed): allowed (repeated splits are a design of their own),
+    but the folder will not load as one seed x fold ensemble, which hours later is too late to
+    learn. The sentence that says so and the fix, or None."""
+    if task != "train":
+        return None
+    sweep = sweep_jobs(config)
+    if sweep is None or "seed" not in sweep[1]:
+        return None
+    split_seeds = set()
+    for overrides in sweep[0]:
+        cfg = job_config(config, overrides)
+        if cfg is None:
+            return None
+        data = cfg.get("data") or {}
+        if not data.get("num_folds") or not data.get("test_size") or data.get("split_file"):
+            return None
+        split_seeds.add(data.get("split_seed"))
+    if len(split_seeds) < 2:
+        return None
+    return (
+        "Warning: seed is swept in a k-fold run with a held-out test split (data.test_size) and "
+        "data.split_seed follows seed, so each seed holds out other test images and "
+        "eval/predict/export will refuse this folder as one ensemble; for a seed x fold "
+        "ensemble, fix the split: add data.split_seed=42 (any one value)."
+    )
+
+
 def stop(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
     # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings.
@@ -124,3 +153,6 @@ class ConfigCheck(Callback):
         message = multirun_mistake(config, config_name)
         if message:
             stop(f"No job was started: {message}")
+        warning = seed_split_warning(config, config_name)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
