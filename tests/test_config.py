@@ -167,3 +167,25 @@ def test_an_unwritable_cache_folder_is_one_sentence_before_any_work(phantom_root
         train(cfg)
     assert str(err.value).startswith(f"{blocker}/scan cannot be written (")
     assert "data.scan_cache_dir=<folder>" in str(err.value)
+
+
+def test_nlm_compact_is_nlm_scratch_with_the_measured_compact_network():
+    """experiment=nlm_compact is the issue-28 run that docs/experiments.md reports: the recipe
+    with compact_tb, 60 epochs, the focal loss (gamma 2) and flips, nothing else changed."""
+    from omegaconf import OmegaConf
+
+    scratch = OmegaConf.to_container(compose_train(["experiment=nlm_scratch"]), resolve=True)
+    compact = OmegaConf.to_container(compose_train(["experiment=nlm_compact"]), resolve=True)
+    changed = {
+        ("model", "net", "arch"): ("resnet18", "compact_tb"),
+        ("model", "loss"): ("bce", "focal"),
+        ("model", "focal_gamma"): (None, 2.0),
+        ("model", "tta"): (None, "hflip"),
+        ("trainer", "max_epochs"): (30, 60),
+    }
+    for path, (before, after) in changed.items():
+        a, b = scratch, compact
+        for key in path[:-1]:
+            a, b = a[key], b[key]
+        assert (a.pop(path[-1]), b.pop(path[-1])) == (before, after), path
+    assert compact == scratch
