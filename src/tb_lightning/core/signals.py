@@ -93,10 +93,11 @@ def init_worker(worker_id: int) -> None:
 
 @contextlib.contextmanager
 def workers_end_with_the_run() -> Iterator[None]:
-    """Around a loop over a DataLoader: a stop signal sent to the whole process group
-    (`kill -- -PGID`, SLURM's scancel) also ends its worker processes, and torch then raises a
-    RuntimeError ("DataLoader worker ... is killed by signal") before the run reaches a safe
-    point; that error is the stop (`Stopped`), not a crash. Without a signal it stays an error."""
+    """Around a loop over a DataLoader, the fallback to `init_worker`: when a worker dies anyway
+    while a stop signal is pending (killed outright, or a DataLoader built without init_worker),
+    torch raises a RuntimeError ("DataLoader worker ... is killed by signal") before the run
+    reaches a safe point; that error is the stop (`Stopped`), not a crash. Without a signal it
+    stays an error."""
     try:
         yield
     except RuntimeError as exc:
